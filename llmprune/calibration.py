@@ -1,0 +1,223 @@
+"""Calibration: capture what block 0 receives, and hooks that accumulate per-layer statistics.
+
+Two pieces, both context-managed so that no hook outlives its use:
+
+* :func:`capture_block_inputs` runs the model up to the first decoder block and stops there,
+  keeping the block's hidden-state input and every other argument the installed transformers
+  passes to it (attention mask, position ids, rotary ``position_embeddings``, cache position...).
+  Whatever the version passes, we pass back unchanged.
+* :class:`StatsCollector` registers forward hooks on Linear layers and accumulates, in float32,
+  the squared L2 norm of each input channel over all calibration tokens (Wanda) and/or
+  ``Σ x xᵀ`` (SparseGPT's Hessian ``2 XᵀX / n``). Linear layers that read the same tensor
+  (q/k/v, gate/up) share one accumulator, so the statistics are computed once per input.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import torch
+from torch import nn
+
+from llmprune.methods import LayerStats
+
+
+class _StopForward(Exception):
+    """Raised inside a hook to end a forward pass early; never escapes this module."""
+
+
+def _first_param_device(module: nn.Module) -> torch.device:
+    hook = getattr(module, "_hf_hook", None)  # accelerate: parameters may be offloaded (meta)
+    if hook is not None and getattr(hook, "execution_device", None) is not None:
+        return torch.device(hook.execution_device)
+    for p in module.parameters():
+        return p.device
+    return torch.device("cpu")
+
+
+def block_device(block: nn.Module) -> torch.device:
+    """The device a block computes on (accelerate's execution device when it has one)."""
+    return _first_param_device(block)
+
+
+@dataclass
+class BlockInputs:
+    """Inputs of block 0: hidden states for every calibration window, and the block kwargs.
+
+    ``kwargs`` were captured for a batch of one window; their tensors broadcast over any batch
+    (masks are ``(1, 1, T, T)`` or None, rotary tables ``(1, T, d)``, position ids ``(1, T)``).
+    """
+
+    hidden: torch.Tensor  # (nsamples, seqlen, hidden)
+    kwargs: dict = field(default_factory=dict)
+
+
+def _move(obj, device: torch.device):
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, tuple):
+        return tuple(_move(o, device) for o in obj)
+    if isinstance(obj, list):
+        return [_move(o, device) for o in obj]
+    if isinstance(obj, dict):
+        return {k: _move(v, device) for k, v in obj.items()}
+    return obj
+
+
+def kwargs_on(kwargs: dict, device: torch.device) -> dict:
+    """The captured block kwargs with every tensor moved to ``device``."""
+    return _move(kwargs, device)
+
+
+@torch.no_grad()
+def capture_block_inputs(
+    model: nn.Module,
+    block: nn.Module,
+    windows: torch.Tensor,
+    batch_size: int,
+    store_device: torch.device | str | None = None,
+) -> BlockInputs:
+    """Run ``windows`` (nsamples, seqlen) through the model until ``block`` and stop there."""
+    captured: dict = {}
+
+    def pre_hook(_module, args, kwargs):
+        hidden = args[0] if args else kwargs["hidden_states"]
+        captured["hidden"] = hidden
+        if "kwargs" not in captured:
+            rest = {k: v for k, v in kwargs.items() if k != "hidden_states"}
+            # no KV cache during calibration: each window is one full forward
+            for key in ("cache", "past_key_value", "past_key_values"):
+                if key in rest:
+                    rest[key] = None
+            if "use_cache" in rest:
+                rest["use_cache"] = False
+            captured["kwargs"] = rest
+        raise _StopForward
+
+    embed = model.get_input_embeddings()
+    in_device = _first_param_device(embed)
+    nsamples, seqlen = windows.shape
+    hidden_all: torch.Tensor | None = None
+    handle = block.register_forward_pre_hook(pre_hook, with_kwargs=True)
+    try:
+        # the first window alone, so the captured kwargs have batch dimension one
+        starts = [0] + list(range(1, nsamples, batch_size))
+        for start in starts:
+            stop = 1 if start == 0 else min(start + batch_size, nsamples)
+            ids = windows[start:stop].to(in_device)
+            with contextlib.suppress(_StopForward):
+                model(input_ids=ids, use_cache=False)
+            hidden = captured.pop("hidden")
+            if hidden_all is None:
+                device = torch.device(store_device) if store_device is not None else hidden.device
+                hidden_all = torch.empty((nsamples, seqlen, hidden.shape[-1]), dtype=hidden.dtype, device=device)
+            hidden_all[start:stop] = hidden.to(hidden_all.device)
+    finally:
+        handle.remove()
+    return BlockInputs(hidden=hidden_all, kwargs=captured["kwargs"])
+
+
+def block_output(out) -> torch.Tensor:
+    """A decoder block returns a tensor (transformers 5) or a tuple whose first item it is."""
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+class _Accumulator:
+    """Running float32 sums over the rows of a layer's input: Σ x², Σ x xᵀ, and the count."""
+
+    def __init__(self, in_features: int, device: torch.device, norms: bool, hessian: bool):
+        self.tokens = 0
+        self.sq_norm = torch.zeros(in_features, dtype=torch.float32, device=device) if norms else None
+        self.xtx = torch.zeros(in_features, in_features, dtype=torch.float32, device=device) if hessian else None
+
+    def add(self, x: torch.Tensor) -> None:
+        x = x.reshape(-1, x.shape[-1]).float()  # (tokens, in_features)
+        self.tokens += x.shape[0]
+        if self.sq_norm is not None:
+            self.sq_norm += x.pow(2).sum(dim=0)
+        if self.xtx is not None:
+            self.xtx.addmm_(x.t(), x)
+
+    def stats(self) -> LayerStats:
+        hessian = None
+        if self.xtx is not None:
+            hessian = self.xtx.mul_(2.0 / max(self.tokens, 1))  # reuse the buffer: 2 XᵀX / n
+            self.xtx = None
+        return LayerStats(tokens=self.tokens, sq_norm=self.sq_norm, hessian=hessian)
+
+
+class StatsCollector:
+    """Forward hooks that accumulate input statistics for a set of Linear layers.
+
+    ``groups`` lists tuples of layer names that read the same input tensor; only the first of
+    each group is hooked and all members share its statistics. Use as a context manager: the
+    hooks are removed on exit, also when the forward pass raises. ``stop_after`` ends each
+    forward pass (by an internal exception the caller suppresses with :meth:`run`) once the
+    last hooked layer has seen its input, which saves the rest of the block's compute.
+    """
+
+    def __init__(
+        self,
+        layers: dict[str, nn.Linear],
+        groups: list[tuple[str, ...]],
+        norms: bool,
+        hessian: bool,
+        stop_early: bool = False,
+    ):
+        self.layers = layers
+        self.groups = [tuple(n for n in g if n in layers) for g in groups]
+        self.groups = [g for g in self.groups if g]
+        self.norms, self.hessian = norms, hessian
+        self.stop_early = stop_early
+        self._acc: dict[str, _Accumulator] = {}
+        self._handles: list = []
+
+    def __enter__(self) -> "StatsCollector":
+        try:
+            last = self.groups[-1][0] if self.groups else None
+            for group in self.groups:
+                lead = group[0]
+                module = self.layers[lead]
+                acc = _Accumulator(module.in_features, module.weight.device, self.norms, self.hessian)
+                self._acc[lead] = acc
+                stop = self.stop_early and lead == last
+                self._handles.append(module.register_forward_pre_hook(self._make_hook(acc, stop)))
+        except BaseException:
+            self.remove()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    @staticmethod
+    def _make_hook(acc: _Accumulator, stop: bool):
+        def hook(_module, args):
+            acc.add(args[0].detach())
+            if stop:
+                raise _StopForward
+
+        return hook
+
+    def run(self, fn, *args, **kwargs) -> None:
+        """Call ``fn`` (a block forward) and swallow the early-stop signal."""
+        with contextlib.suppress(_StopForward):
+            fn(*args, **kwargs)
+
+    def pop_stats(self) -> Iterator[tuple[tuple[str, ...], LayerStats]]:
+        """Yield ``(group, stats)`` once per hooked input, freeing each as it is handed out."""
+        for group in self.groups:
+            acc = self._acc.pop(group[0])
+            yield group, acc.stats()
+
+
+def hook_count(module: nn.Module) -> int:
+    """Forward (pre-)hooks registered on ``module`` and its submodules (0 after any call)."""
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in module.modules())

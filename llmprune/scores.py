@@ -1,0 +1,59 @@
+"""Pruning scores: how much each weight matters, before any mask is chosen.
+
+Idea: a weight whose removal changes the layer's output least should go first. Three metrics,
+the Wanda paper's ablation axis (Sun et al. 2023, "A Simple and Effective Pruning Approach for
+Large Language Models", arXiv:2306.11695, Table 9):
+
+    weight      S_ij = |W_ij|                      (magnitude pruning, Han et al. 2015)
+    activation  S_ij = ||X_j||_2                   (input-channel norm only)
+    wanda       S_ij = |W_ij| * ||X_j||_2          (Wanda)
+
+where ``||X_j||_2 = sqrt(sq_norm_j / tokens)`` and ``sq_norm_j = sum over calibration tokens of
+x_j**2``, accumulated in float32. It is the square root, the norm, not its square: ranking by
+``|W| * ||x||**2`` over-weights outlier channels and gives a different mask. (The locuslab/wanda
+code keeps the mean over samples rather than tokens; a constant factor, the same ranking.)
+
+Pure math: tensors in, tensors out.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from llmprune.config import METRICS
+from llmprune.errors import LlmpruneError
+
+# Metrics that read calibration statistics (the rest need no data at all).
+ACTIVATION_METRICS = frozenset({"activation", "wanda"})
+
+
+def input_norm(sq_norm: torch.Tensor, tokens: int) -> torch.Tensor:
+    """Per-input-channel L2 norm ``sqrt(sq_norm / tokens)``, float32, shape (in,)."""
+    if tokens <= 0:
+        raise LlmpruneError(
+            "no calibration tokens reached this layer: check the calibration data (nsamples, seqlen)"
+        )
+    return torch.sqrt(sq_norm.float() / tokens)  # (in,)
+
+
+def score(weight: torch.Tensor, sq_norm: torch.Tensor | None, tokens: int, metric: str) -> torch.Tensor:
+    """Importance of each weight of a Linear layer: higher = keep. Returns (out, in) float32.
+
+    ``weight`` is (out, in); ``sq_norm`` is (in,), the sum over calibration tokens of x_j**2,
+    and may be None only for the "weight" metric.
+    """
+    if metric not in METRICS:
+        raise LlmpruneError(f"unknown metric {metric!r}: use one of {', '.join(METRICS)}")
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be 2-D (out, in), got shape {tuple(weight.shape)}")
+    w = weight.detach().float()  # (out, in)
+    if metric == "weight":
+        return w.abs()
+    if sq_norm is None:
+        raise ValueError(f"metric {metric!r} needs the input norms (sq_norm), got None")
+    if sq_norm.shape != (w.shape[1],):
+        raise ValueError(f"sq_norm has shape {tuple(sq_norm.shape)}, expected ({w.shape[1]},)")
+    norm = input_norm(sq_norm.to(w.device), tokens).unsqueeze(0)  # (1, in)
+    if metric == "activation":
+        return norm.expand_as(w).clone()
+    return w.abs() * norm  # wanda

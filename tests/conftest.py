@@ -1,0 +1,92 @@
+"""Shared fixtures: tiny in-process models and tokenizer, the data dir, the bundled model."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+# tests never reach a hub: fail fast instead of retrying connections
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+ROOT = Path(__file__).resolve().parents[1]
+_CORPUS = [
+    "the quick brown fox jumps over the lazy dog",
+    "a stitch in time saves nine and the early bird catches the worm",
+    "pruning removes weights from a network without retraining it",
+    "sparse models keep two of every four weights in each row",
+] * 20
+
+
+def make_tokenizer():
+    """A byte-level BPE tokenizer (vocab < 512) trained in-process: no hub access."""
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(_CORPUS, vocab_size=400, min_frequency=1, show_progress=False,
+                            special_tokens=["<|endoftext|>"])
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, eos_token="<|endoftext|>",
+                                  pad_token="<|endoftext|>")
+    return tok
+
+
+def make_model(family: str = "llama", layers: int = 2, vocab_size: int = 512, seed: int = 0, **overrides):
+    """A tiny random CausalLM of the given family (llama, mistral, qwen2), float32, eval mode."""
+    from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM,
+                              Qwen2Config, Qwen2ForCausalLM)
+
+    classes = {"llama": (LlamaConfig, LlamaForCausalLM), "mistral": (MistralConfig, MistralForCausalLM),
+               "qwen2": (Qwen2Config, Qwen2ForCausalLM)}
+    config_cls, model_cls = classes[family]
+    kwargs = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
+                  num_hidden_layers=layers, vocab_size=vocab_size, max_position_embeddings=256)
+    kwargs.update(overrides)
+    torch.manual_seed(seed)
+    model = model_cls(config_cls(**kwargs)).float().eval()
+    model.seqlen = 32
+    return model
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer():
+    return make_tokenizer()
+
+
+@pytest.fixture(params=["llama", "mistral", "qwen2"])
+def tiny_model_any(request):
+    return make_model(request.param)
+
+
+@pytest.fixture
+def tiny_model():
+    return make_model("llama")
+
+
+def shared_data_dir() -> Path | None:
+    env = os.environ.get("LLMPRUNE_DATA_DIR")
+    for candidate in ([Path(env)] if env else []) + [ROOT.parent / "shared" / "data"]:
+        if candidate.is_dir():
+            return candidate
+    return None
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    path = shared_data_dir()
+    if path is None:
+        pytest.fail("no data dir: set LLMPRUNE_DATA_DIR to the shared data folder (../shared/data)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """The real bundled model (loaded once per session)."""
+    from llmprune.models import load_model
+
+    model, tokenizer = load_model("smollm2-135m", dtype="float32")
+    return model, tokenizer

@@ -1,0 +1,102 @@
+"""The command line: end to end on a tiny local model, and one clear line for each bad input."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from conftest import make_model, make_tokenizer
+from llmprune.cli import main
+
+WORDS = ("the quick brown fox jumps over the lazy dog a stitch in time saves nine "
+         "pruning removes weights from a network without retraining it ").split()
+
+
+@pytest.fixture(scope="module")
+def local_setup(tmp_path_factory):
+    """A tiny model saved as an HF directory, a calibration jsonl and an evaluation text."""
+    root = tmp_path_factory.mktemp("cli")
+    model, tokenizer = make_model("llama"), make_tokenizer()
+    model.save_pretrained(root / "model")
+    tokenizer.save_pretrained(root / "model")
+    docs = [" ".join(WORDS[(i * 7 + j) % len(WORDS)] for j in range(120 + 10 * i)) for i in range(8)]
+    (root / "calib.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    (root / "eval.txt").write_text(" ".join(docs))
+    return root
+
+
+def _prune_args(root, *extra):
+    return ["prune", "--model", str(root / "model"), "--calib", str(root / "calib.jsonl"), "--nsamples", "4",
+            "--seqlen", "32", "--eval", str(root / "eval.txt"), "--no-progress", *extra]
+
+
+def test_prune_end_to_end_writes_json_and_checkpoint(local_setup, tmp_path, capsys):
+    out_json, save = tmp_path / "r.json", tmp_path / "ckpt"
+    code = main(_prune_args(local_setup, "--pattern", "2:4", "--json", str(out_json), "--save", str(save)))
+    assert code == 0
+    printed = capsys.readouterr().out
+    record = json.loads(out_json.read_text())
+    assert record["method"] == "wanda" and record["pattern"] == "2:4" and record["sparsity"] == 0.5
+    name = str(local_setup / "eval.txt")
+    dense, pruned = record["dense"]["perplexity"][name]["ppl"], record["perplexity"][name]["ppl"]
+    assert dense > 1 and pruned > 1 and dense != pruned
+    assert f"{pruned:.3f}" in printed and f"{dense:.3f}" in printed
+    assert record["prune"]["overall_sparsity"] == pytest.approx(0.5)
+    assert record["prune_seconds"] > 0
+    assert json.loads((save / "llmprune.json").read_text())["pattern"] == "2:4"
+
+
+def test_eval_prints_table(local_setup, capsys):
+    assert main(["eval", "--model", str(local_setup / "model"), "--dataset", str(local_setup / "eval.txt"),
+                 "--seqlen", "32", "--no-progress"]) == 0
+    assert "ppl" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["prune", "--model", "no-such-model"], "unknown model"),
+    (["prune", "--method", "pruneit"], "unknown method"),
+    (["prune", "--sparsity", "1.5"], "outside [0, 1)"),
+    (["prune", "--sparsity", "-0.1"], "outside [0, 1)"),
+    (["prune", "--pattern", "4:4"], "1 <= N < M"),
+    (["prune", "--pattern", "5:4"], "1 <= N < M"),
+    (["prune", "--pattern", "2:4", "--sparsity", "0.7"], "disagrees with pattern"),
+    (["prune", "--nsamples", "0"], "nsamples"),
+    (["eval", "--dataset", "imagenet"], "unknown dataset"),
+    (["eval", "--data-dir", "/nonexistent/data"], "does not exist"),
+    (["prune", "--frobnicate"], "unrecognized arguments"),
+])
+def test_bad_input_one_line_exit_2(args, needle, capsys):
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert needle in err
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
+
+
+def test_save_into_nonempty_dir_refused_before_work(local_setup, tmp_path, capsys):
+    target = tmp_path / "taken"
+    target.mkdir()
+    (target / "keep.txt").write_text("mine")
+    assert main(_prune_args(local_setup, "--save", str(target))) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert [p.name for p in target.iterdir()] == ["keep.txt"]
+
+
+def test_missing_data_file_lists_searched_paths(local_setup, tmp_path, capsys):
+    json_out = tmp_path / "never.json"
+    code = main(["prune", "--model", str(local_setup / "model"), "--calib", "c4", "--data-dir", str(tmp_path),
+                 "--nsamples", "2", "--seqlen", "32", "--eval", str(local_setup / "eval.txt"), "--skip-dense",
+                 "--json", str(json_out), "--no-progress"])
+    assert code == 2
+    err = capsys.readouterr().err.strip()
+    assert str(tmp_path) in err and len(err.splitlines()) == 1
+    assert not json_out.exists()
+
+
+def test_console_script_exit_code():
+    proc = subprocess.run([sys.executable, "-m", "llmprune.cli", "prune", "--pattern", "2:2"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().startswith("llmprune: error:") and "Traceback" not in proc.stderr
