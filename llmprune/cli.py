@@ -128,12 +128,14 @@ def _check_tasks(eval_config, data_dir) -> None:
         check_tasks(eval_config.zeroshot, data_dir)
 
 
-def _check_datasets(eval_config) -> None:
-    from llmprune.data import DATASETS
+def _check_datasets(eval_config, data_dir, calib: str | None = None) -> None:
+    """Find every data file before the (slow) model load, so a missing one fails at once."""
+    from llmprune.data import describe_source
 
     for name in eval_config.datasets:
-        if name not in DATASETS and not Path(name).is_file():
-            raise LlmpruneError(f"unknown dataset {name!r}: use {', '.join(DATASETS)} or the path of a local file")
+        describe_source(name, data_dir, split="eval")
+    if calib is not None:
+        describe_source(calib, data_dir, split="calibration")
 
 
 def _evaluate(model, tokenizer, eval_config, data_dir, progress):
@@ -185,7 +187,7 @@ def cmd_eval(args) -> int:
     data_dir = _data_dir(args.data_dir)
     datasets = args.dataset if args.dataset is not None else (() if args.zeroshot else ("ptb",))
     eval_config = _eval_config(args, datasets)
-    _check_datasets(eval_config)
+    _check_datasets(eval_config, data_dir)
     _check_tasks(eval_config, data_dir)
     model, tokenizer = load_model(args.model, dtype=args.dtype, device=_device(args.device), seqlen=args.seqlen)
     ppl, zs = _evaluate(model, tokenizer, eval_config, data_dir, not args.no_progress)
@@ -203,7 +205,7 @@ def cmd_eval(args) -> int:
 def cmd_prune(args) -> int:
     from llmprune.config import CalibConfig, PruneConfig
     from llmprune.io import check_save_dir, result_record, save_pruned, write_json_atomic
-    from llmprune.methods import get_method
+    from llmprune.methods import get_method, needs_for
     from llmprune.models import load_model
     from llmprune.pipeline import prune
 
@@ -216,7 +218,7 @@ def cmd_prune(args) -> int:
                          blocksize=args.blocksize, calib=calib)
     get_method(config.method)
     eval_config = _eval_config(args, args.eval if args.eval is not None else ("ptb",))
-    _check_datasets(eval_config)
+    _check_datasets(eval_config, data_dir, calib=config.calib.dataset if needs_for(config) else None)
     _check_tasks(eval_config, data_dir)
     if args.save:
         check_save_dir(args.save, args.overwrite)

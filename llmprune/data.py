@@ -181,15 +181,26 @@ def _open_text(path: Path):
 
 def _lines(path: Path) -> Iterator[tuple[int, str]]:
     """``(line number, line with its newline)``; decoding/IO problems become LlmpruneError."""
-    lineno = 0
     try:
         with _open_text(path) as f:
-            for lineno, line in enumerate(f, 1):
-                yield lineno, line
+            yield from enumerate(f, 1)
     except UnicodeDecodeError as exc:
-        raise LlmpruneError(f"{path} line {lineno + 1} is not UTF-8 text ({exc.reason}): replace the file") from None
+        where = _first_undecodable_line(path)
+        raise LlmpruneError(f"{path} line {where} is not UTF-8 text ({exc.reason}): replace the file") from None
     except (OSError, EOFError, zlib.error) as exc:
         raise LlmpruneError(f"cannot read {path}: {exc} (replace the file)") from None
+
+
+def _first_undecodable_line(path: Path) -> int | str:
+    # Text mode decodes ahead in chunks, so the failing line is found again byte-wise.
+    opener = gzip.open if path.name.lower().endswith(".gz") else open
+    with opener(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                raw.decode("utf-8")
+            except UnicodeDecodeError:
+                return lineno
+    return "?"
 
 
 def _read_wikitext(path: Path) -> list[str]:

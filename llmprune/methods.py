@@ -94,7 +94,8 @@ def get_method(name: str) -> Method:
     """The registered method called ``name`` (case-insensitive)."""
     method = METHODS.get(str(name).lower())
     if method is None:
-        raise LlmpruneError(f"unknown pruning method {name!r}: known methods are {', '.join(sorted(METHODS))}")
+        raise LlmpruneError(
+            f"unknown pruning method {name!r}: known methods are {', '.join(sorted(METHODS))}")
     return method
 
 
@@ -109,7 +110,8 @@ def needs_for(config: PruneConfig) -> frozenset[str]:
     if method.default_metric is None:
         return method.needs
     metric = config.metric or method.default_metric
-    return (method.needs - {"norms"}) | (frozenset({"norms"}) if metric in ACTIVATION_METRICS else frozenset())
+    norms = frozenset({"norms"}) if metric in ACTIVATION_METRICS else frozenset()
+    return (method.needs - {"norms"}) | norms
 
 
 def _apply(weight: torch.Tensor, mask: torch.Tensor, info: dict) -> tuple[torch.Tensor, dict]:
@@ -151,13 +153,15 @@ def _score_and_mask(weight: torch.Tensor, stats: LayerStats | None, config: Prun
 
 
 @register("magnitude", default_group="layer", default_metric="weight", check=_check_score_config)
-def magnitude(weight: torch.Tensor, stats: LayerStats | None, config: PruneConfig) -> tuple[torch.Tensor, dict]:
-    """Magnitude pruning: drop the smallest |W| of the whole matrix. Needs no calibration data."""
+def magnitude(weight: torch.Tensor, stats: LayerStats | None,
+              config: PruneConfig) -> tuple[torch.Tensor, dict]:
+    """Magnitude pruning: drop the smallest |W|, by default over the whole matrix. No calibration."""
     return _score_and_mask(weight, stats, config, "magnitude")
 
 
 @register("wanda", needs=("norms",), default_group="row", default_metric="wanda", check=_check_score_config)
-def wanda(weight: torch.Tensor, stats: LayerStats | None, config: PruneConfig) -> tuple[torch.Tensor, dict]:
+def wanda(weight: torch.Tensor, stats: LayerStats | None,
+          config: PruneConfig) -> tuple[torch.Tensor, dict]:
     """Wanda: drop the smallest |W_ij| * ||X_j||_2 of each output row; no weight update."""
     return _score_and_mask(weight, stats, config, "wanda")
 
@@ -171,7 +175,8 @@ def _check_sparsegpt_config(config: PruneConfig) -> None:
 
 
 @register("sparsegpt", needs=("hessian",), default_group="layer", check=_check_sparsegpt_config)
-def sparsegpt(weight: torch.Tensor, stats: LayerStats | None, config: PruneConfig) -> tuple[torch.Tensor, dict]:
+def sparsegpt(weight: torch.Tensor, stats: LayerStats | None,
+              config: PruneConfig) -> tuple[torch.Tensor, dict]:
     """SparseGPT: mask by w^2 / [chol(H^-1)]_ii^2 per column block and OBS-update the kept weights."""
     _check_sparsegpt_config(config)
     if stats is None or stats.hessian is None:

@@ -173,7 +173,7 @@ def prune(
             from llmprune.data import calibration_windows, describe_source
 
             windows = calibration_windows(calib.dataset, tokenizer, calib.nsamples, seqlen, calib.seed, data_dir)
-            source = describe_source(calib.dataset, data_dir)
+            source = describe_source(calib.dataset, data_dir, split="calibration")
         else:
             source = "windows given by the caller"
         nsamples, seqlen = windows.shape

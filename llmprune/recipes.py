@@ -21,6 +21,7 @@ product of some values into runs with generated names::
         prune: {sparsity: 0.5}                # fixed overrides for this block
         axes: {prune.method: [magnitude, wanda], prune.pattern: [unstructured, "2:4"]}
 
+Top-level keys starting with ``x-`` are ignored, to hold YAML anchors for ``<<: *anchor``.
 ``prune:`` keys are :class:`~llmprune.config.PruneConfig` fields and ``eval:`` keys are
 :class:`~llmprune.config.EvalConfig` fields, so recipes, CLI flags and the library share one
 set of defaults. Every error is an :class:`LlmpruneError` naming the key's path, such as
@@ -30,9 +31,7 @@ set of defaults. Every error is an :class:`LlmpruneError` naming the key's path,
 from __future__ import annotations
 
 import copy
-import dataclasses
 import itertools
-import json
 import re
 import string
 import types
@@ -134,6 +133,8 @@ _Loader.add_implicit_resolver(
 def _no_duplicate_keys(loader: yaml.SafeLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
     seen: dict[Any, Any] = {}
     for key_node, _ in node.value:
+        if key_node.tag == "tag:yaml.org,2002:merge":  # "<<: *anchor" may be overridden, by design
+            continue
         key = loader.construct_object(key_node, deep=deep)
         if key in seen:
             raise LlmpruneError(f"line {key_node.start_mark.line + 1}: key {key!r} appears twice in one mapping")
@@ -401,7 +402,8 @@ def parse_recipe(data: Any, default_name: str = "recipe") -> Recipe:
     """Validate and resolve a recipe mapping (as read from YAML) into a :class:`Recipe`."""
     if not isinstance(data, Mapping):
         raise LlmpruneError(f"a recipe must be a mapping with runs:, got {_show(data)}")
-    unknown = sorted(set(map(str, data)) - set(_TOP_KEYS))
+    # top-level "x-..." keys are free for YAML anchors ("x-wanda: &wanda {...}"), as in compose files
+    unknown = sorted(k for k in set(map(str, data)) - set(_TOP_KEYS) if not k.startswith("x-"))
     if unknown:
         raise LlmpruneError(f"unknown key {unknown[0]}: known top-level keys are {', '.join(_TOP_KEYS)}")
     name = data.get("name", default_name)
@@ -465,11 +467,6 @@ def load_recipe(path: str | Path) -> Recipe:
         return parse_recipe(data, default_name=path.stem)
     except LlmpruneError as exc:
         raise LlmpruneError(f"{path}: {exc}") from None
-
-
-def dumps(recipe: Recipe) -> str:
-    """The resolved recipe as the JSON text written to ``recipe.json``."""
-    return json.dumps(recipe.to_dict(), indent=2) + "\n"
 
 
 __all__ = ["Recipe", "Run", "load_recipe", "parse_recipe", "deep_merge", "slugify", "read_yaml", "RECIPE_SCHEMA"]

@@ -6,7 +6,9 @@ import os
 from pathlib import Path
 
 import pytest
-import torch
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads: see llmprune/__init__.py
+import torch  # noqa: E402
 
 # tests never reach a hub: fail fast instead of retrying connections
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -57,7 +57,7 @@ def test_eval_prints_table(local_setup, capsys):
 
 @pytest.mark.parametrize("args, needle", [
     (["prune", "--model", "no-such-model"], "unknown model"),
-    (["prune", "--method", "pruneit"], "unknown method"),
+    (["prune", "--method", "pruneit"], "unknown pruning method"),
     (["prune", "--sparsity", "1.5"], "outside [0, 1)"),
     (["prune", "--sparsity", "-0.1"], "outside [0, 1)"),
     (["prune", "--pattern", "4:4"], "1 <= N < M"),

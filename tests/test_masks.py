@@ -29,10 +29,12 @@ def brute_mask(s: torch.Tensor, sparsity: float, group: str) -> torch.Tensor:
     pruned = set()
     if group == "row":
         for r in range(rows):
-            pruned |= {(r, c) for c in lowest([(v[r][c], c) for c in range(cols)], floor_count(sparsity, cols))}
+            dropped = lowest([(v[r][c], c) for c in range(cols)], floor_count(sparsity, cols))
+            pruned |= {(r, c) for c in dropped}
     elif group == "column":
         for c in range(cols):
-            pruned |= {(r, c) for r in lowest([(v[r][c], r) for r in range(rows)], floor_count(sparsity, rows))}
+            dropped = lowest([(v[r][c], r) for r in range(rows)], floor_count(sparsity, rows))
+            pruned |= {(r, c) for r in dropped}
     else:
         items = [(v[r][c], r * cols + c) for r, c in itertools.product(range(rows), range(cols))]
         pruned = {divmod(i, cols) for i in lowest(items, floor_count(sparsity, rows * cols))}
@@ -151,7 +153,8 @@ def test_alpha_variant_hits_target_and_cumsum_definition(target):
         limit = alpha * sum(row)
         k = int(mask[r].sum())
         # pruned = the k smallest, k = how many sorted prefix sums stay within alpha * row sum
-        assert {c for c in range(len(row)) if mask[r, c]} == {c for c in range(len(row)) if row[c] <= values[k - 1]}
+        pruned = {c for c in range(len(row)) if mask[r, c]}
+        assert pruned == {c for c in range(len(row)) if row[c] <= values[k - 1]}
         assert cum[k - 1] <= limit * (1 + 1e-5)
         assert k == len(row) or cum[k] > limit * (1 - 1e-5)
         assert 0.0 < alpha < 0.8

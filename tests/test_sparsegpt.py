@@ -92,7 +92,8 @@ def recon_error(w, w_hat, x):
 def lowest_mask(s: torch.Tensor, k: int, group: int) -> torch.Tensor:
     """The k lowest of every ``group`` consecutive scores (row-major), written out with argsort."""
     chunks = s.reshape(-1, group)
-    return torch.zeros_like(chunks, dtype=torch.bool).scatter_(1, chunks.argsort(1)[:, :k], True).reshape(s.shape)
+    mask = torch.zeros_like(chunks, dtype=torch.bool).scatter_(1, chunks.argsort(1)[:, :k], True)
+    return mask.reshape(s.shape)
 
 
 @pytest.mark.parametrize("pattern", [None, (2, 4)])
@@ -107,12 +108,50 @@ def test_reconstruction_beats_magnitude_and_wanda(pattern):
     if pattern:
         mag_mask, wanda_mask = lowest_mask(mag_s, 2, 4), lowest_mask(wanda_s, 2, 4)
     else:  # magnitude: one threshold per matrix; wanda: per output row
-        mag_mask, wanda_mask = lowest_mask(mag_s.flatten(), 32 * 32, 32 * 64).view(32, 64), lowest_mask(wanda_s, 32, 64)
+        mag_mask = lowest_mask(mag_s.flatten(), 32 * 32, 32 * 64).view(32, 64)
+        wanda_mask = lowest_mask(wanda_s, 32, 64)
     e_sgpt = recon_error(w, new, x)
     e_mag = recon_error(w, w.masked_fill(mag_mask, 0), x)
     e_wanda = recon_error(w, w.masked_fill(wanda_mask, 0), x)
     assert e_sgpt < 0.9 * e_wanda
     assert e_wanda < e_mag
+
+
+def naive_sparsegpt(w, h, sparsity, n, m, blocksize, percdamp=0.01):
+    """The algorithm written plainly in float64: every OBS update applied at once to all later
+    columns (no lazy batching), masks chosen from the weights as updated so far."""
+    w, h = w.double().clone(), h.double().clone()
+    h += percdamp * h.diagonal().mean() * torch.eye(h.shape[0], dtype=torch.float64)
+    u = torch.linalg.cholesky(torch.linalg.inv(h), upper=True)
+    d = u.diagonal()
+    mask = torch.zeros(w.shape, dtype=torch.bool)
+    for i in range(w.shape[1]):
+        if m is None and i % blocksize == 0:
+            cols = slice(i, i + blocksize)
+            sal = (w[:, cols] ** 2 / d[cols] ** 2).flatten()
+            k = math.floor(Fraction(repr(sparsity)) * sal.numel())
+            block = torch.zeros(sal.numel(), dtype=torch.bool)
+            block[sal.argsort()[:k]] = True
+            mask[:, cols] = block.view(w.shape[0], -1)
+        if m is not None and i % m == 0:
+            sal = w[:, i:i + m] ** 2 / d[i:i + m] ** 2
+            mask[:, i:i + m].scatter_(1, sal.argsort(1)[:, : m - n], True)
+        q = torch.where(mask[:, i], torch.zeros_like(w[:, i]), w[:, i])
+        err = (w[:, i] - q) / d[i]
+        w[:, i:] -= err[:, None] * u[i, i:][None, :]
+        w[:, i] = q
+    return w, mask
+
+
+@pytest.mark.parametrize("pattern", [None, (2, 4), (1, 4)])
+def test_matches_naive_unbatched_obs(pattern):
+    x = correlated_inputs(300, 48, 15)
+    w = torch.randn(6, 48, generator=torch.Generator().manual_seed(16))
+    n, m = pattern or (None, None)
+    expect_w, expect_mask = naive_sparsegpt(w, hessian_of(x), 0.5, n, m, blocksize=16)
+    new, mask, _ = sparsegpt_prune(w, hessian_of(x), 0.5, n, m, blocksize=16)
+    assert torch.equal(mask, expect_mask)
+    assert torch.allclose(new.double(), expect_w, atol=1e-3, rtol=1e-3)
 
 
 def test_loss_is_half_the_quadratic_error_under_the_damped_hessian():

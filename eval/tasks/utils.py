@@ -104,7 +104,7 @@ def _convert(task: str, path: Path, rows, convert: Callable[..., dict], labels=N
     return out
 
 
-def _dataset(task: str, split: str, docs: list[dict]) -> datasets.DatasetDict:
+def _dataset(split: str, docs: list[dict]) -> datasets.DatasetDict:
     return datasets.DatasetDict({split: datasets.Dataset.from_list(docs)})
 
 
@@ -226,7 +226,7 @@ def _loader(task: str, convert: Callable[..., dict], labels: str = "none"):
             answers = _read_labels(task, labels_path, len(rows)) if labels_path else None
         elif labels == "required":
             raise TaskDataError(f"task {task}: dataset_kwargs.labels_file is not set")
-        return _dataset(task, split, _convert(task, path, rows, convert, answers))
+        return _dataset(split, _convert(task, path, rows, convert, answers))
 
     load.__name__ = f"load_{task}"
     return load

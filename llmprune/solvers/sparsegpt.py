@@ -74,7 +74,8 @@ def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, sparsity: float
     structured = m is not None
     if structured:
         if n is None or not 1 <= n < m:
-            raise LlmpruneError(f"N:M pattern {n}:{m} is invalid: it keeps N of every M weights, so 1 <= N < M")
+            raise LlmpruneError(f"N:M pattern {n}:{m} is invalid: it keeps N of every M weights, "
+                                "so 1 <= N < M")
         if cols % m:
             raise LlmpruneError(f"in_features {cols} is not a multiple of M={m}: choose an M that "
                                 "divides it or exclude this layer")

@@ -1,0 +1,332 @@
+"""Run a recipe: every run's result JSON in one folder, resumable, then the report.
+
+The dense model is loaded once per (model, dtype, device). The original weights of the prunable
+layers are kept on the CPU and copied back before each pruning run, which is much faster than
+reloading and gives the same numbers. The unpruned model is evaluated once per (model, eval
+settings) and written as its own result (method ``dense``).
+
+Each result is written atomically as soon as its run ends, so a crash or Ctrl-C loses at most
+the run in progress; running the recipe again skips every run whose result is already there.
+The folder's ``recipe.json`` (the resolved recipe) guards against mixing two recipes' results.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import torch
+
+from llmprune.config import EvalConfig, PruneConfig, to_dict
+from llmprune.errors import LlmpruneError
+from llmprune.recipes import DENSE, RECIPE_SCHEMA, Recipe, Run, load_recipe, slugify
+
+RECIPE_FILE = "recipe.json"
+RESULT_SCHEMA = "llmprune.result/1"
+STALE_SUFFIX = ".stale"
+
+
+@dataclass(frozen=True)
+class Job:
+    """One result file to produce: a pruning run, or the dense baseline (``prune`` None)."""
+
+    name: str
+    model: str
+    dtype: str
+    device: str
+    eval: EvalConfig
+    prune: PruneConfig | None
+
+    @property
+    def model_key(self) -> tuple[str, str, str]:
+        return (self.model, self.dtype, self.device)
+
+    @property
+    def filename(self) -> str:
+        return f"{slugify(self.name)}.json"
+
+
+def plan(recipe: Recipe) -> list[Job]:
+    """All result files of ``recipe``, grouped by model in order of first use; within a model the
+    dense baselines come first, then the runs in recipe order."""
+    models: dict[tuple[str, str, str], list[Run]] = {}
+    for run in recipe.runs:
+        models.setdefault((run.model, run.dtype, run.device), []).append(run)
+    distinct_models = {run.model for run in recipe.runs}
+    jobs: list[Job] = []
+    for (model, dtype, device), runs in models.items():
+        if recipe.dense:
+            evals: list[EvalConfig] = []
+            for run in runs:
+                if run.eval not in evals:
+                    evals.append(run.eval)
+            # the dense name says only what is needed to tell the baselines apart
+            keys_for_model = [k for k in models if k[0] == model]
+            for j, evaluation in enumerate(evals):
+                name = DENSE
+                if len(distinct_models) > 1:
+                    name += f"-{slugify(model.rstrip('/').split('/')[-1])}"
+                if len(keys_for_model) > 1:
+                    name += f"-{dtype}-{device}"
+                if len(evals) > 1:
+                    name += f"-eval{j}"
+                jobs.append(Job(name, model, dtype, device, evaluation, None))
+        jobs.extend(Job(run.name, run.model, run.dtype, run.device, run.eval, run.prune) for run in runs)
+    return jobs
+
+
+def _normal(obj: Any) -> Any:
+    """``obj`` as it reads back from JSON (tuples become lists)."""
+    return json.loads(json.dumps(obj))
+
+
+def _matches(record: Any, job: Job) -> bool:
+    """Whether ``record`` is this job's finished result."""
+    if not isinstance(record, dict) or record.get("schema") != RESULT_SCHEMA:
+        return False
+    if record.get("name") != job.name or record.get("model") != job.model:
+        return False
+    expected_config = None if job.prune is None else _normal(job.prune.to_dict())
+    if record.get("config") != expected_config:
+        return False
+    if (job.prune is None) != (record.get("method") == DENSE):
+        return False
+    stored = record.get("eval")
+    wanted = _normal(to_dict(job.eval))
+    if not isinstance(stored, dict):
+        return False
+    if wanted.get("seqlen") is None:  # the recipe left it to the model: any resolved value fits
+        stored = {**stored, "seqlen": None}
+    return stored == wanted
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def _recipe_differences(old: dict, new: dict) -> str:
+    old_runs = {r.get("name"): r for r in old.get("runs", []) if isinstance(r, dict)}
+    new_runs = {r["name"]: r for r in new["runs"]}
+    parts = []
+    if old.get("name") != new["name"]:
+        parts.append(f"recipe {old.get('name')!r}, not {new['name']!r}")
+    added = [n for n in new_runs if n not in old_runs]
+    removed = [n for n in old_runs if n not in new_runs]
+    changed = [n for n in new_runs if n in old_runs and old_runs[n] != new_runs[n]]
+    for label, names in (("runs added", added), ("removed", removed), ("changed", changed)):
+        if names:
+            shown = ", ".join(map(str, names[:3])) + (", …" if len(names) > 3 else "")
+            parts.append(f"{label}: {shown}")
+    if old.get("dense") != new["dense"]:
+        parts.append("dense baselines switched " + ("on" if new["dense"] else "off"))
+    return "; ".join(parts) or "different settings"
+
+
+def _comparable(recipe_dict: dict) -> dict:
+    # the description is prose: editing it does not make the results a different recipe's
+    return {k: v for k, v in recipe_dict.items() if k != "description"}
+
+
+def _claim_out_dir(out_dir: Path, recipe: Recipe, jobs: list[Job], force: bool) -> None:
+    """Refuse a folder holding another recipe's results unless ``force``; with ``force``,
+    results that no longer match a run are renamed ``*.json.stale`` so reports skip them."""
+    new = _normal(recipe.to_dict())
+    recipe_file = out_dir / RECIPE_FILE
+    old = _read_json(recipe_file) if recipe_file.exists() else None
+    results = [p for p in sorted(out_dir.glob("*.json"))
+               if p.name != RECIPE_FILE and isinstance(r := _read_json(p), dict) and r.get("schema") == RESULT_SCHEMA]
+    if old is not None and _comparable(old) == _comparable(new):
+        return
+    if old is None and not results:
+        return
+    if not force:
+        if old is None:
+            why = f"it holds {len(results)} result file(s) but no {RECIPE_FILE}"
+        elif not isinstance(old, dict) or old.get("schema") != RECIPE_SCHEMA:
+            why = f"its {RECIPE_FILE} is not a recipe llmprune wrote"
+        else:
+            why = f"it holds results of a different recipe ({_recipe_differences(old, new)})"
+        raise LlmpruneError(
+            f"refusing to write into {out_dir}: {why}; choose another --out, or pass --force to reuse it "
+            "(results that still match a run are kept, the others are renamed *.json.stale)"
+        )
+    by_file = {job.filename: job for job in jobs}
+    for path in results:
+        job = by_file.get(path.name)
+        if job is None or not _matches(_read_json(path), job):
+            os.replace(path, path.with_name(path.name + STALE_SUFFIX))
+
+
+def snapshot_weights(model: torch.nn.Module) -> dict[tuple[int, str], torch.Tensor]:
+    """A CPU copy of the weights (and biases) of every prunable layer, to undo pruning later."""
+    from llmprune.models import get_blocks, prunable_linears
+
+    saved: dict[tuple[int, str], torch.Tensor] = {}
+    for i in range(len(get_blocks(model))):
+        for name, module in prunable_linears(model, i).items():
+            saved[(i, name)] = module.weight.detach().to("cpu", copy=True)
+            if module.bias is not None:
+                saved[(i, name + ".bias")] = module.bias.detach().to("cpu", copy=True)
+    return saved
+
+
+@torch.no_grad()
+def restore_weights(model: torch.nn.Module, saved: dict[tuple[int, str], torch.Tensor]) -> None:
+    """Copy the snapshot back in place (into whatever Parameter each layer holds now)."""
+    from llmprune.models import get_blocks, prunable_linears
+
+    for i in range(len(get_blocks(model))):
+        for name, module in prunable_linears(model, i).items():
+            module.weight.copy_(saved[(i, name)])
+            if module.bias is not None:
+                module.bias.copy_(saved[(i, name + ".bias")])
+
+
+def _resolve_device(device: str) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise LlmpruneError(f"the recipe asks for device {device!r} but CUDA is not available: set device: auto or cpu")
+    return device
+
+
+def _evaluate(model, tokenizer, evaluation: EvalConfig, data_dir, progress: bool) -> tuple[EvalConfig, dict, Any]:
+    from llmprune.evaluation.perplexity import evaluate_perplexity
+
+    seqlen = evaluation.seqlen or getattr(model, "seqlen", None)
+    if seqlen is None:
+        from llmprune.models import default_seqlen
+
+        seqlen = default_seqlen(model)
+    resolved = dataclasses.replace(evaluation, seqlen=int(seqlen))
+    perplexity = {
+        dataset: evaluate_perplexity(model, tokenizer, dataset, resolved.seqlen, data_dir=data_dir,
+                                     batch_size=resolved.batch_size, max_windows=resolved.max_windows,
+                                     progress=progress)
+        for dataset in resolved.datasets
+    }
+    zeroshot = None
+    if resolved.zeroshot:
+        from llmprune.evaluation.zeroshot import zeroshot as run_zeroshot
+
+        zeroshot = run_zeroshot(model, tokenizer, list(resolved.zeroshot), limit=resolved.limit,
+                                batch_size=resolved.batch_size, data_dir=data_dir, progress=progress)
+    return resolved, perplexity, zeroshot
+
+
+def _machine(device: str) -> str:
+    from llmprune.io import machine
+
+    text = machine()
+    if device.startswith("cuda") and torch.cuda.is_available():
+        text += f", {torch.cuda.get_device_name(torch.device(device))}"
+    return text
+
+
+def _execute(job: Job, model, tokenizer, recipe: Recipe, device: str, data_dir, progress: bool) -> dict:
+    from llmprune.io import result_record
+    from llmprune.pipeline import prune
+
+    report = None
+    if job.prune is not None:
+        report = prune(model, tokenizer, job.prune, data_dir=data_dir, progress=progress, model_name=job.model)
+    resolved, perplexity, zeroshot = _evaluate(model, tokenizer, job.eval, data_dir, progress)
+    record = result_record(name=job.name, model=job.model, config=job.prune, eval_config=resolved,
+                           perplexity=perplexity, zeroshot=zeroshot, prune_report=report, recipe=recipe.name)
+    record["machine"] = _machine(device)
+    return record
+
+
+def _select(jobs: list[Job], only: str | Iterable[str] | None) -> list[Job]:
+    if only is None:
+        return jobs
+    wanted = [only] if isinstance(only, str) else list(only)
+    names = [job.name for job in jobs]
+    unknown = [name for name in wanted if name not in names]
+    if unknown:
+        raise LlmpruneError(f"--only {unknown[0]!r} is not a run of this recipe: runs are {', '.join(names)}")
+    return [job for job in jobs if job.name in wanted]
+
+
+def run_recipe(
+    recipe_path: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    data_dir: str | os.PathLike | None = None,
+    only: str | Iterable[str] | None = None,
+    force: bool = False,
+    progress: bool = True,
+    loader: Callable[..., tuple[Any, Any]] | None = None,
+    report: bool = True,
+) -> list[Path]:
+    """Run every run of the recipe at ``recipe_path`` that has no result in ``out_dir`` yet.
+
+    ``only``: run names (one or several) to restrict to; dense baselines run only when named
+    (``dense``, ``dense-…``). ``force``: reuse a folder that holds another recipe's results.
+    ``loader(name, dtype=, device=) -> (model, tokenizer)`` defaults to
+    :func:`llmprune.models.load_model`. Returns the result files of the selected runs, in
+    plan order, and writes the report (``summary.md`` …) over the whole folder at the end.
+    """
+    from tqdm.auto import tqdm
+
+    from llmprune.io import write_json_atomic
+
+    recipe = load_recipe(recipe_path)
+    jobs = plan(recipe)
+    selected = _select(jobs, only)
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise LlmpruneError(f"--out {out} is a file: give a folder for the results")
+    out.mkdir(parents=True, exist_ok=True)
+    _claim_out_dir(out, recipe, jobs, force)
+    write_json_atomic(out / RECIPE_FILE, recipe.to_dict())
+
+    pending = [job for job in selected if not _matches(_read_json(out / job.filename), job)]
+    if loader is None:
+        from llmprune.models import load_model as loader
+
+    bar = tqdm(total=len(selected), initial=len(selected) - len(pending), desc=recipe.name, unit="run",
+               disable=not progress, position=0)
+    try:
+        groups: dict[tuple[str, str, str], list[Job]] = {}
+        for job in pending:
+            groups.setdefault(job.model_key, []).append(job)
+        for (model_name, dtype, device), model_jobs in groups.items():
+            device = _resolve_device(device)
+            bar.set_postfix_str(f"loading {model_name}")
+            model, tokenizer = loader(model_name, dtype=dtype, device=device)
+            saved = snapshot_weights(model)
+            dirty = False
+            try:
+                for job in model_jobs:
+                    bar.set_postfix_str(job.name)
+                    if dirty:
+                        restore_weights(model, saved)
+                        dirty = False
+                    dirty = job.prune is not None  # set before running: a failure leaves it pruned
+                    record = _execute(job, model, tokenizer, recipe, device, data_dir, progress)
+                    write_json_atomic(out / job.filename, record)
+                    bar.update(1)
+            finally:
+                del model, tokenizer, saved
+                gc.collect()
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+    finally:
+        bar.close()
+
+    if report:
+        from llmprune.report import write_report
+
+        write_report(out)
+    return [out / job.filename for job in selected]
+
+
+__all__ = ["run_recipe", "plan", "Job", "snapshot_weights", "restore_weights", "RECIPE_FILE"]

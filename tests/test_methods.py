@@ -1,0 +1,169 @@
+"""The method registry and the three registered methods, end to end on tensors."""
+
+from __future__ import annotations
+
+import math
+from fractions import Fraction
+
+import pytest
+import torch
+
+from llmprune.config import PruneConfig
+from llmprune.errors import LlmpruneError
+from llmprune.methods import METHODS, LayerStats, get_method, needs_for, register
+
+
+def prune(method: str, weight, stats=None, **kw):
+    return get_method(method).prune(weight, stats, PruneConfig(method=method, **kw))
+
+
+# ---- registry -----------------------------------------------------------------------------------
+
+def test_registry_holds_the_three_methods():
+    assert {"magnitude", "wanda", "sparsegpt"} <= set(METHODS)
+    assert get_method("WANDA").name == "wanda"
+    for method in METHODS.values():
+        assert method.doc
+
+
+def test_duplicate_registration_raises():
+    before = dict(METHODS)
+    with pytest.raises(ValueError, match="already registered"):
+        register("wanda")(lambda w, s, c: (w, {}))
+    assert METHODS == before
+
+
+def test_new_method_is_one_function_and_one_decorator():
+    try:
+        @register("_halve_test", default_group="row")
+        def halve(weight, stats, config):
+            """Test method."""
+            return weight / 2, {}
+
+        assert get_method("_halve_test").prune is halve
+        assert needs_for(PruneConfig(method="_halve_test")) == frozenset()
+    finally:
+        METHODS.pop("_halve_test", None)
+
+
+def test_unknown_method_lists_known_ones():
+    with pytest.raises(LlmpruneError) as err:
+        get_method("obs")
+    message = str(err.value)
+    assert "obs" in message
+    for name in ("magnitude", "sparsegpt", "wanda"):
+        assert name in message
+
+
+@pytest.mark.parametrize("kw,needs", [
+    (dict(method="magnitude"), set()),
+    (dict(method="wanda"), {"norms"}),
+    (dict(method="wanda", metric="activation"), {"norms"}),
+    (dict(method="wanda", metric="weight"), set()),
+    (dict(method="magnitude", metric="wanda"), {"norms"}),
+    (dict(method="sparsegpt"), {"hessian"}),
+    (dict(method="sparsegpt", pattern="2:4"), {"hessian"}),
+])
+def test_needs_for(kw, needs):
+    assert needs_for(PruneConfig(**kw)) == needs
+
+
+@pytest.mark.parametrize("kw", [
+    dict(method="wanda", use_variant=True, pattern="2:4"),
+    dict(method="sparsegpt", group="row"),
+    dict(method="sparsegpt", use_variant=True),
+])
+def test_unsupported_combinations_fail_before_calibration(kw):
+    with pytest.raises(LlmpruneError):
+        needs_for(PruneConfig(**kw))
+
+
+# ---- magnitude ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("sparsity", [0.3, 0.5, 0.77])
+def test_magnitude_prunes_smallest_over_whole_matrix(sparsity):
+    w = torch.randn(9, 14, generator=torch.Generator().manual_seed(1))
+    new, info = prune("magnitude", w, sparsity=sparsity)
+    k = math.floor(Fraction(repr(sparsity)) * w.numel())
+    cells = sorted((abs(v), i) for i, v in enumerate(w.flatten().tolist()))
+    expect = torch.zeros(w.numel(), dtype=torch.bool)
+    expect[[i for _, i in cells[:k]]] = True
+    assert torch.equal(new == 0, expect.view_as(w))
+    assert torch.equal(new[~expect.view_as(w)], w[~expect.view_as(w)])
+    assert info["pruned"] == k and info["group"] == "layer"
+    # per-layer, not per-row: row counts differ
+    assert len(set((new == 0).sum(1).tolist())) > 1
+
+
+# ---- wanda --------------------------------------------------------------------------------------
+
+def test_wanda_ranks_within_rows_by_weight_times_norm():
+    # ||x|| = (1, 3, 1, 2) over 4 tokens. Row 0: |w|*||x|| = (4, 3, 0.5, 8); row 1 = (20, 30, 10, 40).
+    w = torch.tensor([[4.0, -1.0, 0.5, 4.0], [-20.0, 10.0, 10.0, 20.0]])
+    stats = LayerStats(tokens=4, sq_norm=torch.tensor([4.0, 36.0, 4.0, 16.0]))
+    new, info = prune("wanda", w, stats, sparsity=0.5)
+    assert (new == 0).tolist() == [[False, True, True, False], [True, False, True, False]]
+    assert info["metric"] == "wanda" and info["group"] == "row"
+    # ||x||^2 would give row 0 (4, 9, 0.5, 16) and row 1 (20, 90, 10, 80): a different mask
+    squared = w.abs() * torch.tensor([1.0, 9.0, 1.0, 4.0])
+    wrong = torch.zeros(2, 4, dtype=torch.bool).scatter_(1, squared.argsort(1)[:, :2], True)
+    assert not torch.equal(new == 0, wrong)
+    # one threshold over the layer would prune all of row 0 instead
+    new_layer, _ = prune("wanda", w, stats, sparsity=0.5, group="layer")
+    assert (new_layer == 0).tolist() == [[True, True, True, True], [False, False, False, False]]
+
+
+def test_wanda_metric_ablation_activation_prunes_the_same_columns_in_every_row():
+    w = torch.randn(5, 8)
+    stats = LayerStats(tokens=2, sq_norm=torch.arange(1.0, 9.0))
+    new, info = prune("wanda", w, stats, sparsity=0.25, metric="activation")
+    assert (new[:, :2] == 0).all() and (new[:, 2:] != 0).all()
+    assert info["metric"] == "activation"
+
+
+def test_wanda_with_metric_weight_needs_no_stats():
+    w = torch.tensor([[3.0, -1.0, 2.0, -4.0]])
+    new, _ = prune("wanda", w, None, sparsity=0.5, metric="weight")
+    assert new.tolist() == [[3.0, 0.0, 0.0, -4.0]]
+
+
+def test_wanda_one_of_four_keeps_one_per_group():
+    w = torch.randn(6, 16, generator=torch.Generator().manual_seed(2))
+    stats = LayerStats(tokens=3, sq_norm=torch.rand(16) + 0.1)
+    new, info = prune("wanda", w, stats, pattern="1:4")
+    assert ((new != 0).reshape(6, 4, 4).sum(-1) == 1).all()
+    assert info["sparsity"] == 0.75
+
+
+def test_wanda_variant_reaches_target():
+    w = torch.randn(16, 128, generator=torch.Generator().manual_seed(4))
+    stats = LayerStats(tokens=10, sq_norm=torch.rand(128) * 10)
+    new, info = prune("wanda", w, stats, sparsity=0.5, use_variant=True)
+    assert abs((new == 0).float().mean().item() - 0.5) <= 0.001
+    assert "alpha" in info
+
+
+def test_wanda_variant_with_nm_raises():
+    w = torch.randn(2, 8)
+    with pytest.raises(LlmpruneError, match="unstructured"):
+        prune("wanda", w, LayerStats(1, torch.ones(8)), pattern="2:4", use_variant=True)
+
+
+# ---- sparsegpt and common behaviour -------------------------------------------------------------
+
+def test_sparsegpt_method_uses_config_pattern():
+    x = torch.randn(128, 32, generator=torch.Generator().manual_seed(5))
+    stats = LayerStats(tokens=128, hessian=2 * x.T @ x / 128)
+    w = torch.randn(8, 32)
+    new, info = prune("sparsegpt", w, stats, pattern="2:4", blocksize=16)
+    assert ((new != 0).reshape(8, 8, 4).sum(-1) == 2).all()
+    assert {"loss", "percdamp_used", "retries", "pruned", "sparsity"} <= set(info)
+
+
+@pytest.mark.parametrize("method", ["magnitude", "wanda", "sparsegpt"])
+def test_zero_sparsity_prunes_nothing(method):
+    w = torch.randn(4, 8)
+    x = torch.randn(16, 8)
+    stats = LayerStats(tokens=16, sq_norm=(x ** 2).sum(0), hessian=2 * x.T @ x / 16)
+    new, info = prune(method, w, stats, sparsity=0.0)
+    assert torch.equal(new, w) and info["pruned"] == 0

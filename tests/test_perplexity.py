@@ -1,0 +1,132 @@
+"""Perplexity: the reference protocol (non-overlapping windows, remainder dropped), float32 loss."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+
+from llmprune.errors import LlmpruneError
+from llmprune.evaluation.perplexity import PerplexityResult, evaluate_perplexity, perplexity
+
+from conftest import make_model
+
+
+def hand_ppl(model, tokens: torch.Tensor, seqlen: int, windows: int) -> float:
+    """Explicit log_softmax + gather, one window at a time."""
+    nlls = []
+    with torch.no_grad():
+        for w in range(windows):
+            ids = tokens[w * seqlen:(w + 1) * seqlen]
+            logp = torch.log_softmax(model(ids[None]).logits[0].float(), dim=-1)  # (seqlen, vocab)
+            nlls.append(-logp[:-1].gather(1, ids[1:, None]).mean())
+    return math.exp(torch.stack(nlls).double().mean().item())
+
+
+def wanda_ppl(model, tokens: torch.Tensor, seqlen: int, bs: int) -> float:
+    """locuslab/wanda eval_ppl_wikitext, on a (1, n) stream."""
+    testenc = tokens[None]
+    nsamples = testenc.numel() // seqlen
+    nlls = []
+    with torch.no_grad():
+        for i in range(0, nsamples, bs):
+            j = min(i + bs, nsamples)
+            inputs = testenc[:, i * seqlen:j * seqlen].reshape(j - i, seqlen)
+            lm_logits = model(inputs).logits
+            shift_logits = lm_logits[:, :-1, :].contiguous()
+            loss = nn.CrossEntropyLoss()(shift_logits.reshape(-1, shift_logits.size(-1)), inputs[:, 1:].reshape(-1))
+            nlls.append(loss.float() * seqlen * (j - i))
+    return torch.exp(torch.stack(nlls).sum() / (nsamples * seqlen)).item()
+
+
+def stream(n: int, vocab: int = 512, seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, vocab, (n,), generator=torch.Generator().manual_seed(seed))
+
+
+def test_matches_hand_computation(tiny_model_any):
+    seqlen = 16
+    tokens = stream(5 * seqlen + 7)  # 5 windows and a remainder of 7
+    result = perplexity(tiny_model_any, tokens, seqlen, progress=False, dataset="toy")
+    assert isinstance(result, PerplexityResult)
+    assert result.windows == 5 and result.tokens == 5 * seqlen and result.seqlen == seqlen
+    assert result.ppl == pytest.approx(hand_ppl(tiny_model_any, tokens, seqlen, 5), rel=1e-5)
+    assert result.dataset == "toy" and result.seconds > 0 and result.tokens_per_s > 0
+
+
+def test_matches_the_wanda_loop(tiny_model):
+    tokens = stream(7 * 12 + 3, seed=1)
+    for bs in (1, 2):
+        assert perplexity(tiny_model, tokens, 12, batch_size=bs, progress=False).ppl == pytest.approx(
+            wanda_ppl(tiny_model, tokens, 12, bs), rel=1e-5)
+
+
+def test_batch_sizes_agree(tiny_model):
+    tokens = stream(7 * 20, seed=2)
+    one = perplexity(tiny_model, tokens, 20, batch_size=1, progress=False)
+    three = perplexity(tiny_model, tokens, 20, batch_size=3, progress=False)  # 3 + 3 + 1
+    assert one.windows == three.windows == 7
+    assert three.ppl == pytest.approx(one.ppl, rel=1e-5)
+
+
+def test_max_windows_and_remainder(tiny_model):
+    seqlen = 10
+    tokens = stream(6 * seqlen + 9, seed=3)
+    part = perplexity(tiny_model, tokens, seqlen, max_windows=2, progress=False)
+    assert part.windows == 2 and part.tokens == 20
+    assert part.ppl == pytest.approx(hand_ppl(tiny_model, tokens, seqlen, 2), rel=1e-5)
+    assert perplexity(tiny_model, tokens, seqlen, max_windows=100, progress=False).windows == 6
+    # whatever follows the last full window is never read
+    changed = tokens.clone()
+    changed[6 * seqlen:] = 0
+    assert perplexity(tiny_model, changed, seqlen, progress=False).ppl == perplexity(
+        tiny_model, tokens, seqlen, progress=False).ppl
+    # a (1, n) stream, as tokenizers return it, is the same stream
+    assert perplexity(tiny_model, tokens[None], seqlen, max_windows=2, progress=False).ppl == part.ppl
+
+
+def test_low_precision_model_loss_in_float32():
+    model = make_model("llama").to(torch.bfloat16)
+    tokens = stream(3 * 16, seed=4)
+    result = perplexity(model, tokens, 16, progress=False)
+    assert math.isfinite(result.ppl)
+    assert result.ppl == pytest.approx(hand_ppl(model, tokens, 16, 3), rel=1e-5)
+
+
+def test_errors(tiny_model):
+    with pytest.raises(LlmpruneError, match="fewer than one window"):
+        perplexity(tiny_model, stream(15), 16, progress=False)
+    with pytest.raises(LlmpruneError, match="seqlen"):
+        perplexity(tiny_model, stream(15), 1, progress=False)
+    with pytest.raises(LlmpruneError, match="batch size"):
+        perplexity(tiny_model, stream(32), 16, batch_size=0, progress=False)
+    with pytest.raises(LlmpruneError, match="max_windows"):
+        perplexity(tiny_model, stream(32), 16, max_windows=0, progress=False)
+
+
+def test_progress_bar_and_to_dict(tiny_model, capsys):
+    result = perplexity(tiny_model, stream(64), 16, progress=True, dataset="toy")
+    assert "ppl toy" in capsys.readouterr().err
+    perplexity(tiny_model, stream(64), 16, progress=False)
+    assert capsys.readouterr().err == ""
+    assert set(result.to_dict()) == {"dataset", "ppl", "windows", "tokens", "seqlen", "seconds", "tokens_per_s"}
+
+
+def test_evaluate_perplexity_on_a_local_file(tmp_path, tiny_model, tiny_tokenizer):
+    from llmprune.data import eval_tokens
+
+    path = tmp_path / "text.txt"
+    path.write_text("the quick brown fox jumps over the lazy dog. " * 30, encoding="utf-8")
+    result = evaluate_perplexity(tiny_model, tiny_tokenizer, str(path), 24, batch_size=2, progress=False)
+    tokens = eval_tokens(str(path), tiny_tokenizer, 24)
+    assert result.windows == tokens.numel() // 24
+    assert result.ppl == pytest.approx(hand_ppl(tiny_model, tokens, 24, result.windows), rel=1e-5)
+    assert result.dataset == str(path)
+
+
+def test_smollm2_ptb(smollm2, data_dir):
+    model, tokenizer = smollm2
+    result = evaluate_perplexity(model, tokenizer, "ptb", 2048, data_dir=data_dir, max_windows=2, progress=False)
+    assert result.windows == 2 and result.tokens == 4096
+    assert math.isfinite(result.ppl) and 1 < result.ppl < 200

@@ -1,0 +1,200 @@
+"""Recipe format: merging, grids, and one clear error naming the key's path for each bad input."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from llmprune.config import Pattern
+from llmprune.errors import LlmpruneError
+from llmprune.recipes import deep_merge, load_recipe, parse_recipe, slugify
+from llmprune.runner import plan
+
+ROOT = Path(__file__).resolve().parents[1]
+SHIPPED = sorted((ROOT / "recipes").glob("*.yaml"))
+
+
+def _recipe(runs=None, defaults=None, **top):
+    data = {"name": "t", "defaults": defaults if defaults is not None else {"model": "m"}}
+    if runs is not None:
+        data["runs"] = runs
+    data.update(top)
+    return data
+
+
+def _error(data) -> str:
+    with pytest.raises(LlmpruneError) as info:
+        parse_recipe(data)
+    message = str(info.value)
+    assert "\n" not in message
+    return message
+
+
+def test_defaults_deep_merge_with_run_overrides():
+    recipe = parse_recipe(_recipe(
+        defaults={"model": "m", "prune": {"method": "wanda", "sparsity": 0.5,
+                                          "calib": {"dataset": "c4", "nsamples": 32, "seqlen": 64}},
+                  "eval": {"datasets": ["ptb"], "seqlen": 64}},
+        runs=[{"name": "a", "prune": {"method": "magnitude"}},
+              {"name": "b", "prune": {"pattern": "2:4", "calib": {"nsamples": 8}}, "eval": {"datasets": ["c4", "ptb"]}}],
+    ))
+    a, b = recipe.runs
+    assert (a.prune.method, a.prune.sparsity, a.prune.calib.nsamples, a.prune.calib.seqlen) == ("magnitude", 0.5, 32, 64)
+    assert (b.prune.method, b.prune.pattern, b.prune.calib.nsamples, b.prune.calib.dataset) == ("wanda", Pattern(2, 4), 8, "c4")
+    assert b.eval.datasets == ("c4", "ptb") and b.eval.seqlen == 64
+    assert a.eval.datasets == ("ptb",)
+
+
+def test_deep_merge_replaces_lists_and_scalars_and_keeps_inputs():
+    base = {"a": {"x": 1, "y": [1, 2]}, "b": 1}
+    merged = deep_merge(base, {"a": {"y": [3]}, "b": None})
+    assert merged == {"a": {"x": 1, "y": [3]}, "b": None}
+    assert base == {"a": {"x": 1, "y": [1, 2]}, "b": 1}
+
+
+def test_grid_expands_a_product_with_generated_names():
+    recipe = parse_recipe(_recipe(grid=[
+        {"name": "{method}-{sparsity:.0%}", "axes": {"prune.method": ["magnitude", "wanda"], "prune.sparsity": [0.1, 0.5]}},
+        {"axes": {"prune.calib.nsamples": [1, 2]}, "prune": {"method": "sparsegpt"}},
+    ]))
+    assert recipe.names == ["magnitude-10%", "magnitude-50%", "wanda-10%", "wanda-50%", "1", "2"]
+    assert recipe.run("wanda-10%").prune.sparsity == 0.1
+    assert recipe.run("2").prune.method == "sparsegpt" and recipe.run("2").prune.calib.nsamples == 2
+
+
+def test_unquoted_nm_pattern_is_read_as_text_not_base_60(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text("name: r\ndefaults: {model: m}\nruns:\n  - name: a\n    prune: {pattern: 2:4}\n")
+    assert load_recipe(path).runs[0].prune.pattern == Pattern(2, 4)
+
+
+def test_yaml_anchors_and_merge_keys_work(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text("x-nm: &nm {method: sparsegpt, pattern: 2:4}\ndefaults: {model: m}\n"
+                    "runs:\n  - {name: a, prune: {<<: *nm, pattern: 4:8}}\n  - {name: b, prune: *nm}\n")
+    a, b = load_recipe(path).runs
+    assert (a.prune.method, a.prune.pattern, b.prune.pattern) == ("sparsegpt", Pattern(4, 8), Pattern(2, 4))
+
+
+@pytest.mark.parametrize("data, needle", [
+    (_recipe([{"name": "a"}, {"name": "b"}, {"name": "c"}, {"name": "d", "prune": {"calib": {"nsampels": 3}}}]),
+     "unknown key runs[3].prune.calib.nsampels"),
+    (_recipe([{"name": "a", "evl": {}}]), "unknown key runs[0].evl"),
+    (_recipe([{"name": "a"}], defaults={"model": "m", "prune": {"sparsty": 0.5}}), "unknown key defaults.prune.sparsty"),
+    (_recipe([{"name": "a"}], extra=1), "unknown key extra"),
+    (_recipe(grid={"axes": {"prune.calib.nsampels": [1]}}), "unknown key grid[0].axes.prune.calib.nsampels"),
+])
+def test_unknown_key_is_named_with_its_path(data, needle):
+    assert needle in _error(data)
+
+
+@pytest.mark.parametrize("data, needle", [
+    (_recipe([{"name": "a", "prune": {"sparsity": "half"}}]), "runs[0].prune.sparsity must be a number"),
+    (_recipe([{"name": "a", "prune": {"calib": {"nsamples": "32"}}}]), "runs[0].prune.calib.nsamples must be an integer"),
+    (_recipe([{"name": "a", "eval": {"datasets": 5}}]), "runs[0].eval.datasets must be a list of strings"),
+    (_recipe([{"name": "a", "prune": {"pattern": 124}}]), 'quote N:M patterns'),
+    (_recipe([{"name": "a", "prune": None}]), "runs[0].prune must be a mapping"),
+    (_recipe([{"name": 3}]), "runs[0].name must be a string"),
+    (_recipe({"name": "a"}), "runs must be a list"),
+    (_recipe(grid={"axes": {"prune.calib.nsamples": [1, "x"]}}), "grid[0].axes.prune.calib.nsamples must be an integer"),
+])
+def test_wrong_type_is_named_with_its_path(data, needle):
+    assert needle in _error(data)
+
+
+@pytest.mark.parametrize("data, needle", [
+    (_recipe([{"name": "a", "prune": {"sparsity": 0.6, "pattern": "2:4"}}]), "runs[0].prune: sparsity 0.6 disagrees"),
+    (_recipe([{"name": "a", "prune": {"method": "wnada"}}]), "runs[0].prune: unknown pruning method 'wnada'"),
+    (_recipe([{"name": "a", "prune": {"method": "dense"}}]), "dense baselines are evaluated automatically"),
+    (_recipe([{"name": "a", "dtype": "float8"}]), "runs[0].dtype 'float8' is unknown"),
+    (_recipe([{"name": "a"}], defaults={}), "runs[0].model is missing"),
+    (_recipe([]), "no runs"),
+    (_recipe(grid={"name": "{method}-{foo}", "axes": {"prune.method": ["wanda"]}}), "uses {foo}, which is not an axis"),
+])
+def test_bad_values_are_named_with_their_path(data, needle):
+    assert needle in _error(data)
+
+
+def test_duplicate_run_name_is_an_error():
+    message = _error(_recipe([{"name": "a"}, {"name": "b"}, {"name": "a", "prune": {"method": "magnitude"}}]))
+    assert "runs[2].name 'a' is used twice (first at runs[0])" in message
+
+
+def test_duplicate_name_between_runs_and_grid_is_an_error():
+    message = _error(_recipe([{"name": "wanda"}], grid={"axes": {"prune.method": ["magnitude", "wanda"]}}))
+    assert "'wanda' is used twice" in message
+
+
+def test_names_that_collide_as_file_names_are_an_error():
+    assert slugify("wanda-2:4") == "wanda-2_4" and slugify("magnitude-50%") == "magnitude-50pct"
+    assert "same result file name" in _error(_recipe([{"name": "a:b"}, {"name": "a_b"}]))
+
+
+def test_duplicate_yaml_key_is_an_error(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text("name: r\ndefaults: {model: m}\nruns:\n  - name: a\n    name: b\n")
+    with pytest.raises(LlmpruneError, match="line 5: key 'name' appears twice"):
+        load_recipe(path)
+
+
+def test_bad_yaml_and_missing_file_are_one_line_errors(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text("name: r\nruns: [\n")
+    with pytest.raises(LlmpruneError, match=r"r.yaml: invalid YAML at line \d+"):
+        load_recipe(path)
+    with pytest.raises(LlmpruneError, match="does not exist"):
+        load_recipe(tmp_path / "missing.yaml")
+
+
+def test_file_errors_name_the_file(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text("name: r\ndefaults: {model: m}\nruns:\n  - {name: a, prune: {calib: {nsampels: 3}}}\n")
+    with pytest.raises(LlmpruneError, match=r"r.yaml: unknown key runs\[0\].prune.calib.nsampels"):
+        load_recipe(path)
+
+
+def test_recipe_name_defaults_to_the_file_stem(tmp_path):
+    path = tmp_path / "my_table.yaml"
+    path.write_text("defaults: {model: m}\nruns: [{name: a}]\n")
+    assert load_recipe(path).name == "my_table"
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=[p.stem for p in SHIPPED])
+def test_shipped_recipes_validate(path):
+    recipe = load_recipe(path)
+    assert recipe.name == path.stem and recipe.description
+    assert len(recipe.runs) == len(set(recipe.names)) > 0
+    assert recipe.to_dict()["runs"][0]["prune"]["method"] in ("magnitude", "wanda", "sparsegpt")
+
+
+def test_shipped_recipes_are_the_stated_tables():
+    assert {p.stem for p in SHIPPED} >= {"paper_llama", "smollm2_cpu", "ablation_group", "ablation_nsamples",
+                                         "sweep_sparsity"}
+    paper = load_recipe(ROOT / "recipes" / "paper_llama.yaml")
+    assert len(paper.runs) == 18
+    for run in paper.runs:
+        seqlen = 2048 if run.model == "huggyllama/llama-7b" else 4096
+        assert run.model in ("huggyllama/llama-7b", "meta-llama/Llama-2-7b-hf")
+        assert run.prune.calib.seqlen == run.eval.seqlen == seqlen
+        assert (run.prune.calib.dataset, run.prune.calib.nsamples, run.prune.sparsity) == ("c4", 128, 0.5)
+        assert run.eval.datasets == ("wikitext2",)
+        assert set(run.eval.zeroshot) == {"boolq", "rte", "hellaswag", "winogrande", "arc_easy", "arc_challenge",
+                                          "openbookqa"}
+    assert {(r.prune.method, str(r.prune.pattern)) for r in paper.runs} == {
+        (m, p) for m in ("magnitude", "sparsegpt", "wanda") for p in ("unstructured", "4:8", "2:4")}
+    assert [j.name for j in plan(paper) if j.prune is None] == ["dense-llama-7b", "dense-Llama-2-7b-hf"]
+
+    cpu = load_recipe(ROOT / "recipes" / "smollm2_cpu.yaml")
+    assert len(cpu.runs) == 9 and {r.model for r in cpu.runs} == {"smollm2-135m"}
+    assert {(r.prune.calib.nsamples, r.prune.calib.seqlen, r.eval.seqlen) for r in cpu.runs} == {(32, 2048, 2048)}
+    assert {r.eval.datasets for r in cpu.runs} == {("ptb",)} and {r.eval.zeroshot for r in cpu.runs} == {()}
+
+    nsamples = load_recipe(ROOT / "recipes" / "ablation_nsamples.yaml")
+    assert sorted({r.prune.calib.nsamples for r in nsamples.runs}) == [1, 2, 4, 8, 16, 32, 64, 128]
+    group = load_recipe(ROOT / "recipes" / "ablation_group.yaml")
+    assert {(r.prune.group, r.prune.metric) for r in group.runs} == {
+        (g, m) for g in ("row", "column", "layer") for m in ("weight", "activation", "wanda")}
+    sweep = load_recipe(ROOT / "recipes" / "sweep_sparsity.yaml")
+    assert sorted({r.prune.sparsity for r in sweep.runs}) == pytest.approx([0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8])
+    assert {r.prune.method for r in sweep.runs} == {"magnitude", "sparsegpt", "wanda"}
