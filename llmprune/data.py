@@ -188,7 +188,7 @@ def _lines(path: Path) -> Iterator[tuple[int, str]]:
         where = _first_undecodable_line(path)
         raise LlmpruneError(f"{path} line {where} is not UTF-8 text ({exc.reason}): replace the file") from None
     except (OSError, EOFError, zlib.error) as exc:
-        raise LlmpruneError(f"cannot read {path}: {exc} (replace the file)") from None
+        raise LlmpruneError(f"cannot read {path}: {_first_line(exc)} (replace the file)") from None
 
 
 def _first_undecodable_line(path: Path) -> int | str:
@@ -225,13 +225,17 @@ def _read_parquet_column(path: Path, column: str) -> list[str]:
 
         table = pq.read_table(path, columns=[column])
     except (KeyError, ValueError) as exc:  # missing column (pyarrow raises ArrowInvalid, a ValueError)
-        raise LlmpruneError(f"{path} cannot be read as parquet with a {column!r} column: {exc}") from None
+        raise LlmpruneError(f"{path} cannot be read as parquet with a {column!r} column: {_first_line(exc)}") from None
     except OSError as exc:
-        raise LlmpruneError(f"{path} is not a readable parquet file: {exc}") from None
+        raise LlmpruneError(f"{path} is not a readable parquet file: {_first_line(exc)}") from None
     rows = table.column(column).to_pylist()
     if any(not isinstance(r, str) for r in rows):
         raise LlmpruneError(f"{path}: column {column!r} holds non-text values")
     return rows
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
 
 
 def _doc_text(obj: object, path: Path, where: str) -> str:
@@ -325,6 +329,8 @@ def _resolve(name: str, role: str, data_dir) -> tuple[_Dataset, _Source]:
     root = resolve_data_dir(data_dir)
     if root is None:
         return spec, _Source(hub=spec.hub(split))
+    if not root.is_dir():
+        raise LlmpruneError(f"data dir {root} does not exist: pass --data-dir (or set {DATA_DIR_ENV}) to an existing folder")
     files, searched = spec.locate(root, split)
     if files is None:
         raise LlmpruneError(
@@ -372,6 +378,10 @@ class _HubColumn(Sequence):
             return self._ds[index][self._column]
         return self._ds[int(index)][self._column]
 
+    def __iter__(self):
+        for batch in self._ds.iter(batch_size=4096):  # whole batches: row by row is slow
+            yield from batch[self._column]
+
 
 def _load_hub(spec: _Dataset, hub: _Hub) -> Sequence[str]:
     _, wanted = spec.locate(Path("<data-dir>"), hub.split)
@@ -386,8 +396,7 @@ def _load_hub(spec: _Dataset, hub: _Hub) -> Sequence[str]:
         if hub.column not in ds.column_names:
             raise ValueError(f"no {hub.column!r} column (columns: {', '.join(ds.column_names)})")
     except Exception as exc:  # network, auth, cache, format: all mean "use local files instead"
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise LlmpruneError(f"could not load {hub.describe()} from the hub ({first}): {fix}") from None
+        raise LlmpruneError(f"could not load {hub.describe()} from the hub ({_first_line(exc)}): {fix}") from None
     return _HubColumn(ds, hub.column)
 
 
@@ -458,7 +467,7 @@ def _stream(spec: _Dataset, source: _Source, tokenizer, join: str, limit: int | 
         picked = rows[:limit] if limit is not None else rows
         return _tokenize(tokenizer, join.join(picked))
 
-    return _STREAMS.get(("stream", source.fingerprint(), join, limit), make, tokenizer)
+    return _STREAMS.get((spec.read.__name__, source.fingerprint(), join, limit), make, tokenizer)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -532,7 +541,7 @@ def _document_windows(spec: _Dataset, source: _Source, tokenizer, nsamples: int,
     docs = _rows(spec, source)
     if len(docs) == 0:
         raise LlmpruneError(f"{spec.name} calibration data ({source.describe()}) holds no documents")
-    memo: dict[int, torch.Tensor] = _DOC_IDS.get(("docs", source.fingerprint()), dict, tokenizer)
+    memo: dict[int, torch.Tensor] = _DOC_IDS.get((spec.read.__name__, source.fingerprint()), dict, tokenizer)
 
     def doc_ids(index: int) -> torch.Tensor:
         if index not in memo:

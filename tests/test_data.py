@@ -313,6 +313,11 @@ def test_missing_file_lists_every_searched_path(tmp_path, tiny_tokenizer):
     assert "validation" in str(err.value)
 
 
+def test_missing_data_dir(tmp_path, tiny_tokenizer):
+    with pytest.raises(LlmpruneError, match="data dir .*nowhere does not exist"):
+        eval_tokens("ptb", tiny_tokenizer, 8, data_dir=tmp_path / "nowhere")
+
+
 def test_unknown_dataset_lists_known_names(tiny_tokenizer):
     with pytest.raises(LlmpruneError) as err:
         eval_tokens("wikitext103", tiny_tokenizer, 8)
@@ -425,6 +430,14 @@ def test_hub_rows_are_read_from_the_dataset(monkeypatch, tiny_tokenizer):
     ids = eval_tokens("ptb", tiny_tokenizer, 4)
     assert calls == [("ptb-text-only/ptb_text_only", "penn_treebank", "test", {})]
     assert tiny_tokenizer.decode(ids) == " ".join(hf_ptb_rows(PTB_TEST))
+
+    docs = c4_docs(30, seed=9)
+    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: (calls.append(a + (k,)),
+                                                                 datasets.Dataset.from_dict({"text": docs}))[1])
+    got = calibration_windows("c4", tiny_tokenizer, 4, 30, seed=1)
+    assert calls[-1] == ("allenai/c4", None, {"split": "train",
+                                              "data_files": {"train": "en/c4-train.00000-of-01024.json.gz"}})
+    assert torch.equal(got, reference_c4_windows(tiny_tokenizer, docs, 4, 30, 1))
 
 
 # --------------------------------------------------------------------------------------------
