@@ -18,9 +18,10 @@ install:
 install-test: install
 	$(PIP) install -q -e ".[test]"
 
+# Sized for a CPU (about 5 minutes on 2 cores): 8 calibration windows, the first 16 PTB windows.
 demo: install
-	llmprune prune --model smollm2-135m --method wanda --sparsity 0.5 --calib c4 --nsamples 32 \
-		--seqlen 2048 --seed 0 --eval ptb --json results/demo.json
+	llmprune prune --model smollm2-135m --method wanda --sparsity 0.5 --calib c4 --nsamples 8 \
+		--seqlen 2048 --seed 0 --eval ptb --max-windows 16 --batch-size 4 --json results/demo.json
 
 test: install-test
 	$(PYTHON) -m pytest -q

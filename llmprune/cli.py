@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 from llmprune.errors import LlmpruneError
+from llmprune.evaluation import evaluate
 
 EXIT_USER_ERROR = 2
 
@@ -123,9 +124,9 @@ def _eval_config(args, datasets):
 
 def _check_tasks(eval_config, data_dir) -> None:
     if eval_config.zeroshot:
-        from llmprune.evaluation.zeroshot import check_tasks
+        from llmprune.evaluation.zeroshot import build_tasks
 
-        check_tasks(eval_config.zeroshot, data_dir)
+        build_tasks(eval_config.zeroshot, data_dir)  # names, files and rows, before the model loads
 
 
 def _check_datasets(eval_config, data_dir, calib: str | None = None) -> None:
@@ -136,25 +137,6 @@ def _check_datasets(eval_config, data_dir, calib: str | None = None) -> None:
         describe_source(name, data_dir, split="eval")
     if calib is not None:
         describe_source(calib, data_dir, split="calibration")
-
-
-def _evaluate(model, tokenizer, eval_config, data_dir, progress):
-    """Perplexity on every dataset, then zero-shot; returns (ppl dict, zeroshot result or None)."""
-    from llmprune.evaluation.perplexity import evaluate_perplexity
-
-    seqlen = eval_config.seqlen or model.seqlen
-    ppl = {}
-    for name in eval_config.datasets:
-        ppl[name] = evaluate_perplexity(model, tokenizer, name, seqlen, data_dir=data_dir,
-                                        batch_size=eval_config.batch_size, max_windows=eval_config.max_windows,
-                                        progress=progress)
-    zs = None
-    if eval_config.zeroshot:
-        from llmprune.evaluation.zeroshot import zeroshot
-
-        zs = zeroshot(model, tokenizer, eval_config.zeroshot, limit=eval_config.limit,
-                      batch_size=eval_config.batch_size, data_dir=data_dir, progress=progress)
-    return ppl, zs
 
 
 def _ppl_table(rows: list[tuple[str, str, object]]) -> str:
@@ -190,7 +172,7 @@ def cmd_eval(args) -> int:
     _check_datasets(eval_config, data_dir)
     _check_tasks(eval_config, data_dir)
     model, tokenizer = load_model(args.model, dtype=args.dtype, device=_device(args.device), seqlen=args.seqlen)
-    ppl, zs = _evaluate(model, tokenizer, eval_config, data_dir, not args.no_progress)
+    eval_config, ppl, zs = evaluate(model, tokenizer, eval_config, data_dir, not args.no_progress)
     if ppl:
         print(_ppl_table([(args.model, name, r) for name, r in ppl.items()]))
     if zs is not None:
@@ -226,10 +208,12 @@ def cmd_prune(args) -> int:
     device = _device(args.device)
     model, tokenizer = load_model(args.model, dtype=args.dtype, device=device, seqlen=args.seqlen)
 
-    dense_ppl, dense_zs = ({}, None) if args.skip_dense else _evaluate(model, tokenizer, eval_config, data_dir, progress)
+    dense_ppl, dense_zs = {}, None
+    if not args.skip_dense:
+        _, dense_ppl, dense_zs = evaluate(model, tokenizer, eval_config, data_dir, progress)
     report = prune(model, tokenizer, config, data_dir=data_dir, progress=progress, device=device, model_name=args.model)
     print(report.table())
-    ppl, zs = _evaluate(model, tokenizer, eval_config, data_dir, progress)
+    eval_config, ppl, zs = evaluate(model, tokenizer, eval_config, data_dir, progress)
 
     label = f"{config.method} {config.pattern if config.pattern.structured else f'{config.sparsity:.0%}'}"
     rows = [(args.model + " dense", n, r) for n, r in dense_ppl.items()] + [(label, n, r) for n, r in ppl.items()]

@@ -617,7 +617,7 @@ def write_report(results_dir: str | os.PathLike) -> dict[str, Path]:
     scopes = ppl_scopes(results)
     slugs = _scope_slugs(scopes)
     for scope, rows in scopes.items():
-        model, dataset = scope[0], scope[1]
+        dataset = scope[1]
         heading = _scope_title(*scope)
         lines += [f"## {heading}", ""]
         lines += pivot(rows, lambda r, d=dataset: r.ppl.get(d)) + [""]

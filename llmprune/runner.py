@@ -12,7 +12,6 @@ The folder's ``recipe.json`` (the resolved recipe) guards against mixing two rec
 
 from __future__ import annotations
 
-import dataclasses
 import gc
 import json
 import os
@@ -24,6 +23,7 @@ import torch
 
 from llmprune.config import EvalConfig, PruneConfig, to_dict
 from llmprune.errors import LlmpruneError
+from llmprune.evaluation import evaluate
 from llmprune.recipes import DENSE, RECIPE_SCHEMA, Recipe, Run, load_recipe, slugify
 
 RECIPE_FILE = "recipe.json"
@@ -198,30 +198,6 @@ def _resolve_device(device: str) -> str:
     return device
 
 
-def _evaluate(model, tokenizer, evaluation: EvalConfig, data_dir, progress: bool) -> tuple[EvalConfig, dict, Any]:
-    from llmprune.evaluation.perplexity import evaluate_perplexity
-
-    seqlen = evaluation.seqlen or getattr(model, "seqlen", None)
-    if seqlen is None:
-        from llmprune.models import default_seqlen
-
-        seqlen = default_seqlen(model)
-    resolved = dataclasses.replace(evaluation, seqlen=int(seqlen))
-    perplexity = {
-        dataset: evaluate_perplexity(model, tokenizer, dataset, resolved.seqlen, data_dir=data_dir,
-                                     batch_size=resolved.batch_size, max_windows=resolved.max_windows,
-                                     progress=progress)
-        for dataset in resolved.datasets
-    }
-    zeroshot = None
-    if resolved.zeroshot:
-        from llmprune.evaluation.zeroshot import zeroshot as run_zeroshot
-
-        zeroshot = run_zeroshot(model, tokenizer, list(resolved.zeroshot), limit=resolved.limit,
-                                batch_size=resolved.batch_size, data_dir=data_dir, progress=progress)
-    return resolved, perplexity, zeroshot
-
-
 def _machine(device: str) -> str:
     from llmprune.io import machine
 
@@ -238,7 +214,7 @@ def _execute(job: Job, model, tokenizer, recipe: Recipe, device: str, data_dir, 
     report = None
     if job.prune is not None:
         report = prune(model, tokenizer, job.prune, data_dir=data_dir, progress=progress, model_name=job.model)
-    resolved, perplexity, zeroshot = _evaluate(model, tokenizer, job.eval, data_dir, progress)
+    resolved, perplexity, zeroshot = evaluate(model, tokenizer, job.eval, data_dir, progress)
     record = result_record(name=job.name, model=job.model, config=job.prune, eval_config=resolved,
                            perplexity=perplexity, zeroshot=zeroshot, prune_report=report, recipe=recipe.name)
     record["machine"] = _machine(device)

@@ -67,6 +67,8 @@ def test_eval_prints_table(local_setup, capsys):
     (["eval", "--dataset", "imagenet"], "unknown dataset"),
     (["eval", "--data-dir", "/nonexistent/data"], "does not exist"),
     (["prune", "--frobnicate"], "unrecognized arguments"),
+    (["eval", "--zeroshot", "nosuchtask"], "unknown task"),
+    (["prune", "--method", "wanda", "--use-variant", "--pattern", "2:4"], "variant"),
 ])
 def test_bad_input_one_line_exit_2(args, needle, capsys):
     assert main(args) == 2
@@ -93,6 +95,13 @@ def test_missing_data_file_lists_searched_paths(local_setup, tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert str(tmp_path) in err and len(err.splitlines()) == 1
     assert not json_out.exists()
+
+
+def test_missing_task_file_fails_before_model_load(tmp_path, capsys):
+    (tmp_path / "tasks").mkdir()
+    assert main(["eval", "--model", "no-such-model", "--zeroshot", "boolq", "--data-dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "boolq" in err and str(tmp_path) in err and len(err.splitlines()) == 1
 
 
 def test_console_script_exit_code():
