@@ -215,6 +215,15 @@ def main() -> None:
     windows = calibration_windows(args.calib, tokenizer, args.nsamples, args.seqlen, args.seed, args.data_dir)
     tokens = eval_tokens(args.eval, tokenizer, args.seqlen, args.data_dir)
     rows = []
+    # dense: llmprune's evaluator against the literal reference loop on the same stream
+    from llmprune.evaluation.perplexity import evaluate_perplexity
+
+    ref = reference_ppl(base, tokens, args.seqlen, args.max_windows)
+    mine = evaluate_perplexity(base, tokenizer, args.eval, args.seqlen, data_dir=args.data_dir,
+                               max_windows=args.max_windows, progress=False).ppl
+    rows.append({"method": "dense", "reference_ppl": ref, "llmprune_ppl": mine, "rel_diff": (mine - ref) / ref})
+    print(f"{'dense':<14} reference {ref:10.3f}  llmprune {mine:10.3f}  diff {rows[0]['rel_diff']:+.4%}"
+          "  (llmprune's evaluate_perplexity vs the reference loop)", flush=True)
     for spec in args.methods.split(","):
         method, *nm = spec.split(":")
         n, m = (int(nm[0]), int(nm[1])) if nm else (0, 0)

@@ -468,6 +468,33 @@ def plot_nsamples(results: list[Result], dataset: str, title: str, path: Path) -
     return _save(fig, path)
 
 
+def plot_pattern(results: list[Result], dataset: str, title: str, path: Path) -> Path | None:
+    """Grouped bars for a paper-style table with N:M columns: pattern on x, one bar per method (log y)."""
+    pruned = [r for r in results if not r.dense and _finite(r.ppl.get(dataset))]
+    if not any(r.nm is not None for r in pruned) or not _varies_within_method(pruned, "setting"):
+        return None
+    others = [k for k in KNOBS if _varies_within_method(pruned, k)]
+    settings = sorted({(r.setting, r.setting_label) for r in pruned})
+    columns = [label for _, label in settings]
+    bars = _series(pruned, others, lambda r: r.setting, dataset)
+    fig, ax = _new_figure()
+    width = 0.8 / max(len(bars), 1)
+    for j, (label, points) in enumerate(bars.values()):
+        where = {key: i for i, (key, _) in enumerate(settings)}
+        xs = [where[x] + (j - (len(bars) - 1) / 2) * width for x, _ in points]
+        ax.bar(xs, [y for _, y in points], width=width, label=label)
+    _dense_line(ax, [r for r in results if r.dense], dataset)
+    _log_y(ax)
+    ax.set_xticks(range(len(columns)))
+    ax.set_xticklabels(columns)
+    ax.set_xlabel("sparsity pattern")
+    ax.set_ylabel(f"{dataset} perplexity (log scale)")
+    ax.set_title(title, fontsize=10)
+    ax.grid(True, axis="y", which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
 def plot_group_metric(results: list[Result], dataset: str, title: str, path: Path) -> Path | None:
     """Grouped bars: comparison group on x, one bar per metric (and method)."""
     pruned = [r for r in results if not r.dense and _finite(r.ppl.get(dataset))]
@@ -621,8 +648,8 @@ def write_report(results_dir: str | os.PathLike) -> dict[str, Path]:
         heading = _scope_title(*scope)
         lines += [f"## {heading}", ""]
         lines += pivot(rows, lambda r, d=dataset: r.ppl.get(d)) + [""]
-        for kind, fn in (("ppl_vs_sparsity", plot_sparsity), ("ppl_vs_nsamples", plot_nsamples),
-                         ("ppl_by_group_metric", plot_group_metric)):
+        for kind, fn in (("ppl_vs_sparsity", plot_sparsity), ("ppl_by_pattern", plot_pattern),
+                         ("ppl_vs_nsamples", plot_nsamples), ("ppl_by_group_metric", plot_group_metric)):
             path = fn(rows, dataset, heading, folder / f"{kind}_{slugs[scope]}.png")
             if path is not None:
                 plots.append((heading, path))

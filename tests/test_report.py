@@ -104,8 +104,10 @@ def test_paper_table_has_methods_as_rows_and_patterns_as_columns(paper):
     assert len(runs) == 2 + 7
     assert "| sparsegpt-2:4 | tiny | sparsegpt | 50% | 2:4 | - | - | 32 | 15.00 | 11.00 | - | 20.2 |" in runs
     assert "| magnitude-unstructured | tiny | magnitude | 50% | unstructured | layer | weight | - | 40.00 | 17.29 | 50.00 | 1.5 |" in runs
-    # sparsity does not vary among unstructured runs: no sparsity plot
+    # sparsity does not vary among unstructured runs: no sparsity plot, but the pattern bars
     assert not any(name.startswith("ppl_vs_sparsity") for name in written)
+    assert _is_png(written["ppl_by_pattern_ptb_tiny.png"])
+    assert "(ppl_by_pattern_ptb_tiny.png)" in md
 
 
 def test_csv_has_one_row_per_run(paper):
