@@ -30,6 +30,9 @@ def _add_model(p: argparse.ArgumentParser) -> None:
                    help="hub id, local HF directory, .gguf file, or 'smollm2-135m' (default: the bundled model)")
     p.add_argument("--dtype", default="float32", help="float32 (default on CPU), bfloat16, float16 or auto")
     p.add_argument("--device", default=None, help="compute device, e.g. cuda or cpu (default: cuda if available)")
+    p.add_argument("--device-map", default=None,
+                   help="accelerate device map for models that do not fit one device, e.g. 'auto' "
+                        "(multi-GPU / CPU offload); pruning then runs each block where it lives")
 
 
 def _add_eval(p: argparse.ArgumentParser, dataset_flag: str) -> None:
@@ -171,7 +174,8 @@ def cmd_eval(args) -> int:
     eval_config = _eval_config(args, datasets)
     _check_datasets(eval_config, data_dir)
     _check_tasks(eval_config, data_dir)
-    model, tokenizer = load_model(args.model, dtype=args.dtype, device=_device(args.device), seqlen=args.seqlen)
+    model, tokenizer = load_model(args.model, dtype=args.dtype, device=_device(args.device), seqlen=args.seqlen,
+                                  device_map=args.device_map)
     eval_config, ppl, zs = evaluate(model, tokenizer, eval_config, data_dir, not args.no_progress)
     if ppl:
         print(_ppl_table([(args.model, name, r) for name, r in ppl.items()]))
@@ -206,7 +210,10 @@ def cmd_prune(args) -> int:
         check_save_dir(args.save, args.overwrite)
     progress = not args.no_progress
     device = _device(args.device)
-    model, tokenizer = load_model(args.model, dtype=args.dtype, device=device, seqlen=args.seqlen)
+    model, tokenizer = load_model(args.model, dtype=args.dtype, device=device, seqlen=args.seqlen,
+                                  device_map=args.device_map)
+    if args.device_map:
+        device = None  # each block computes on the device accelerate placed it on
 
     dense_ppl, dense_zs = {}, None
     if not args.skip_dense:

@@ -109,3 +109,10 @@ def test_console_script_exit_code():
                           capture_output=True, text=True)
     assert proc.returncode == 2
     assert proc.stderr.strip().startswith("llmprune: error:") and "Traceback" not in proc.stderr
+
+
+def test_prune_with_an_accelerate_device_map(local_setup, tmp_path):
+    """The device-map path (multi-GPU / offload on a GPU machine) runs each block where it lives."""
+    out = tmp_path / "r.json"
+    assert main(_prune_args(local_setup, "--device-map", "cpu", "--skip-dense", "--json", str(out))) == 0
+    assert json.loads(out.read_text())["prune"]["overall_sparsity"] == pytest.approx(0.5)
