@@ -187,8 +187,10 @@ def test_shipped_recipes_are_the_stated_tables():
 
     cpu = load_recipe(ROOT / "recipes" / "smollm2_cpu.yaml")
     assert len(cpu.runs) == 9 and {r.model for r in cpu.runs} == {"smollm2-135m"}
-    assert {(r.prune.calib.nsamples, r.prune.calib.seqlen, r.eval.seqlen) for r in cpu.runs} == {(32, 2048, 2048)}
-    assert {r.eval.datasets for r in cpu.runs} == {("ptb",)} and {r.eval.zeroshot for r in cpu.runs} == {()}
+    assert {(r.prune.calib.nsamples, r.prune.calib.seqlen, r.eval.seqlen) for r in cpu.runs} == {(8, 2048, 2048)}
+    assert {r.eval.datasets for r in cpu.runs} == {("ptb",)} and {r.eval.max_windows for r in cpu.runs} == {16}
+    # zero-shot for Wanda 50% only (and so for its dense baseline)
+    assert {r.name for r in cpu.runs if r.eval.zeroshot} == {"wanda-unstructured"}
 
     nsamples = load_recipe(ROOT / "recipes" / "ablation_nsamples.yaml")
     assert sorted({r.prune.calib.nsamples for r in nsamples.runs}) == [1, 2, 4, 8, 16, 32, 64, 128]
