@@ -164,7 +164,7 @@ def load_model(
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    kwargs: dict = {}
+    kwargs: dict = {}  # shared by the tokenizer and the model: gguf_file
     source = str(name_or_path)
     if source.lower() == BUNDLED_ALIAS:
         gguf = bundled_model_path()
@@ -182,12 +182,15 @@ def load_model(
             f"unknown model {source!r}: give '{BUNDLED_ALIAS}', a hub id such as "
             "'meta-llama/Llama-2-7b-hf', a local model directory, or a .gguf file"
         )
-    torch_dtype = resolve_dtype(dtype)
+    import transformers
+    from packaging.version import Version
+
+    # transformers renamed torch_dtype= to dtype= in 4.56; older releases (>= 4.45) need the old name
+    dtype_key = "dtype" if Version(transformers.__version__) >= Version("4.56") else "torch_dtype"
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
-        model = AutoModelForCausalLM.from_pretrained(
-            source, dtype=torch_dtype, device_map=device_map, low_cpu_mem_usage=True, **kwargs
-        )
+        model = AutoModelForCausalLM.from_pretrained(source, device_map=device_map, low_cpu_mem_usage=True,
+                                                     **{dtype_key: resolve_dtype(dtype)}, **kwargs)
     except OSError as exc:
         offline = os.environ.get("HF_HUB_OFFLINE") == "1"
         hint = " (HF_HUB_OFFLINE=1 is set)" if offline else ""
