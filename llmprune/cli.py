@@ -191,7 +191,7 @@ def cmd_eval(args) -> int:
 def cmd_prune(args) -> int:
     from llmprune.config import CalibConfig, PruneConfig
     from llmprune.io import check_save_dir, result_record, save_pruned, write_json_atomic
-    from llmprune.methods import get_method, needs_for
+    from llmprune.methods import needs_for
     from llmprune.models import load_model
     from llmprune.pipeline import prune
 
@@ -202,7 +202,6 @@ def cmd_prune(args) -> int:
                          metric=args.metric, use_variant=args.use_variant, true_sequential=args.true_sequential,
                          include=args.include, exclude=args.exclude, percdamp=args.percdamp,
                          blocksize=args.blocksize, calib=calib)
-    get_method(config.method)
     eval_config = _eval_config(args, args.eval if args.eval is not None else ("ptb",))
     _check_datasets(eval_config, data_dir, calib=config.calib.dataset if needs_for(config) else None)
     _check_tasks(eval_config, data_dir)

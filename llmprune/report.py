@@ -144,6 +144,16 @@ def _float(value: Any) -> float | None:
         return None
 
 
+def _numbers(entries: dict | None, key: str) -> dict[str, float]:
+    """``{name: number}`` from ``{name: {key: number, ...}}`` (or ``{name: number}``), skipping entries without a number."""
+    out = {}
+    for name, value in (entries or {}).items():
+        number = _float(value.get(key) if isinstance(value, dict) else value)
+        if number is not None:
+            out[str(name)] = number
+    return out
+
+
 def _parse(record: dict, file: str) -> Result:
     def need(key: str) -> Any:
         if key not in record:
@@ -157,17 +167,9 @@ def _parse(record: dict, file: str) -> Result:
         nm = (int(n), int(m))
     config = record.get("config") or {}
     evaluation = record.get("eval") or {}
-    ppl = {}
-    for dataset, value in (record.get("perplexity") or {}).items():
-        number = _float(value.get("ppl") if isinstance(value, dict) else value)
-        if number is not None:
-            ppl[str(dataset)] = number
+    ppl = _numbers(record.get("perplexity"), "ppl")
     zeroshot = record.get("zeroshot") or {}
-    acc = {}
-    for task, value in (zeroshot.get("tasks") or {}).items():
-        number = _float(value.get("acc") if isinstance(value, dict) else value)
-        if number is not None:
-            acc[str(task)] = number
+    acc = _numbers(zeroshot.get("tasks"), "acc")
     prune = record.get("prune") or {}
     versions = record.get("versions") or {}
     return Result(
