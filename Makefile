@@ -23,8 +23,11 @@ demo: install
 	llmprune prune --model smollm2-135m --method wanda --sparsity 0.5 --calib c4 --nsamples 8 \
 		--seqlen 2048 --seed 0 --eval ptb --max-windows 16 --batch-size 4 --json results/demo.json
 
+# After pytest, the wheel smoke test (about 3 minutes): build the wheel, install it into a fresh
+# venv and run the CLI from outside the repo, as a user would.
 test: install-test
 	$(PYTHON) -m pytest -q
+	PYTHON=$(PYTHON) bash .ci/wheel_smoke.sh
 
 bench: install
 	$(PYTHON) benchmarks/eval_throughput.py

@@ -15,6 +15,7 @@ Two pieces, both context-managed so that no hook outlives its use:
 from __future__ import annotations
 
 import contextlib
+import os
 from dataclasses import dataclass, field
 from typing import Iterator
 
@@ -153,7 +154,7 @@ class StatsCollector:
 
     ``groups`` lists tuples of layer names that read the same input tensor; only the first of
     each group is hooked and all members share its statistics. Use as a context manager: the
-    hooks are removed on exit, also when the forward pass raises. ``stop_after`` ends each
+    hooks are removed on exit, also when the forward pass raises. ``stop_early`` ends each
     forward pass (by an internal exception the caller suppresses with :meth:`run`) once the
     last hooked layer has seen its input, which saves the rest of the block's compute.
     """
@@ -166,9 +167,11 @@ class StatsCollector:
         hessian: bool,
         stop_early: bool = False,
     ):
+        missing = [name for group in groups for name in group if name not in layers]
+        if missing or not all(groups):
+            raise ValueError(f"groups must be non-empty and name only hooked layers; not hooked: {missing}")
         self.layers = layers
-        self.groups = [tuple(n for n in g if n in layers) for g in groups]
-        self.groups = [g for g in self.groups if g]
+        self.groups = [tuple(g) for g in groups]
         self.norms, self.hessian = norms, hessian
         self.stop_early = stop_early
         self._acc: dict[str, _Accumulator] = {}
@@ -216,6 +219,25 @@ class StatsCollector:
         for group in self.groups:
             acc = self._acc.pop(group[0])
             yield group, acc.stats()
+
+
+def available_bytes(device: torch.device) -> int | None:
+    """Memory free for new tensors on ``device`` now (None where it cannot be told)."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    if device.type != "cpu":
+        return None
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):
+        return None
 
 
 def hook_count(module: nn.Module) -> int:

@@ -1,19 +1,25 @@
 """Command line: parse flags into configs, call the library, print. Nothing else lives here.
 
-User errors (``LlmpruneError``, bad flags) print one line on stderr and exit with code 2.
+Flag defaults and help texts come from the config dataclasses (``llmprune.config``), so
+``llmprune prune --help`` and ``PruneConfig()`` cannot disagree. User errors
+(``LlmpruneError``, bad flags) print one line on stderr and exit with code 2, found before the
+model loads where the inputs alone tell, right after it where the model's shapes are needed.
+A failure to write an output after the work is done prints one line and exits with code 1,
+once every other output has been written.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
+from llmprune import __version__
+from llmprune.config import CalibConfig, EvalConfig, Pattern, PruneConfig, field_default, field_help
 from llmprune.errors import LlmpruneError
-from llmprune.evaluation import evaluate
 
 EXIT_USER_ERROR = 2
+EXIT_OUTPUT_FAILED = 1
 
 
 class _Parser(argparse.ArgumentParser):
@@ -25,34 +31,55 @@ def _csv(text: str) -> tuple[str, ...]:
     return tuple(part.strip() for part in text.split(",") if part.strip())
 
 
+def _shown(value) -> str:
+    if isinstance(value, tuple):
+        return ",".join(value) if value else "none"
+    return str(value)
+
+
+def _field(p: argparse.ArgumentParser, cls: type, name: str, *flags: str, default_label: str | None = None, **kw):
+    """Add a flag whose default and help come from field ``name`` of config class ``cls``."""
+    default = field_default(cls, name)
+    if isinstance(default, Pattern):
+        default = str(default)
+    label = default_label if default_label is not None else _shown(default)
+    if isinstance(default, bool):
+        kw.setdefault("action", "store_true")
+    elif isinstance(default, tuple):
+        kw.setdefault("type", _csv)
+    elif default is not None and not isinstance(default, str):
+        kw.setdefault("type", type(default))
+    kw.setdefault("default", default)
+    p.add_argument(*flags, help=f"{field_help(cls, name)} (default: {label})", **kw)
+
+
 def _add_model(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="smollm2-135m",
                    help="hub id, local HF directory, .gguf file, or 'smollm2-135m' (default: the bundled model)")
     p.add_argument("--dtype", default="float32", help="float32 (default on CPU), bfloat16, float16 or auto")
-    p.add_argument("--device", default=None, help="compute device, e.g. cuda or cpu (default: cuda if available)")
+    p.add_argument("--device", default=None, help="compute device, e.g. cuda, cuda:1 or cpu (default: cuda if available)")
     p.add_argument("--device-map", default=None,
                    help="accelerate device map for models that do not fit one device, e.g. 'auto' "
                         "(multi-GPU / CPU offload); pruning then runs each block where it lives")
 
 
 def _add_eval(p: argparse.ArgumentParser, dataset_flag: str) -> None:
-    p.add_argument(dataset_flag, type=_csv, default=None, metavar="NAMES",
-                   help="perplexity datasets, comma separated: wikitext2, ptb, c4, or a local .txt/.jsonl path")
-    p.add_argument("--seqlen", type=int, default=None,
-                   help="window length for calibration and evaluation (default: model context, at most 4096)")
+    _field(p, EvalConfig, "datasets", dataset_flag, metavar="NAMES", default=None,
+           default_label="ptb, or none when --zeroshot is given")
+    _field(p, CalibConfig, "seqlen", "--seqlen", type=int)
     p.add_argument("--data-dir", default=None,
                    help="folder with local copies of the datasets (default: $LLMPRUNE_DATA_DIR, else the hub)")
-    p.add_argument("--max-windows", type=int, default=None, help="evaluate only the first K windows")
-    p.add_argument("--batch-size", type=int, default=1, help="evaluation windows per forward pass")
-    p.add_argument("--zeroshot", type=_csv, default=(), metavar="TASKS",
-                   help="zero-shot tasks through lm-eval, e.g. boolq,rte,winogrande,arc_easy,arc_challenge,openbookqa,piqa")
-    p.add_argument("--limit", type=int, default=None, help="zero-shot documents per task (default: all)")
+    _field(p, EvalConfig, "max_windows", "--max-windows", type=int)
+    _field(p, EvalConfig, "batch_size", "--batch-size")
+    _field(p, EvalConfig, "zeroshot", "--zeroshot", metavar="TASKS")
+    _field(p, EvalConfig, "limit", "--limit", type=int)
     p.add_argument("--json", default=None, metavar="FILE", help="write the results as JSON")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="llmprune", description="One-shot pruning of open LLMs (Wanda, magnitude, SparseGPT).")
+    parser.add_argument("--version", action="version", version=f"llmprune {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     ev = sub.add_parser("eval", help="perplexity / zero-shot accuracy of a model")
@@ -61,26 +88,25 @@ def build_parser() -> argparse.ArgumentParser:
 
     pr = sub.add_parser("prune", help="prune a model, then evaluate dense and pruned")
     _add_model(pr)
-    pr.add_argument("--method", default="wanda", help="wanda (default), magnitude or sparsegpt")
-    pr.add_argument("--sparsity", type=float, default=None,
-                    help="fraction of weights removed, in [0, 1) (default 0.5; implied by an N:M pattern)")
-    pr.add_argument("--pattern", default="unstructured",
-                    help="'unstructured' or N:M = keep N of every M consecutive input weights, e.g. 2:4")
-    pr.add_argument("--group", default=None, help="comparison group: row, column or layer (default: the method's)")
-    pr.add_argument("--metric", default=None, help="score: weight, activation or wanda (default: the method's)")
-    pr.add_argument("--use-variant", action="store_true", help="Wanda's alpha variant (per-row cumulative threshold)")
-    pr.add_argument("--true-sequential", action="store_true", help="prune q/k/v, o, gate/up, down in turn")
-    pr.add_argument("--include", type=_csv, default=(), metavar="GLOBS", help="only layers matching, e.g. 'layers.*.mlp.*'")
-    pr.add_argument("--exclude", type=_csv, default=(), metavar="GLOBS", help="skip layers matching")
-    pr.add_argument("--calib", default="c4", help="calibration data: c4 (default), wikitext2, ptb or a local file")
-    pr.add_argument("--nsamples", type=int, default=128, help="calibration windows (default 128)")
-    pr.add_argument("--seed", type=int, default=0, help="calibration sampling seed (default 0)")
-    pr.add_argument("--calib-batch-size", type=int, default=8, help="calibration windows per block forward")
-    pr.add_argument("--percdamp", type=float, default=0.01, help="SparseGPT damping, fraction of mean diag(H)")
-    pr.add_argument("--blocksize", type=int, default=128, help="SparseGPT column block size")
+    _field(pr, PruneConfig, "method", "--method")
+    _field(pr, PruneConfig, "sparsity", "--sparsity", type=float)
+    _field(pr, PruneConfig, "pattern", "--pattern")
+    _field(pr, PruneConfig, "group", "--group")
+    _field(pr, PruneConfig, "metric", "--metric")
+    _field(pr, PruneConfig, "use_variant", "--use-variant")
+    _field(pr, PruneConfig, "true_sequential", "--true-sequential")
+    _field(pr, PruneConfig, "include", "--include", metavar="GLOBS")
+    _field(pr, PruneConfig, "exclude", "--exclude", metavar="GLOBS")
+    _field(pr, CalibConfig, "dataset", "--calib")
+    _field(pr, CalibConfig, "nsamples", "--nsamples")
+    _field(pr, CalibConfig, "seed", "--seed")
+    _field(pr, CalibConfig, "batch_size", "--calib-batch-size")
+    _field(pr, PruneConfig, "percdamp", "--percdamp")
+    _field(pr, PruneConfig, "blocksize", "--blocksize")
     pr.add_argument("--skip-dense", action="store_true", help="do not evaluate the dense model first")
     pr.add_argument("--save", default=None, metavar="DIR", help="save the pruned model as an HF checkpoint")
-    pr.add_argument("--overwrite", action="store_true", help="allow --save into an existing non-empty directory")
+    pr.add_argument("--overwrite", action="store_true",
+                    help="let --save replace an earlier llmprune checkpoint (never a folder with other files)")
     _add_eval(pr, "--eval")
 
     rn = sub.add_parser("run", help="run every run of a YAML recipe (resumable), then write the report")
@@ -99,16 +125,6 @@ def build_parser() -> argparse.ArgumentParser:
 # ---------------------------------------------------------------- helpers
 
 
-def _device(arg: str | None) -> str:
-    import torch
-
-    if arg:
-        if arg.startswith("cuda") and not torch.cuda.is_available():
-            raise LlmpruneError(f"--device {arg} asked for, but no CUDA device is available: use --device cpu")
-        return arg
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
 def _data_dir(arg: str | None):
     from llmprune.data import resolve_data_dir
 
@@ -118,28 +134,41 @@ def _data_dir(arg: str | None):
     return path
 
 
-def _eval_config(args, datasets):
-    from llmprune.config import EvalConfig
-
+def _eval_config(args, datasets) -> EvalConfig:
     return EvalConfig(datasets=datasets or (), seqlen=args.seqlen, batch_size=args.batch_size,
                       max_windows=args.max_windows, zeroshot=args.zeroshot, limit=args.limit)
 
 
-def _check_tasks(eval_config, data_dir) -> None:
+def _check_inputs(eval_config: EvalConfig, data_dir, args, calib: str | None = None) -> None:
+    """Everything that needs no model: data files (or the hub), zero-shot tasks, output paths,
+    the device. Runs before the (slow) model load, so a bad input fails in a second."""
+    from llmprune.data import check_available
+    from llmprune.io import check_output_file, check_save_dir
+    from llmprune.models import check_device, check_model_source, resolve_dtype
+
+    check_model_source(args.model)
+    resolve_dtype(args.dtype)
+    if not args.device_map:
+        check_device(args.device)
+    if args.json:
+        check_output_file(args.json, "--json")
+    if getattr(args, "save", None):
+        check_save_dir(args.save, args.overwrite)
+    for name in eval_config.datasets:
+        check_available(name, data_dir, split="eval")
+    if calib is not None:
+        check_available(calib, data_dir, split="calibration")
     if eval_config.zeroshot:
         from llmprune.evaluation.zeroshot import build_tasks
 
-        build_tasks(eval_config.zeroshot, data_dir)  # names, files and rows, before the model loads
+        build_tasks(eval_config.zeroshot, data_dir)  # names, files and rows
 
 
-def _check_datasets(eval_config, data_dir, calib: str | None = None) -> None:
-    """Find every data file before the (slow) model load, so a missing one fails at once."""
-    from llmprune.data import describe_source
+def _load(args):
+    from llmprune.models import load_model
 
-    for name in eval_config.datasets:
-        describe_source(name, data_dir, split="eval")
-    if calib is not None:
-        describe_source(calib, data_dir, split="calibration")
+    return load_model(args.model, dtype=args.dtype, device=args.device, seqlen=args.seqlen,
+                      device_map=args.device_map)
 
 
 def _ppl_table(rows: list[tuple[str, str, object]]) -> str:
@@ -152,48 +181,69 @@ def _ppl_table(rows: list[tuple[str, str, object]]) -> str:
     return "\n".join(lines)
 
 
-def _quiet_libraries() -> None:
+def _quiet_libraries(progress: bool) -> None:
+    import os
+
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
         import transformers
 
         transformers.logging.set_verbosity_error()
+        if not progress:  # transformers 5 draws a bar while loading weights
+            transformers.utils.logging.disable_progress_bar()
     except ImportError:  # pragma: no cover
         pass
+
+
+def _write_outputs(writers: list[tuple[str, object]]) -> int:
+    """Run every writer even when one fails (a late failure must not lose the other results);
+    each failure is one line on stderr. Returns the exit code."""
+    failed = False
+    for what, write in writers:
+        try:
+            print(write())
+        except (OSError, LlmpruneError) as exc:
+            failed = True
+            print(f"llmprune: error: could not write {what}: {exc}", file=sys.stderr)
+    return EXIT_OUTPUT_FAILED if failed else 0
+
+
+def _json_writer(path: str, record: dict):
+    from llmprune.io import write_json_atomic
+
+    return lambda: f"wrote {write_json_atomic(path, record)}"
 
 
 # ---------------------------------------------------------------- commands
 
 
 def cmd_eval(args) -> int:
-    from llmprune.io import result_record, write_json_atomic
-    from llmprune.models import load_model
+    from llmprune.evaluation import check_eval_memory, evaluate
+    from llmprune.results import result_record
 
     data_dir = _data_dir(args.data_dir)
     datasets = args.dataset if args.dataset is not None else (() if args.zeroshot else ("ptb",))
     eval_config = _eval_config(args, datasets)
-    _check_datasets(eval_config, data_dir)
-    _check_tasks(eval_config, data_dir)
-    model, tokenizer = load_model(args.model, dtype=args.dtype, device=_device(args.device), seqlen=args.seqlen,
-                                  device_map=args.device_map)
+    _check_inputs(eval_config, data_dir, args)
+    model, tokenizer = _load(args)
+    check_eval_memory(model, eval_config)
     eval_config, ppl, zs = evaluate(model, tokenizer, eval_config, data_dir, not args.no_progress)
     if ppl:
         print(_ppl_table([(args.model, name, r) for name, r in ppl.items()]))
     if zs is not None:
         print(zs.markdown_table())
-    if args.json:
-        record = result_record(name="dense", model=args.model, eval_config=eval_config, perplexity=ppl, zeroshot=zs)
-        write_json_atomic(args.json, record)
-        print(f"wrote {args.json}")
-    return 0
+    if not args.json:
+        return 0
+    record = result_record(name="dense", model=args.model, eval_config=eval_config, perplexity=ppl, zeroshot=zs)
+    return _write_outputs([(args.json, _json_writer(args.json, record))])
 
 
 def cmd_prune(args) -> int:
-    from llmprune.config import CalibConfig, PruneConfig
-    from llmprune.io import check_save_dir, result_record, save_pruned, write_json_atomic
-    from llmprune.methods import needs_for
-    from llmprune.models import load_model
-    from llmprune.pipeline import prune
+    from llmprune.evaluation import check_eval_memory, evaluate
+    from llmprune.io import save_pruned
+    from llmprune.methods import needs_for, validate_config
+    from llmprune.pipeline import check_calibration_memory, plan_layers, prune
+    from llmprune.results import result_record
 
     data_dir = _data_dir(args.data_dir)
     calib = CalibConfig(dataset=args.calib, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed,
@@ -202,17 +252,16 @@ def cmd_prune(args) -> int:
                          metric=args.metric, use_variant=args.use_variant, true_sequential=args.true_sequential,
                          include=args.include, exclude=args.exclude, percdamp=args.percdamp,
                          blocksize=args.blocksize, calib=calib)
+    validate_config(config)
     eval_config = _eval_config(args, args.eval if args.eval is not None else ("ptb",))
-    _check_datasets(eval_config, data_dir, calib=config.calib.dataset if needs_for(config) else None)
-    _check_tasks(eval_config, data_dir)
-    if args.save:
-        check_save_dir(args.save, args.overwrite)
+    _check_inputs(eval_config, data_dir, args, calib=config.calib.dataset if needs_for(config) else None)
     progress = not args.no_progress
-    device = _device(args.device)
-    model, tokenizer = load_model(args.model, dtype=args.dtype, device=device, seqlen=args.seqlen,
-                                  device_map=args.device_map)
-    if args.device_map:
-        device = None  # each block computes on the device accelerate placed it on
+    model, tokenizer = _load(args)
+    device = None if args.device_map else args.device  # device map: each block computes where it lives
+    # checks that need only the model's shapes, before any evaluation or calibration
+    plan_layers(model, config)
+    check_calibration_memory(model, config, device)
+    check_eval_memory(model, eval_config)
 
     dense_ppl, dense_zs = {}, None
     if not args.skip_dense:
@@ -238,13 +287,15 @@ def cmd_prune(args) -> int:
     record = result_record(name=f"{config.method}-{config.pattern}-{config.sparsity:g}", model=args.model,
                            config=config, eval_config=eval_config, perplexity=ppl, zeroshot=zs,
                            prune_report=report, dense=dense)
-    if args.save:
-        save_pruned(model, tokenizer, args.save, record, overwrite=args.overwrite)
-        print(f"saved the pruned model to {args.save}")
+    writers = []
     if args.json:
-        write_json_atomic(args.json, record)
-        print(f"wrote {args.json}")
-    return 0
+        writers.append((args.json, _json_writer(args.json, record)))
+    if args.save:
+        def save():
+            return f"saved the pruned model to {save_pruned(model, tokenizer, args.save, record, args.overwrite)}"
+
+        writers.append((f"the checkpoint {args.save}", save))
+    return _write_outputs(writers)
 
 
 def cmd_run(args) -> int:
@@ -274,7 +325,8 @@ COMMANDS = {"eval": cmd_eval, "prune": cmd_prune, "run": cmd_run, "report": cmd_
 def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
-        _quiet_libraries()
+        if args.command != "report":  # report reads JSON only: it must not need transformers
+            _quiet_libraries(not getattr(args, "no_progress", False))
         return COMMANDS[args.command](args)
     except LlmpruneError as exc:
         print(f"llmprune: error: {exc}", file=sys.stderr)

@@ -74,6 +74,21 @@ def check_sparsity(value: float, name: str = "sparsity") -> float:
     return value
 
 
+def _opt(default: Any, help: str) -> Any:
+    """A dataclass field with its help text: CLI flags take both default and help from here."""
+    return field(default=default, metadata={"help": help})
+
+
+def field_default(cls: type, name: str) -> Any:
+    """The default of field ``name`` of config class ``cls``."""
+    f = {f.name: f for f in dataclasses.fields(cls)}[name]
+    return f.default_factory() if f.default is dataclasses.MISSING else f.default
+
+
+def field_help(cls: type, name: str) -> str:
+    return {f.name: f for f in dataclasses.fields(cls)}[name].metadata.get("help", "")
+
+
 def _check_positive(value: Any, name: str, allow_none: bool = False) -> None:
     if value is None and allow_none:
         return
@@ -85,11 +100,11 @@ def _check_positive(value: Any, name: str, allow_none: bool = False) -> None:
 class CalibConfig:
     """Calibration data: which windows feed the hooks."""
 
-    dataset: str = "c4"
-    nsamples: int = 128
-    seqlen: int | None = None  # None: the model's default (max positions, capped at 4096)
-    seed: int = 0
-    batch_size: int = 8  # calibration windows run through a block together
+    dataset: str = _opt("c4", "calibration data: c4, wikitext2, ptb or a local .txt/.jsonl file")
+    nsamples: int = _opt(128, "calibration windows")
+    seqlen: int | None = _opt(None, "window length for calibration and evaluation (default: model context, at most 4096)")
+    seed: int = _opt(0, "calibration sampling seed")
+    batch_size: int = _opt(8, "calibration windows run through a block together")
 
     def __post_init__(self) -> None:
         _check_positive(self.nsamples, "nsamples")
@@ -104,17 +119,18 @@ class CalibConfig:
 class PruneConfig:
     """What to prune and how. ``group``/``metric`` None means the method's own default."""
 
-    method: str = "wanda"
-    sparsity: float | None = None  # None: 0.5, or 1 - N/M for an N:M pattern
-    pattern: Pattern = field(default_factory=Pattern)
-    group: str | None = None
-    metric: str | None = None
-    use_variant: bool = False  # Wanda's alpha variant (per-row cumulative-score threshold)
-    true_sequential: bool = False
-    include: tuple[str, ...] = ()  # fnmatch patterns over "layers.{i}.{name}"; empty: all
-    exclude: tuple[str, ...] = ()
-    percdamp: float = 0.01  # SparseGPT Hessian damping, as a fraction of mean diag
-    blocksize: int = 128  # SparseGPT column block
+    method: str = _opt("wanda", "pruning method (see `llmprune.methods.METHODS`)")
+    sparsity: float | None = _opt(None, "fraction of weights removed, in [0, 1) (None: 0.5, or 1 - N/M for an N:M pattern)")
+    pattern: Pattern = field(default_factory=Pattern, metadata={
+        "help": "'unstructured' or N:M = keep N of every M consecutive input weights, e.g. 2:4"})
+    group: str | None = _opt(None, "comparison group: row, column or layer (None: the method's)")
+    metric: str | None = _opt(None, "score: weight, activation or wanda (None: the method's)")
+    use_variant: bool = _opt(False, "Wanda's alpha variant (per-row cumulative-score threshold)")
+    true_sequential: bool = _opt(False, "prune q/k/v, o, gate/up, down in turn, each from inputs through the pruned stages")
+    include: tuple[str, ...] = _opt((), "only layers matching these globs over 'layers.{i}.{name}', e.g. 'layers.*.mlp.*' (empty: all)")
+    exclude: tuple[str, ...] = _opt((), "skip layers matching these globs")
+    percdamp: float = _opt(0.01, "SparseGPT Hessian damping, as a fraction of mean diag(H)")
+    blocksize: int = _opt(128, "SparseGPT column block size")
     calib: CalibConfig = field(default_factory=CalibConfig)
 
     def __post_init__(self) -> None:
@@ -155,12 +171,12 @@ class PruneConfig:
 class EvalConfig:
     """Perplexity and zero-shot evaluation."""
 
-    datasets: tuple[str, ...] = ("ptb",)
-    seqlen: int | None = None
-    batch_size: int = 1
-    max_windows: int | None = None
-    zeroshot: tuple[str, ...] = ()
-    limit: int | None = None  # zero-shot documents per task
+    datasets: tuple[str, ...] = _opt(("ptb",), "perplexity datasets, comma separated: wikitext2, ptb, c4, or a local .txt/.jsonl path")
+    seqlen: int | None = _opt(None, "evaluation window length (None: the model's context, at most 4096)")
+    batch_size: int = _opt(1, "evaluation windows per forward pass")
+    max_windows: int | None = _opt(None, "evaluate only the first K windows (None: all)")
+    zeroshot: tuple[str, ...] = _opt((), "zero-shot tasks through lm-eval, e.g. boolq,rte,winogrande,arc_easy,arc_challenge,openbookqa,piqa")
+    limit: int | None = _opt(None, "zero-shot documents per task (None: all)")
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "datasets", _as_tuple(self.datasets))

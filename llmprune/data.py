@@ -489,6 +489,18 @@ def describe_source(name: str, data_dir=None, split: str = "eval") -> str:
     return _resolve(name, split, data_dir)[1].describe()
 
 
+def check_available(name: str, data_dir=None, split: str = "eval") -> str:
+    """Fail now, before any model loads, if ``name``'s data cannot be had: local files must be
+    there, and a hub split is loaded (from the cache, or downloaded) so that an offline machine
+    without a local copy fails in a second. Returns :func:`describe_source`'s text."""
+    if split not in ("eval", "calibration"):
+        raise LlmpruneError(f"unknown split {split!r}: use 'eval' or 'calibration'")
+    spec, source = _resolve(name, split, data_dir)
+    if source.hub is not None:
+        _rows(spec, source)  # kept in the row cache for the run that follows
+    return source.describe()
+
+
 def eval_tokens(name: str, tokenizer, seqlen: int, data_dir=None) -> torch.LongTensor:
     """The evaluation token stream of ``name``, 1-D (c4: cut to the first 256 * seqlen tokens)."""
     seqlen = _check_seqlen(seqlen)

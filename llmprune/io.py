@@ -1,4 +1,4 @@
-"""Files: atomic JSON results, versions, and saving a pruned checkpoint.
+"""Files: atomic writes (JSON, text, bytes) and saving a pruned checkpoint.
 
 Everything is written to a temporary name in the destination's folder and renamed into place,
 so an interrupted run leaves either the old file (or nothing) or the complete new one.
@@ -6,33 +6,63 @@ so an interrupted run leaves either the old file (or nothing) or the complete ne
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import errno
+import fnmatch
 import json
 import os
-import platform
 import shutil
+import signal
+import sys
 import tempfile
+import threading
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO, Callable
 
 from llmprune.errors import LlmpruneError
 
-RESULT_SCHEMA = "llmprune.result/1"
 
-
-def write_json_atomic(path: str | os.PathLike, obj: Any) -> Path:
-    """Write ``obj`` as indented JSON to ``path`` atomically."""
+def write_atomic(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> Path:
+    """Write ``path`` atomically: ``write(f)`` fills a binary temporary file in the same folder,
+    which is then renamed over ``path``. Every file llmprune writes itself (results, tables,
+    plots, checkpoint metadata) goes through here, so the rules on what may be replaced live in one place.
+    """
     path = Path(path)
+    _refuse_non_regular(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2, sort_keys=False, default=_jsonable)
-            f.write("\n")
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+        os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes 0600; a plain open() follows the umask
+        _refuse_non_regular(path)  # again: something may have appeared there while we wrote
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def _refuse_non_regular(path: Path) -> None:
+    """We replace only regular files: never rename over a symlink, a device, a pipe or a folder."""
+    if path.is_symlink():
+        raise LlmpruneError(f"{path} is a symbolic link: llmprune writes only regular files it can replace "
+                            "atomically; give the real path or a new file name")
+    if path.exists() and not path.is_file():
+        raise LlmpruneError(f"{path} exists and is not a regular file: give a new file name")
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
+    """Write ``text`` to ``path`` as UTF-8, newlines as given, atomically."""
+    data = text.encode("utf-8")
+    return write_atomic(path, lambda f: f.write(data))
+
+
+def write_json_atomic(path: str | os.PathLike, obj: Any) -> Path:
+    """Write ``obj`` as indented JSON to ``path`` atomically."""
+    # serialised before the file is made: an unserialisable object leaves nothing behind
+    return write_text_atomic(path, json.dumps(obj, indent=2, default=_jsonable) + "\n")
 
 
 def _jsonable(obj: Any) -> Any:
@@ -43,7 +73,7 @@ def _jsonable(obj: Any) -> Any:
     if isinstance(obj, Path):
         return str(obj)
     try:
-        import torch
+        import torch  # only when an object needs it: io stays importable without torch
 
         if isinstance(obj, torch.Tensor):
             return obj.tolist()
@@ -54,131 +84,235 @@ def _jsonable(obj: Any) -> Any:
     raise TypeError(f"{type(obj).__name__} is not JSON serialisable")
 
 
-def versions() -> dict[str, str]:
-    """Versions of the packages that decide the numbers."""
-    from importlib import metadata
-
-    out = {}
-    for package in ("llmprune", "torch", "transformers", "lm_eval", "datasets"):
-        try:
-            out[package] = metadata.version(package.replace("_", "-"))
-        except metadata.PackageNotFoundError:
-            out[package] = "not installed"
-    return out
+# ---------------------------------------------------------------------------------------------
+# Output paths: checked before any slow work, and never replacing what is not ours
 
 
-def machine() -> str:
-    return f"{platform.system()} {platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}"
+def current_umask() -> int:
+    """The process umask (read by setting and restoring it; there is no getter)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
-def result_record(
-    *,
-    name: str,
-    model: str,
-    config=None,
-    eval_config=None,
-    perplexity: dict | None = None,
-    zeroshot: dict | None = None,
-    prune_report=None,
-    recipe: str | None = None,
-    dense: dict | None = None,
-) -> dict:
-    """One run's result in the shared schema (``llmprune.result/1``), ready for JSON.
+def _nearest_existing(path: Path) -> Path:
+    for candidate in (path, *path.parents):
+        if candidate.exists() or candidate.is_symlink():
+            return candidate
+    return Path("/")
 
-    ``config`` is None for the dense model. ``group``/``metric`` are the effective ones (the
-    method's defaults filled in), so tables never have to know the defaults.
-    """
-    from llmprune.config import to_dict
 
-    if config is None:
-        method, sparsity, pattern, group, metric, nsamples, seed = "dense", 0.0, "unstructured", None, None, None, None
-        config_dict = None
+def _check_parent(path: Path, what: str) -> None:
+    """The folder that will hold ``path`` exists and is writable, or can be made."""
+    anchor = _nearest_existing(path.parent)
+    if not anchor.is_dir():
+        raise LlmpruneError(f"{what} {path}: {anchor} is not a folder, so {path.parent} cannot be made; "
+                            "give a path inside an existing folder")
+    if not os.access(anchor, os.W_OK | os.X_OK):
+        raise LlmpruneError(f"{what} {path}: the folder {anchor} is not writable; give a path you can write to")
+
+
+def check_output_file(path: str | os.PathLike, what: str = "--json") -> Path:
+    """Validate a results file path before any work: refuse folders, symlinks, devices and any
+    other non-regular file (we never rename over what is not a plain file of ours), and a parent
+    that cannot be made or written. Returns the path."""
+    path = Path(path).expanduser()
+    if str(path).endswith(os.sep) or path.is_dir():
+        raise LlmpruneError(f"{what} {path} is a folder: give a file name such as {path / 'result.json'}")
+    if path.is_symlink():
+        raise LlmpruneError(f"{what} {path} is a symbolic link: llmprune writes only regular files it can "
+                            "replace atomically; give the real path or a new file name")
+    if path.exists() and not path.is_file():
+        raise LlmpruneError(f"{what} {path} is not a regular file (a device, pipe or socket): give a file name")
+    if path.exists() and not os.access(path, os.W_OK):
+        raise LlmpruneError(f"{what} {path} is not writable: give another file name")
+    _check_parent(path, what)
+    return path
+
+
+def check_output_dir(path: str | os.PathLike, what: str = "--out") -> Path:
+    """Validate a results folder before any work: an existing writable folder, or one that can be
+    made (its nearest existing parent is a writable folder)."""
+    path = Path(path).expanduser()
+    if path.exists() and not path.is_dir():
+        raise LlmpruneError(f"{what} {path} is a file: give a folder for the results")
+    if path.is_dir():
+        if not os.access(path, os.W_OK | os.X_OK):
+            raise LlmpruneError(f"{what} {path} is not writable: give a folder you can write to")
     else:
-        from llmprune.methods import get_method, needs_for
+        _check_parent(path, what)
+    return path
 
-        spec = get_method(config.method)
-        method, sparsity, pattern = config.method, config.sparsity, str(config.pattern)
-        group = config.group or spec.default_group
-        metric = config.metric or spec.default_metric
-        if config.pattern.structured:
-            group = None  # N:M groups are fixed by the pattern
-        uses_data = bool(needs_for(config))
-        nsamples = config.calib.nsamples if uses_data else None
-        seed = config.calib.seed if uses_data else None
-        config_dict = config.to_dict()
-    report = prune_report.to_dict() if hasattr(prune_report, "to_dict") else prune_report
-    record = {
-        "schema": RESULT_SCHEMA,
-        "name": name,
-        "model": model,
-        "method": method,
-        "sparsity": float(sparsity),
-        "pattern": pattern,
-        "group": group,
-        "metric": metric,
-        "nsamples": nsamples,
-        "seed": seed,
-        "config": config_dict,
-        "eval": to_dict(eval_config) if eval_config is not None else None,
-        "perplexity": {k: (v.to_dict() if hasattr(v, "to_dict") else v) for k, v in (perplexity or {}).items()},
-        "zeroshot": zeroshot.to_dict() if hasattr(zeroshot, "to_dict") else zeroshot,
-        "prune": report,
-        "prune_seconds": report["seconds"] if report else None,
-        "versions": versions(),
-        "machine": machine(),
-        "recipe": recipe,
-    }
-    if dense is not None:
-        record["dense"] = dense
-    return record
+
+# Files a checkpoint of ours holds (save_pretrained's and the tokenizer's, plus llmprune.json);
+# used for checkpoints written before llmprune.json listed its files.
+_CHECKPOINT_FILES = ("config.json", "generation_config.json", "llmprune.json", "tokenizer.json",
+                     "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
+                     "tokenizer.model", "chat_template.jinja", "added_tokens.json")
+_CHECKPOINT_GLOBS = ("*.safetensors", "*.safetensors.index.json")
+SAVE_METADATA = "llmprune.json"
+_TMP_TAG = ".llmprune-tmp-"
+
+
+def _ours(folder: Path) -> set[str] | None:
+    """The names llmprune wrote into ``folder`` (from its llmprune.json), or None if it is not ours."""
+    try:
+        meta = json.loads((folder / SAVE_METADATA).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(meta, dict):
+        return None
+    files = meta.get("files")
+    if isinstance(files, list):
+        return {str(f) for f in files} | {SAVE_METADATA}
+    return {p.name for p in folder.iterdir()
+            if p.name in _CHECKPOINT_FILES or any(fnmatch.fnmatchcase(p.name, g) for g in _CHECKPOINT_GLOBS)}
 
 
 def check_save_dir(path: str | os.PathLike, overwrite: bool = False) -> Path:
-    """Refuse, before any work is done, to save into an existing non-empty directory."""
-    path = Path(path)
-    if path.exists() and (not path.is_dir() or any(path.iterdir())) and not overwrite:
-        raise LlmpruneError(f"{path} already exists and is not empty: choose a new directory or pass --overwrite")
+    """Validate a checkpoint folder before any work is done.
+
+    A new or empty folder is fine. A non-empty one needs ``overwrite``, and then it must be an
+    llmprune checkpoint holding only files llmprune wrote: a folder with anything else is refused,
+    never deleted. The current folder (or one above it) is refused: it cannot be swapped atomically.
+    """
+    path = Path(path).expanduser()
+    if path.is_symlink():
+        raise LlmpruneError(f"--save {path} is a symbolic link: give the real folder or a new name")
+    if path.exists() and not path.is_dir():
+        raise LlmpruneError(f"--save {path} is a file: give a folder name for the checkpoint")
+    resolved = path.resolve()
+    cwd = Path.cwd().resolve()
+    if resolved == cwd or resolved in cwd.parents:
+        raise LlmpruneError(f"--save {path} is the current folder or one above it: give a new folder such as ./pruned")
+    _check_parent(resolved, "--save")
+    if path.is_dir() and any(path.iterdir()):
+        if not overwrite:
+            raise LlmpruneError(f"{path} already exists and is not empty: choose a new directory or pass --overwrite")
+        ours = _ours(path)
+        if ours is None:
+            raise LlmpruneError(f"--overwrite refuses {path}: it is not an llmprune checkpoint (no {SAVE_METADATA}); "
+                                "choose a new directory")
+        foreign = sorted(p.name for p in path.iterdir() if p.name not in ours)
+        if foreign:
+            raise LlmpruneError(f"--overwrite refuses {path}: it holds {foreign[0]!r}, which llmprune did not write; "
+                                "move it away or choose a new directory")
+        if not os.access(path, os.W_OK):
+            raise LlmpruneError(f"--save {path} is not writable: choose another directory")
     return path
+
+
+def _remove_stale_temporaries(parent: Path, name: str) -> None:
+    """Delete temporaries of ours for ``name`` left by a killed save (their process is gone)."""
+    for stale in parent.glob(f".{name}{_TMP_TAG}*"):
+        pid = stale.name.rsplit(_TMP_TAG, 1)[-1].split(".", 1)[0]
+        if pid.isdigit() and _alive(int(pid)):
+            continue  # another save of the same name is running now
+        if stale.is_dir() and not stale.is_symlink():
+            shutil.rmtree(stale, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths atomically (Linux renameat2 RENAME_EXCHANGE); False where unsupported."""
+    if sys.platform != "linux":
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP):
+        return False  # the filesystem cannot exchange: fall back to two renames
+    raise OSError(err, os.strerror(err), str(b))
+
+
+@contextlib.contextmanager
+def _signals_raise():
+    """Turn SIGTERM and SIGHUP into an exception for the duration, so cleanup code runs."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, _frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    previous = {}
+    for sig in (getattr(signal, "SIGTERM", None), getattr(signal, "SIGHUP", None)):
+        if sig is not None:
+            previous[sig] = signal.signal(sig, handler)
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+def _gguf_quantization(model):
+    quant = getattr(model.config, "quantization_config", None)
+    is_gguf = (isinstance(quant, dict) and quant.get("quant_method") == "gguf") or \
+        getattr(quant, "quant_method", None) == "gguf"
+    return is_gguf, quant
 
 
 def save_pruned(model, tokenizer, path: str | os.PathLike, metadata: dict, overwrite: bool = False) -> Path:
     """Save an HF checkpoint (safetensors, config, tokenizer) plus ``llmprune.json``.
 
-    Written into a temporary sibling directory and renamed into place at the end.
+    Written into a temporary sibling folder, then put under ``path`` in one step: a new folder by
+    rename, an existing checkpoint of ours by an atomic exchange (Linux), so ``path`` always holds
+    either the old or the new checkpoint. The temporary is removed on any exception and on SIGTERM
+    or SIGHUP; one left by a killed process is removed by the next save of the same name.
+    ``llmprune.json`` lists the files written, which is what a later ``overwrite`` may replace.
+    Folders and files follow the umask, as ``save_pretrained``'s do.
     """
-    path = check_save_dir(path, overwrite)
+    path = check_save_dir(path, overwrite).resolve()
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
-    config = model.config
-    # a GGUF-loaded model carries quantization_config {quant_method: gguf}; the weights we
-    # save are plain dequantized tensors, so the saved config must not claim otherwise
-    quant = getattr(config, "quantization_config", None)
-    is_gguf = isinstance(quant, dict) and quant.get("quant_method") == "gguf" or \
-        getattr(quant, "quant_method", None) == "gguf"
+    _remove_stale_temporaries(path.parent, path.name)
+    is_gguf, quant = _gguf_quantization(model)
     hf_quantizer = getattr(model, "hf_quantizer", None)
-    try:
-        if is_gguf:
-            del config.quantization_config
-            if hf_quantizer is not None:
-                model.hf_quantizer = None
-        model.save_pretrained(tmp, safe_serialization=True)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        write_json_atomic(tmp / "llmprune.json", metadata)
-        if path.exists():
-            old = path.with_name(f".{path.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(path, old)
-            os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    finally:
-        if is_gguf:
-            config.quantization_config = quant
-            if hf_quantizer is not None:
-                model.hf_quantizer = hf_quantizer
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}{_TMP_TAG}{os.getpid()}.", dir=path.parent))
+    os.chmod(tmp, 0o777 & ~current_umask())
+    with _signals_raise():
+        try:
+            if is_gguf:
+                # a GGUF-loaded model says {quant_method: gguf}; the weights we save are plain
+                # dequantized tensors, so the saved config must not claim otherwise
+                del model.config.quantization_config
+                if hf_quantizer is not None:
+                    model.hf_quantizer = None
+            model.save_pretrained(tmp, safe_serialization=True)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(tmp)
+            files = sorted(p.name for p in tmp.iterdir()) + [SAVE_METADATA]
+            write_json_atomic(tmp / SAVE_METADATA, {**metadata, "files": sorted(set(files))})
+            if not path.exists():
+                os.rename(tmp, path)
+            elif _exchange(tmp, path):
+                shutil.rmtree(tmp)  # now the old checkpoint, checked to be ours
+            else:
+                old = path.with_name(f".{path.name}{_TMP_TAG}{os.getpid()}.old")
+                os.rename(path, old)
+                os.rename(tmp, path)
+                shutil.rmtree(old)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        finally:
+            if is_gguf:
+                model.config.quantization_config = quant
+                if hf_quantizer is not None:
+                    model.hf_quantizer = hf_quantizer
     return path

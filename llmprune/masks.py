@@ -19,7 +19,7 @@ IST-DASLab/sparsegpt codes call the first number ``prune_n`` and prune (zero) th
 the two readings agree for 2:4 and 4:8 but not for 1:4 (we keep one of four, they would keep
 three).
 
-Wanda's variant (``alpha_variant_mask``, Wanda appendix): per row, sort the scores ascending
+Wanda's variant (``alpha_variant_search``, Wanda appendix): per row, sort the scores ascending
 and take their cumulative sum; for a given alpha, the row's threshold is the largest sorted score
 whose cumulative sum is <= alpha * (row sum), and the row's mask is ``score <= threshold``.
 alpha is bisected until the whole matrix reaches the target sparsity.
@@ -124,8 +124,3 @@ def alpha_variant_search(score: torch.Tensor, sparsity: float) -> tuple[torch.Te
             alpha, lo = (alpha + hi) / 2.0, alpha
         mask, achieved = _given_alpha(alpha, sorted_score, cumsum, row_sum, score)
     return mask, alpha, achieved
-
-
-def alpha_variant_mask(score: torch.Tensor, sparsity: float) -> torch.Tensor:
-    """Wanda's variant mask (see ``alpha_variant_search``)."""
-    return alpha_variant_search(score, sparsity)[0]

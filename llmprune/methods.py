@@ -37,6 +37,7 @@ import torch
 from llmprune.config import GROUPS, METRICS, PruneConfig
 from llmprune.errors import LlmpruneError
 from llmprune.masks import alpha_variant_search, nm_mask, unstructured_mask
+from llmprune.results import effective_group_metric
 from llmprune.scores import ACTIVATION_METRICS, score
 from llmprune.solvers.sparsegpt import sparsegpt_prune
 
@@ -99,14 +100,16 @@ def get_method(name: str) -> Method:
     return method
 
 
-def needs_for(config: PruneConfig) -> frozenset[str]:
-    """Calibration statistics this config needs (e.g. wanda with metric "weight": none).
-
-    Also rejects option combinations the method cannot honour, before any calibration runs.
-    """
+def validate_config(config: PruneConfig) -> None:
+    """Reject option combinations the method cannot honour; called once, before calibration."""
     method = get_method(config.method)
     if method.check is not None:
         method.check(config)
+
+
+def needs_for(config: PruneConfig) -> frozenset[str]:
+    """Calibration statistics this config needs (e.g. wanda with metric "weight": none)."""
+    method = get_method(config.method)
     if method.default_metric is None:
         return method.needs
     metric = config.metric or method.default_metric
@@ -131,10 +134,7 @@ def _check_score_config(config: PruneConfig) -> None:
 
 def _score_and_mask(weight: torch.Tensor, stats: LayerStats | None, config: PruneConfig,
                     method: str) -> tuple[torch.Tensor, dict]:
-    _check_score_config(config)
-    spec = METHODS[method]
-    group = config.group or spec.default_group
-    metric = config.metric or spec.default_metric
+    group, metric = effective_group_metric(config)  # the same the result record shows
     if metric in ACTIVATION_METRICS and (stats is None or stats.sq_norm is None):
         raise ValueError(f"{method} with metric {metric!r} needs input norms; the pipeline passed none")
     sq_norm, tokens = (stats.sq_norm, stats.tokens) if stats is not None else (None, 0)
@@ -172,13 +172,16 @@ def _check_sparsegpt_config(config: PruneConfig) -> None:
     if config.group is not None or config.metric is not None or config.use_variant:
         raise LlmpruneError("sparsegpt chooses its own mask from the Hessian (per column block): "
                             "group, metric and use_variant do not apply; drop them")
+    m = config.pattern.m
+    if m is not None and config.blocksize % m:
+        raise LlmpruneError(f"SparseGPT blocksize {config.blocksize} is not a multiple of M={m}: "
+                            f"use a blocksize such as {config.blocksize - config.blocksize % m or m}")
 
 
 @register("sparsegpt", needs=("hessian",), default_group="layer", check=_check_sparsegpt_config)
 def sparsegpt(weight: torch.Tensor, stats: LayerStats | None,
               config: PruneConfig) -> tuple[torch.Tensor, dict]:
     """SparseGPT: mask by w^2 / [chol(H^-1)]_ii^2 per column block and OBS-update the kept weights."""
-    _check_sparsegpt_config(config)
     if stats is None or stats.hessian is None:
         raise ValueError("sparsegpt needs the input Hessian; the pipeline passed none")
     new_weight, mask, info = sparsegpt_prune(

@@ -60,7 +60,7 @@ def _register(model_types: tuple[str, ...], family: Family) -> None:
         FAMILIES[model_type] = family
 
 
-_register(("llama", "mistral", "qwen2", "gemma", "gemma2", "mixtral_dense"), Family("llama", "model.layers", _LLAMA_STAGES))
+_register(("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2"), Family("llama", "model.layers", _LLAMA_STAGES))
 _register(
     ("phi3",),
     Family("phi3", "model.layers", (("self_attn.qkv_proj",), ("self_attn.o_proj",), ("mlp.gate_up_proj",), ("mlp.down_proj",))),
@@ -119,10 +119,44 @@ def prunable_linears(
     return out
 
 
+def block_stages(model: nn.Module, layers: dict[str, nn.Module]) -> list[tuple[str, ...]]:
+    """The family's stages restricted to ``layers`` (a block's selected Linears), empty ones dropped.
+
+    Each stage lists Linears that read the same input (q/k/v, gate/up): statistics are collected
+    once per stage, in the order the block computes them.
+    """
+    stages = [tuple(name for name in stage if name in layers) for stage in family_of(model).stages]
+    return [stage for stage in stages if stage]
+
+
 def default_seqlen(model: nn.Module) -> int:
     """The model's context length, capped at 4096 as the reference scripts effectively do."""
-    n = getattr(model.config, "max_position_embeddings", None) or MAX_DEFAULT_SEQLEN
+    n = max_positions(model) or MAX_DEFAULT_SEQLEN
     return int(min(n, MAX_DEFAULT_SEQLEN))
+
+
+def max_positions(model: nn.Module) -> int | None:
+    """The longest sequence the model's position encoding covers (None: no stated limit)."""
+    config = getattr(model, "config", None)
+    config = getattr(config, "get_text_config", lambda: config)() if config is not None else None
+    n = getattr(config, "max_position_embeddings", None)
+    return int(n) if n else None
+
+
+def resolve_seqlen(model: nn.Module, requested: int | None = None) -> int:
+    """The window length to use: ``requested``, else ``model.seqlen``, else :func:`default_seqlen`.
+
+    The one place sequence lengths are resolved (calibration and evaluation alike). A length
+    past the model's maximum positions is refused: positions beyond it index past the rotary
+    or learned position table, which gives an index error or silent garbage.
+    """
+    seqlen = requested or getattr(model, "seqlen", None) or default_seqlen(model)
+    limit = max_positions(model)
+    if limit is not None and seqlen > limit:
+        raise LlmpruneError(
+            f"seqlen {seqlen} is longer than the model's maximum positions ({limit}): use --seqlen {limit} or less"
+        )
+    return int(seqlen)
 
 
 def bundled_model_path() -> Path:
@@ -149,6 +183,79 @@ def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | str:
     return table[dtype]
 
 
+GGUF_MAGIC = b"GGUF"
+
+
+def check_device(device: str | torch.device | None) -> torch.device:
+    """``device`` as a torch.device that exists here; an unknown or absent one is a user error."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise LlmpruneError(f"unknown device {device!r}: use cpu, cuda, cuda:N or mps") from None
+    if dev.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise LlmpruneError(f"device {device!r} asked for, but no CUDA device is available: use --device cpu")
+        if dev.index is not None and dev.index >= count:
+            raise LlmpruneError(f"device {device!r} does not exist: this machine has {count} CUDA device(s)")
+    elif dev.type == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+        raise LlmpruneError(f"device {device!r} asked for, but MPS is not available: use --device cpu")
+    elif dev.type not in ("cpu", "cuda", "mps", "meta"):
+        raise LlmpruneError(f"device {device!r} is not supported: use cpu, cuda, cuda:N or mps")
+    return dev
+
+
+def _check_gguf_file(path: Path) -> None:
+    """A file must start with the GGUF magic; anything else fails here, not deep in a reader."""
+    if not path.is_file():
+        raise LlmpruneError(f"model file {path} does not exist: give the path of a .gguf file")
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic != GGUF_MAGIC:
+        raise LlmpruneError(f"{path} is not a GGUF file (it does not start with the GGUF magic): "
+                            "give a .gguf model file or a Hugging Face model directory")
+
+
+def check_model_source(name_or_path: str) -> tuple[str, dict]:
+    """Where to load ``name_or_path`` from, as ``(source, extra from_pretrained kwargs)``.
+
+    Cheap checks only (paths, file magic, config.json): a bad name fails before any weight is read.
+    """
+    kwargs: dict = {}  # shared by the tokenizer and the model: gguf_file
+    source = str(name_or_path)
+    if source.lower() == BUNDLED_ALIAS:
+        gguf = bundled_model_path()
+        source, kwargs["gguf_file"] = str(gguf.parent), gguf.name
+    elif source.endswith(".gguf"):
+        gguf = Path(source)
+        _check_gguf_file(gguf)
+        source, kwargs["gguf_file"] = str(gguf.parent), gguf.name
+    elif Path(source).exists():
+        if Path(source).is_file():
+            raise LlmpruneError(f"{source} is a file, not a model: give a .gguf file or a Hugging Face model directory")
+        if not (Path(source) / "config.json").is_file():
+            raise LlmpruneError(f"{source} is not a Hugging Face model directory (no config.json)")
+    elif source.startswith((".", "/", "~")) or source.count("/") != 1:
+        raise LlmpruneError(
+            f"unknown model {source!r}: give '{BUNDLED_ALIAS}', a hub id such as "
+            "'meta-llama/Llama-2-7b-hf', a local model directory, or a .gguf file"
+        )
+    return source, kwargs
+
+
+def _load_error(name_or_path: str, exc: BaseException) -> LlmpruneError:
+    text = f"{type(exc).__name__}: " + (str(exc).strip().splitlines() or [""])[0]
+    if "does not recognize this architecture" in text or "model_type" in text or "Unrecognized model" in text:
+        hint = ": its model type is unknown to the installed transformers (upgrade transformers or check config.json)"
+    elif "gguf" in text.lower() or str(name_or_path).endswith(".gguf"):
+        hint = ": the GGUF file is damaged, truncated or of an architecture transformers cannot read"
+    else:
+        hint = " (HF_HUB_OFFLINE=1 is set)" if os.environ.get("HF_HUB_OFFLINE") == "1" else ""
+    return LlmpruneError(f"could not load model {name_or_path!r}{hint}: {text}")
+
+
 def load_model(
     name_or_path: str,
     dtype: str | torch.dtype | None = "auto",
@@ -160,28 +267,15 @@ def load_model(
     the alias ``smollm2-135m``. Sets ``model.seqlen`` (given, or :func:`default_seqlen`).
 
     GGUF files are dequantized by transformers. ``device_map`` is passed to accelerate for
-    multi-GPU or offloaded models; otherwise the model is moved to ``device``.
+    multi-GPU or offloaded models; otherwise the model is moved to ``device``. Every failure
+    to load (a missing or damaged file, an unknown model type, an unknown device) is an
+    :class:`LlmpruneError`.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    kwargs: dict = {}  # shared by the tokenizer and the model: gguf_file
-    source = str(name_or_path)
-    if source.lower() == BUNDLED_ALIAS:
-        gguf = bundled_model_path()
-        source, kwargs["gguf_file"] = str(gguf.parent), gguf.name
-    elif source.endswith(".gguf"):
-        gguf = Path(source)
-        if not gguf.is_file():
-            raise LlmpruneError(f"model file {source} does not exist: give the path of a .gguf file")
-        source, kwargs["gguf_file"] = str(gguf.parent), gguf.name
-    elif Path(source).exists():
-        if not (Path(source) / "config.json").is_file():
-            raise LlmpruneError(f"{source} is not a Hugging Face model directory (no config.json)")
-    elif source.startswith((".", "/", "~")) or source.count("/") != 1:
-        raise LlmpruneError(
-            f"unknown model {source!r}: give '{BUNDLED_ALIAS}', a hub id such as "
-            "'meta-llama/Llama-2-7b-hf', a local model directory, or a .gguf file"
-        )
+    source, kwargs = check_model_source(name_or_path)
+    torch_dtype = resolve_dtype(dtype)
+    target = check_device(device) if device_map is None else None
     import transformers
     from packaging.version import Version
 
@@ -190,14 +284,14 @@ def load_model(
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
         model = AutoModelForCausalLM.from_pretrained(source, device_map=device_map, low_cpu_mem_usage=True,
-                                                     **{dtype_key: resolve_dtype(dtype)}, **kwargs)
-    except OSError as exc:
-        offline = os.environ.get("HF_HUB_OFFLINE") == "1"
-        hint = " (HF_HUB_OFFLINE=1 is set)" if offline else ""
-        raise LlmpruneError(f"could not load model {name_or_path!r}{hint}: {str(exc).splitlines()[0]}") from None
-    if device_map is None:
-        model.to(device)
+                                                     **{dtype_key: torch_dtype}, **kwargs)
+    except Exception as exc:  # noqa: BLE001
+        # transformers and its GGUF reader raise OSError, ValueError, KeyError, struct.error,
+        # EOFError... for a damaged or unknown input: each one means "this model cannot be read"
+        raise _load_error(name_or_path, exc) from None
+    if target is not None:
+        model.to(target)
     model.eval()
     family_of(model)  # fail early on an unsupported family
-    model.seqlen = int(seqlen) if seqlen else default_seqlen(model)
+    model.seqlen = resolve_seqlen(model, seqlen)
     return model, tokenizer

@@ -1,10 +1,16 @@
-"""The sequential block pipeline: calibrate, score, mask, re-run, one decoder block at a time.
+"""The sequential block pipeline, as the algorithm reads:
 
-For each block the calibration inputs (outputs of the already-pruned blocks before it) pass
-through the block's dense weights with hooks that collect input statistics; each prunable
-Linear is then scored and masked (or, for SparseGPT, reconstructed); finally the pruned block
-is run again so that its outputs become the next block's inputs. Only the current block needs
-to be on the compute device. Calibration windows go through a block in batches.
+1. capture block 0's inputs for every calibration window (:func:`capture_block_inputs`);
+2. per block, *calibrate and prune*: the inputs (outputs of the already-pruned blocks before
+   it) pass through the block's dense weights with hooks collecting input statistics, then
+   each prunable Linear is scored and masked (or, for SparseGPT, reconstructed);
+3. per block, *propagate*: the pruned block runs again, hooks off, and its outputs become the
+   next block's inputs.
+
+Only the current block needs to be on the compute device. Calibration windows go through a
+block in batches. Everything that can be checked from the config and the model's shapes
+(method options, include/exclude, N:M divisibility, sequence length, memory) is checked before
+the first window is drawn.
 
 With ``true_sequential`` a block is pruned stage by stage (q/k/v, then o, then gate/up, then
 down), each stage's statistics collected from inputs that already pass through the pruned
@@ -13,6 +19,7 @@ stages before it.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -20,12 +27,12 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from llmprune.calibration import (BlockInputs, StatsCollector, block_device, block_output,
+from llmprune.calibration import (StatsCollector, block_device, block_output,
                                   capture_block_inputs, kwargs_on)
 from llmprune.config import PruneConfig
 from llmprune.errors import LlmpruneError
-from llmprune.methods import LayerStats, get_method, needs_for
-from llmprune.models import default_seqlen, family_of, get_blocks, prunable_linears
+from llmprune.methods import LayerStats, get_method, needs_for, validate_config
+from llmprune.models import block_stages, get_blocks, prunable_linears, resolve_seqlen
 
 
 @dataclass
@@ -87,29 +94,72 @@ class PruneReport:
 
 
 def _versions() -> dict:
-    from llmprune.io import versions
+    from llmprune.results import versions
 
     return versions()
 
 
-def _check_layers(model: nn.Module, config: PruneConfig) -> list[dict[str, nn.Linear]]:
-    """Every block's selected layers, validated before any weight is touched."""
-    per_block = [prunable_linears(model, i, config.include, config.exclude) for i in range(len(get_blocks(model)))]
-    if not any(per_block):
+@dataclass
+class BlockPlan:
+    """The layers of one block that will be pruned, and their stages (shared-input groups in
+    the order their inputs become available)."""
+
+    layers: dict[str, nn.Linear]
+    stages: list[tuple[str, ...]]
+
+
+def plan_layers(model: nn.Module, config: PruneConfig) -> list[BlockPlan]:
+    """Every block's selected layers, validated before any weight is touched: include/exclude
+    must match something, and an N:M pattern's M must divide every selected layer's inputs."""
+    plans = []
+    for i in range(len(get_blocks(model))):
+        layers = prunable_linears(model, i, config.include, config.exclude)
+        plans.append(BlockPlan(layers, block_stages(model, layers)))
+    if not any(plan.layers for plan in plans):
         raise LlmpruneError(
             f"no prunable layer matches include={list(config.include)} exclude={list(config.exclude)}: "
             "patterns match names like 'layers.3.mlp.down_proj'"
         )
     if config.pattern.structured:
         m = config.pattern.m
-        for i, layers in enumerate(per_block):
-            for name, module in layers.items():
+        for i, plan in enumerate(plans):
+            for name, module in plan.layers.items():
                 if module.in_features % m:
                     raise LlmpruneError(
                         f"layers.{i}.{name} has in_features {module.in_features}, not a multiple of M={m}: "
                         f"pick an M that divides it or exclude the layer"
                     )
-    return per_block
+    return plans
+
+
+def check_calibration_memory(model: nn.Module, config: PruneConfig, device=None) -> None:
+    """Refuse calibration sizes whose activations cannot fit, naming the limit.
+
+    The pipeline keeps every window's hidden states twice (a block's inputs and the outputs it
+    writes) and one batch's intermediate activations; that must fit in the memory free now.
+    """
+    if not needs_for(config):
+        return
+    from llmprune.calibration import available_bytes
+
+    calib = config.calib
+    seqlen = resolve_seqlen(model, calib.seqlen)
+    text = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    hidden = int(getattr(text, "hidden_size", 0) or 0)
+    inner = int(getattr(text, "intermediate_size", 0) or 4 * hidden)
+    itemsize = next(model.parameters()).element_size()
+    per_window = 2 * seqlen * hidden * itemsize
+    batch = min(calib.batch_size, calib.nsamples) * seqlen * (6 * hidden + 3 * inner) * 4
+    need = calib.nsamples * per_window + batch
+    dev = torch.device(device) if device is not None else block_device(get_blocks(model)[0])
+    free = available_bytes(dev)
+    if free is not None and need > free:
+        fits = max(int((free - batch) // per_window), 0)
+        raise LlmpruneError(
+            f"calibration with nsamples {calib.nsamples} x seqlen {seqlen} needs about {need / 2**30:.1f} GiB of "
+            f"activations on {dev.type}, but {free / 2**30:.1f} GiB are free: use --nsamples {fits} or fewer, "
+            "a shorter --seqlen, or a smaller --calib-batch-size"
+        )
 
 
 def _prune_layer(name: str, module: nn.Linear, stats: LayerStats | None, config: PruneConfig, method) -> LayerReport:
@@ -129,15 +179,74 @@ def _check_finite(stats: LayerStats, block: int, group: tuple[str, ...]) -> None
             )
 
 
-def _run_block(block: nn.Module, hidden: torch.Tensor, kwargs: dict, batch_size: int, out: torch.Tensor | None,
-               collector: StatsCollector | None = None) -> None:
-    """Run every calibration window through ``block``; write outputs into ``out`` if given."""
+def _batches(hidden: torch.Tensor, batch_size: int):
     for start in range(0, hidden.shape[0], batch_size):
-        stop = min(start + batch_size, hidden.shape[0])
-        if collector is not None:
-            collector.run(block, hidden[start:stop], **kwargs)
-        else:
-            out[start:stop] = block_output(block(hidden[start:stop], **kwargs))
+        yield slice(start, min(start + batch_size, hidden.shape[0]))
+
+
+def calibrate_and_prune(block: nn.Module, index: int, plan: BlockPlan, hidden: torch.Tensor, kwargs: dict,
+                        config: PruneConfig, method, needs: frozenset[str]) -> list[LayerReport]:
+    """Statistics pass(es) with hooks on the block's dense weights, then the method on each layer.
+
+    One pass for all stages, or with ``true_sequential`` one pass per stage, each from inputs
+    that already go through the stages pruned before it.
+    """
+    reports = []
+    passes = [[stage] for stage in plan.stages] if config.true_sequential else [plan.stages]
+    for groups in passes:
+        collector = StatsCollector(plan.layers, groups, norms="norms" in needs, hessian="hessian" in needs,
+                                   stop_early=True)
+        with collector:
+            for batch in _batches(hidden, config.calib.batch_size):
+                collector.run(block, hidden[batch], **kwargs)
+        for group, stats in collector.pop_stats():
+            _check_finite(stats, index, group)
+            for name in group:
+                reports.append(_prune_layer(f"layers.{index}.{name}", plan.layers[name], stats, config, method))
+    return reports
+
+
+def propagate(block: nn.Module, hidden: torch.Tensor, kwargs: dict, batch_size: int) -> torch.Tensor:
+    """The pruned block's outputs for every window (hooks off): the next block's inputs."""
+    out = torch.empty_like(hidden)
+    for batch in _batches(hidden, batch_size):
+        out[batch] = block_output(block(hidden[batch], **kwargs))
+    return out
+
+
+def _calibration_inputs(model, tokenizer, config: PruneConfig, data_dir, windows, store_device):
+    """Block 0's inputs for the calibration windows, and a JSON-ready description of the data."""
+    calib = config.calib
+    if windows is None:
+        from llmprune.data import calibration_windows, describe_source
+
+        seqlen = resolve_seqlen(model, calib.seqlen)
+        windows = calibration_windows(calib.dataset, tokenizer, calib.nsamples, seqlen, calib.seed, data_dir)
+        source = describe_source(calib.dataset, data_dir, split="calibration")
+    else:
+        resolve_seqlen(model, windows.shape[1])  # refuse windows longer than the model's positions
+        source = "windows given by the caller"
+    nsamples, seqlen = windows.shape
+    description = {"dataset": calib.dataset, "source": source, "nsamples": int(nsamples), "seqlen": int(seqlen),
+                   "seed": calib.seed, "batch_size": calib.batch_size, "tokens": int(nsamples * seqlen)}
+    blocks = get_blocks(model)
+    inputs = capture_block_inputs(model, blocks[0], windows, calib.batch_size,
+                                  store_device=store_device or block_device(blocks[0]))
+    return inputs, description
+
+
+@contextlib.contextmanager
+def _on(block: nn.Module, compute: torch.device | None):
+    """Run the body with ``block`` on ``compute`` (if given), and put it back afterwards."""
+    home = block_device(block)
+    moved = compute is not None and home != compute and home.type != "meta"
+    if moved:
+        block.to(compute)
+    try:
+        yield
+    finally:
+        if moved:
+            block.to(home)
 
 
 @torch.no_grad()
@@ -157,30 +266,16 @@ def prune(
     ``device``: where each block computes; by default the device the block already lives on.
     """
     method = get_method(config.method)
+    validate_config(config)
     needs = needs_for(config)
-    family = family_of(model)
-    blocks = get_blocks(model)
-    per_block = _check_layers(model, config)
-    start_time = time.perf_counter()
-    calib = config.calib
-    calibration = None
-    inputs: BlockInputs | None = None
+    plans = plan_layers(model, config)
     compute = torch.device(device) if device is not None else None
-
+    blocks = get_blocks(model)
+    start_time = time.perf_counter()
+    inputs, calibration = None, None
     if needs:
-        seqlen = calib.seqlen or getattr(model, "seqlen", None) or default_seqlen(model)
-        if windows is None:
-            from llmprune.data import calibration_windows, describe_source
-
-            windows = calibration_windows(calib.dataset, tokenizer, calib.nsamples, seqlen, calib.seed, data_dir)
-            source = describe_source(calib.dataset, data_dir, split="calibration")
-        else:
-            source = "windows given by the caller"
-        nsamples, seqlen = windows.shape
-        calibration = {"dataset": calib.dataset, "source": source, "nsamples": int(nsamples), "seqlen": int(seqlen),
-                       "seed": calib.seed, "batch_size": calib.batch_size, "tokens": int(nsamples * seqlen)}
-        inputs = capture_block_inputs(model, blocks[0], windows, calib.batch_size,
-                                      store_device=compute or block_device(blocks[0]))
+        check_calibration_memory(model, config, compute)
+        inputs, calibration = _calibration_inputs(model, tokenizer, config, data_dir, windows, compute)
 
     reports: list[LayerReport] = []
     block_seconds: list[float] = []
@@ -189,42 +284,17 @@ def prune(
     try:
         for i, block in enumerate(blocks):
             t_block = time.perf_counter()
-            layers = per_block[i]
-            home = block_device(block)
-            moved = compute is not None and home != compute and home.type != "meta"
-            if moved:
-                block.to(compute)
-            try:
+            with _on(block, compute):
                 if not needs:
-                    for name, module in layers.items():
+                    for name, module in plans[i].layers.items():
                         reports.append(_prune_layer(f"layers.{i}.{name}", module, None, config, method))
                 else:
-                    hidden = inputs.hidden
                     dev = block_device(block)
-                    if hidden.device != dev:
-                        hidden = hidden.to(dev)
-                    kwargs = kwargs_on(inputs.kwargs, dev)
-                    stages = [tuple(n for n in stage if n in layers) for stage in family.stages]
-                    stages = [s for s in stages if s]
-                    # one pass for all stages, or one pass per stage (true sequential)
-                    passes = [[s] for s in stages] if config.true_sequential else [stages]
-                    for groups in passes:
-                        collector = StatsCollector(layers, groups, norms="norms" in needs,
-                                                   hessian="hessian" in needs, stop_early=True)
-                        with collector:
-                            _run_block(block, hidden, kwargs, calib.batch_size, None, collector)
-                        for group, stats in collector.pop_stats():
-                            _check_finite(stats, i, group)
-                            for name in group:
-                                reports.append(_prune_layer(f"layers.{i}.{name}", layers[name], stats, config, method))
+                    hidden, kwargs = inputs.hidden.to(dev), kwargs_on(inputs.kwargs, dev)
+                    reports += calibrate_and_prune(block, i, plans[i], hidden, kwargs, config, method, needs)
                     if i + 1 < len(blocks):
-                        out = torch.empty_like(hidden)
-                        _run_block(block, hidden, kwargs, calib.batch_size, out)
-                        inputs.hidden = out
-                        del hidden
-            finally:
-                if moved:
-                    block.to(home)
+                        inputs.hidden = propagate(block, hidden, kwargs, config.calib.batch_size)
+                    del hidden
             block_seconds.append(time.perf_counter() - t_block)
             bar.update(1)
     finally:
@@ -233,14 +303,3 @@ def prune(
     name = model_name or getattr(getattr(model, "config", None), "_name_or_path", "") or type(model).__name__
     return PruneReport(config=config.to_dict(), model=str(name), layers=reports, block_seconds=block_seconds,
                        seconds=seconds, calibration=calibration, versions=_versions())
-
-
-def layer_sparsity(model: nn.Module, include=(), exclude=()) -> dict[str, float]:
-    """Fraction of zeros in each prunable Linear, counted from the weights."""
-    out = {}
-    for i in range(len(get_blocks(model))):
-        for name, module in prunable_linears(model, i, include, exclude).items():
-            w = module.weight
-            out[f"layers.{i}.{name}"] = float((w == 0).sum().item()) / w.numel()
-    return out
-

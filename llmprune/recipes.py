@@ -44,11 +44,11 @@ import yaml
 
 from llmprune.config import CalibConfig, EvalConfig, Pattern, PruneConfig, from_dict, to_dict
 from llmprune.errors import LlmpruneError
+from llmprune.results import DENSE
 
 RECIPE_SCHEMA = "llmprune.recipe/1"
 DEVICES = ("auto", "cpu", "cuda", "mps")
 DTYPES = ("float32", "fp32", "float16", "fp16", "bfloat16", "bf16", "auto")
-DENSE = "dense"
 
 _TOP_KEYS = ("name", "description", "dense", "defaults", "runs", "grid")
 _RUN_SCALARS = {"name": str, "model": str, "dtype": str, "device": str}
@@ -68,10 +68,6 @@ class Run:
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "model": self.model, "dtype": self.dtype, "device": self.device,
                 "prune": self.prune.to_dict(), "eval": to_dict(self.eval)}
-
-    @property
-    def slug(self) -> str:
-        return slugify(self.name)
 
 
 @dataclass(frozen=True)
@@ -374,11 +370,9 @@ def _check_method(config: PruneConfig, where: str) -> None:
             f"{where}.method: dense baselines are evaluated automatically once per model and eval "
             "settings (set `dense: false` at the top of the recipe to skip them)"
         )
-    try:
-        from llmprune.methods import needs_for
-    except ImportError:  # methods module not importable: leave the check to the pipeline
-        return
-    _wrap(f"{where}", needs_for, config)
+    from llmprune.methods import validate_config
+
+    _wrap(f"{where}", validate_config, config)
 
 
 def _resolve_run(data: dict[str, Any], where: str) -> Run:

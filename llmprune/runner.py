@@ -24,10 +24,10 @@ import torch
 from llmprune.config import EvalConfig, PruneConfig, to_dict
 from llmprune.errors import LlmpruneError
 from llmprune.evaluation import evaluate
-from llmprune.recipes import DENSE, RECIPE_SCHEMA, Recipe, Run, load_recipe, slugify
+from llmprune.recipes import RECIPE_SCHEMA, Recipe, Run, load_recipe, slugify
+from llmprune.results import DENSE, is_result, machine, result_record
 
 RECIPE_FILE = "recipe.json"
-RESULT_SCHEMA = "llmprune.result/1"
 STALE_SUFFIX = ".stale"
 
 
@@ -87,7 +87,7 @@ def _normal(obj: Any) -> Any:
 
 def _matches(record: Any, job: Job) -> bool:
     """Whether ``record`` is this job's finished result."""
-    if not isinstance(record, dict) or record.get("schema") != RESULT_SCHEMA:
+    if not is_result(record):
         return False
     if record.get("name") != job.name or record.get("model") != job.model:
         return False
@@ -142,7 +142,7 @@ def _claim_out_dir(out_dir: Path, recipe: Recipe, jobs: list[Job], force: bool) 
     recipe_file = out_dir / RECIPE_FILE
     old = _read_json(recipe_file) if recipe_file.exists() else None
     results = [p for p in sorted(out_dir.glob("*.json"))
-               if p.name != RECIPE_FILE and isinstance(r := _read_json(p), dict) and r.get("schema") == RESULT_SCHEMA]
+               if p.name != RECIPE_FILE and is_result(_read_json(p))]
     if old is not None and _comparable(old) == _comparable(new):
         return
     if old is None and not results:
@@ -199,8 +199,6 @@ def _resolve_device(device: str) -> str:
 
 
 def _machine(device: str) -> str:
-    from llmprune.io import machine
-
     text = machine()
     if device.startswith("cuda") and torch.cuda.is_available():
         text += f", {torch.cuda.get_device_name(torch.device(device))}"
@@ -208,7 +206,6 @@ def _machine(device: str) -> str:
 
 
 def _execute(job: Job, model, tokenizer, recipe: Recipe, device: str, data_dir, progress: bool) -> dict:
-    from llmprune.io import result_record
     from llmprune.pipeline import prune
 
     report = None
@@ -232,6 +229,53 @@ def _select(jobs: list[Job], only: str | Iterable[str] | None) -> list[Job]:
     return [job for job in jobs if job.name in wanted]
 
 
+def _check_inputs(jobs: list[Job], data_dir, check_models: bool = True) -> None:
+    """Every run's model name, device, data and zero-shot tasks, before the first model loads:
+    a typo in the last run of a sweep must not surface hours into it."""
+    from llmprune.data import check_available
+    from llmprune.evaluation.zeroshot import build_tasks
+    from llmprune.methods import needs_for
+    from llmprune.models import check_device, check_model_source
+
+    seen: set = set()
+    for job in jobs:
+        checks = [("device", job.device), ("data", job.eval.datasets, "eval"), ("tasks", job.eval.zeroshot)]
+        if check_models:
+            checks.append(("model", job.model))
+        if job.prune is not None and needs_for(job.prune):
+            checks.append(("data", (job.prune.calib.dataset,), "calibration"))
+        for check in checks:
+            if check in seen:
+                continue
+            seen.add(check)
+            kind = check[0]
+            if kind == "model":
+                check_model_source(job.model)
+            elif kind == "device":
+                check_device(_resolve_device(job.device))
+            elif kind == "data":
+                for name in check[1]:
+                    check_available(name, data_dir, split=check[2])
+            elif job.eval.zeroshot:
+                build_tasks(job.eval.zeroshot, data_dir)
+
+
+def _check_shapes(jobs: list[Job], model) -> None:
+    """Checks that need the model's shapes (layers matched, N:M divisibility, sequence length,
+    memory), for every run on this model, before the first of them runs."""
+    from llmprune.evaluation import check_eval_memory
+    from llmprune.pipeline import check_calibration_memory, plan_layers
+
+    for job in jobs:
+        try:
+            if job.prune is not None:
+                plan_layers(model, job.prune)
+                check_calibration_memory(model, job.prune)
+            check_eval_memory(model, job.eval)
+        except LlmpruneError as exc:
+            raise LlmpruneError(f"run {job.name!r}: {exc}") from None
+
+
 def run_recipe(
     recipe_path: str | os.PathLike,
     out_dir: str | os.PathLike,
@@ -252,19 +296,18 @@ def run_recipe(
     """
     from tqdm.auto import tqdm
 
-    from llmprune.io import write_json_atomic
+    from llmprune.io import check_output_dir, write_json_atomic
 
     recipe = load_recipe(recipe_path)
     jobs = plan(recipe)
     selected = _select(jobs, only)
-    out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise LlmpruneError(f"--out {out} is a file: give a folder for the results")
+    out = check_output_dir(out_dir, "--out")
+    pending = [job for job in selected if not _matches(_read_json(out / job.filename), job)]
+    _check_inputs(pending, data_dir, check_models=loader is None)
     out.mkdir(parents=True, exist_ok=True)
     _claim_out_dir(out, recipe, jobs, force)
     write_json_atomic(out / RECIPE_FILE, recipe.to_dict())
 
-    pending = [job for job in selected if not _matches(_read_json(out / job.filename), job)]
     if loader is None:
         from llmprune.models import load_model as loader
 
@@ -278,6 +321,7 @@ def run_recipe(
             device = _resolve_device(device)
             bar.set_postfix_str(f"loading {model_name}")
             model, tokenizer = loader(model_name, dtype=dtype, device=device)
+            _check_shapes(model_jobs, model)
             saved = snapshot_weights(model)
             dirty = False
             try:

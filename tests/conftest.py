@@ -54,6 +54,28 @@ def make_model(family: str = "llama", layers: int = 2, vocab_size: int = 512, se
     return model
 
 
+def make_family_model(model_type: str, layers: int = 2, vocab_size: int = 512, seed: int = 0, **overrides):
+    """A tiny random CausalLM of any transformers model type (``config.model_type``), float32, eval.
+
+    The same sizes as :func:`make_model`, under whichever of the usual names the family's config
+    has (OPT says ``ffn_dim``, Gemma needs ``head_dim``); token ids are moved inside the small
+    vocabulary (Phi-3's default pad id is 32000).
+    """
+    from transformers import CONFIG_MAPPING, AutoModelForCausalLM
+
+    config_cls = CONFIG_MAPPING[model_type]
+    defaults = config_cls()
+    sizes = dict(hidden_size=64, intermediate_size=128, ffn_dim=128, num_attention_heads=4, num_key_value_heads=2,
+                 head_dim=16, num_hidden_layers=layers, vocab_size=vocab_size, max_position_embeddings=256)
+    kwargs = {k: v for k, v in sizes.items() if hasattr(defaults, k)}
+    kwargs.update(pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    kwargs.update(overrides)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config_cls(**kwargs)).float().eval()
+    model.seqlen = 32
+    return model
+
+
 @pytest.fixture(scope="session")
 def tiny_tokenizer():
     return make_tokenizer()

@@ -49,10 +49,27 @@ def test_prune_end_to_end_writes_json_and_checkpoint(local_setup, tmp_path, caps
     assert json.loads((save / "llmprune.json").read_text())["pattern"] == "2:4"
 
 
-def test_eval_prints_table(local_setup, capsys):
+def test_eval_prints_the_hand_computed_perplexity(local_setup, tmp_path, capsys):
+    """The printed and stored perplexity equal exp(mean CE) of a plain forward over the windows."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = tmp_path / "e.json"
     assert main(["eval", "--model", str(local_setup / "model"), "--dataset", str(local_setup / "eval.txt"),
-                 "--seqlen", "32", "--no-progress"]) == 0
-    assert "ppl" in capsys.readouterr().out
+                 "--seqlen", "32", "--no-progress", "--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    model = AutoModelForCausalLM.from_pretrained(local_setup / "model").eval()
+    tok = AutoTokenizer.from_pretrained(local_setup / "model")
+    ids = tok((local_setup / "eval.txt").read_text(), return_tensors="pt").input_ids[0]
+    windows = ids[: ids.numel() // 32 * 32].view(-1, 32)
+    with torch.no_grad():
+        logits = model(windows).logits[:, :-1]
+    nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), windows[:, 1:].reshape(-1))
+    expected = float(torch.exp(nll))
+    stored = json.loads(out.read_text())["perplexity"][str(local_setup / "eval.txt")]
+    assert stored["windows"] == windows.shape[0]
+    assert stored["ppl"] == pytest.approx(expected, rel=1e-5)
+    assert f"{stored['ppl']:.3f}" in printed
 
 
 @pytest.mark.parametrize("args, needle", [
@@ -99,7 +116,7 @@ def test_missing_data_file_lists_searched_paths(local_setup, tmp_path, capsys):
 
 def test_missing_task_file_fails_before_model_load(tmp_path, capsys):
     (tmp_path / "tasks").mkdir()
-    assert main(["eval", "--model", "no-such-model", "--zeroshot", "boolq", "--data-dir", str(tmp_path)]) == 2
+    assert main(["eval", "--model", "nobody/no-such-model", "--zeroshot", "boolq", "--data-dir", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip()
     assert "boolq" in err and str(tmp_path) in err and len(err.splitlines()) == 1
 

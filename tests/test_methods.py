@@ -10,7 +10,7 @@ import torch
 
 from llmprune.config import PruneConfig
 from llmprune.errors import LlmpruneError
-from llmprune.methods import METHODS, LayerStats, get_method, needs_for, register
+from llmprune.methods import METHODS, LayerStats, get_method, needs_for, register, validate_config
 
 
 def prune(method: str, weight, stats=None, **kw):
@@ -72,10 +72,11 @@ def test_needs_for(kw, needs):
     dict(method="wanda", use_variant=True, pattern="2:4"),
     dict(method="sparsegpt", group="row"),
     dict(method="sparsegpt", use_variant=True),
+    dict(method="sparsegpt", pattern="2:4", blocksize=126),
 ])
 def test_unsupported_combinations_fail_before_calibration(kw):
     with pytest.raises(LlmpruneError):
-        needs_for(PruneConfig(**kw))
+        validate_config(PruneConfig(**kw))
 
 
 # ---- magnitude ----------------------------------------------------------------------------------
@@ -143,10 +144,16 @@ def test_wanda_variant_reaches_target():
     assert "alpha" in info
 
 
-def test_wanda_variant_with_nm_raises():
-    w = torch.randn(2, 8)
-    with pytest.raises(LlmpruneError, match="unstructured"):
-        prune("wanda", w, LayerStats(1, torch.ones(8)), pattern="2:4", use_variant=True)
+def test_pipeline_validates_options_before_any_calibration(tiny_model, tiny_tokenizer):
+    """SparseGPT's blocksize % M used to fire only after block 0 was calibrated."""
+    from llmprune.pipeline import prune as prune_model
+
+    before = [p.detach().clone() for p in tiny_model.parameters()]
+    config = PruneConfig(method="sparsegpt", pattern="2:4", blocksize=126,
+                         calib={"dataset": "/nonexistent/calib.jsonl", "nsamples": 2, "seqlen": 16})
+    with pytest.raises(LlmpruneError, match="blocksize 126"):  # not the missing calibration file
+        prune_model(tiny_model, tiny_tokenizer, config, progress=False)
+    assert all(torch.equal(a, b) for a, b in zip(before, tiny_model.parameters()))
 
 
 # ---- sparsegpt and common behaviour -------------------------------------------------------------

@@ -4,31 +4,34 @@ from __future__ import annotations
 
 import csv
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
+from llmprune.config import PruneConfig
 from llmprune.errors import LlmpruneError
 from llmprune.report import write_report
+from llmprune.results import DENSE, RESULT_SCHEMA, effective_group_metric
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-DEFAULT_GROUP = {"magnitude": ("layer", "weight"), "wanda": ("row", "wanda"), "sparsegpt": ("layer", None)}
 
 
 def record(name, method, sparsity=0.5, pattern="unstructured", ppl=None, group=None, metric=None, nsamples=32,
            acc=None, seconds=1.5, model="tiny", seqlen=2048):
-    """A result in the shared schema (llmprune.result/1), as the runner writes it."""
-    dense = method == "dense"
+    """A result in the shared schema, as the runner writes it (group and metric the effective ones)."""
+    dense = method == DENSE
     if not dense:
-        default_group, default_metric = DEFAULT_GROUP[method]
-        group = None if ":" in pattern else (group or default_group)
-        metric = metric or default_metric
+        group, metric = effective_group_metric(
+            PruneConfig(method=method, sparsity=None if ":" in pattern else sparsity, pattern=pattern,
+                        group=group, metric=metric))
     zeroshot = None
     if acc is not None:
         zeroshot = {"tasks": {t: {"acc": a, "acc_stderr": 0.01} for t, a in acc.items()},
                     "mean_acc": sum(acc.values()) / len(acc)}
     return {
-        "schema": "llmprune.result/1", "name": name, "model": model, "method": method,
+        "schema": RESULT_SCHEMA, "name": name, "model": model, "method": method,
         "sparsity": 0.0 if dense else sparsity, "pattern": pattern, "group": None if dense else group,
         "metric": None if dense else metric, "nsamples": None if dense or method == "magnitude" else nsamples,
         "seed": None if dense or method == "magnitude" else 0,
@@ -215,3 +218,38 @@ def test_empty_folder_is_a_user_error(tmp_path):
     (tmp_path / "broken.json").write_text("{")
     with pytest.raises(LlmpruneError, match="broken.json is not valid JSON"):
         write_report(tmp_path)
+
+
+# Run in a fresh interpreter: torch, transformers and lm_eval cannot be imported, and every attempt
+# is recorded (even one a try/except would swallow), so the report is made from JSON alone.
+NO_TORCH = """
+import sys
+BLOCKED = ("torch", "transformers", "lm_eval")
+assert not any(name.split(".")[0] in BLOCKED for name in sys.modules)
+attempts = []
+
+class Block:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in BLOCKED:
+            attempts.append(name)
+            raise ModuleNotFoundError(f"{name} is blocked in this test")
+        return None
+
+sys.meta_path.insert(0, Block())
+from llmprune.cli import main
+code = main(["report", sys.argv[1]])
+if attempts:
+    sys.exit(f"tried to import {sorted(set(attempts))}")
+sys.exit(code)
+"""
+
+
+def test_report_imports_no_torch_transformers_or_lm_eval(paper):
+    expected = {name: path.read_bytes() for name, path in write_report(paper).items()}
+    for name in expected:
+        (paper / name).unlink()
+    done = subprocess.run([sys.executable, "-c", NO_TORCH, str(paper)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    # the same bytes as in-process, zero-shot tables (task order) and the pattern plot included
+    assert {name: (paper / name).read_bytes() for name in expected} == expected
+    assert "ppl_by_pattern_ptb_tiny.png" in expected and "Zero-shot accuracy per task" in expected["summary.md"].decode()

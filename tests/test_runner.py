@@ -15,6 +15,7 @@ from llmprune.calibration import hook_count
 from llmprune.errors import LlmpruneError
 from llmprune.models import get_blocks, prunable_linears
 from llmprune.recipes import load_recipe
+from llmprune.results import DENSE, RESULT_SCHEMA
 from llmprune.runner import plan, restore_weights, run_recipe, snapshot_weights
 
 WORDS = ("the quick brown fox jumps over the lazy dog a stitch in time saves nine "
@@ -100,14 +101,17 @@ def test_run_writes_results_dense_baseline_recipe_and_report(tmp_path, data, tok
     assert [p.name for p in paths] == ["dense.json", "magnitude-50.json", "wanda-2_4.json"]
     assert len(loader.calls) == 1  # one load for the model, restored between runs
     dense, magnitude, wanda = (json.loads(p.read_text()) for p in paths)
-    assert dense["method"] == "dense" and dense["sparsity"] == 0.0 and dense["config"] is None
+    assert dense["method"] == DENSE and dense["sparsity"] == 0.0 and dense["config"] is None
     assert dense["prune"] is None and dense["prune_seconds"] is None
     assert magnitude["method"] == "magnitude" and (magnitude["group"], magnitude["metric"]) == ("layer", "weight")
     assert magnitude["nsamples"] is None  # magnitude uses no calibration data
     assert wanda["pattern"] == "2:4" and wanda["metric"] == "wanda" and wanda["nsamples"] == 4
     assert wanda["prune"]["overall_sparsity"] == pytest.approx(0.5)
+    for record in (magnitude, wanda):  # the record shows the group/metric every layer was pruned with
+        layers = record["prune"]["layers"]
+        assert {(la["info"]["group"], la["info"]["metric"]) for la in layers} == {(record["group"], record["metric"])}
     for record in (dense, magnitude, wanda):
-        assert record["schema"] == "llmprune.result/1" and record["recipe"] == "tiny"
+        assert record["schema"] == RESULT_SCHEMA and record["recipe"] == "tiny"
         assert record["eval"]["seqlen"] == 32 and record["model"] == "tiny-llama"
         assert set(record) >= {"versions", "machine", "zeroshot", "perplexity", "prune_seconds", "config"}
     assert ppl_of(paths[0]) < ppl_of(paths[1]) or ppl_of(paths[0]) < ppl_of(paths[2])
@@ -205,7 +209,7 @@ def test_different_recipe_in_the_same_out_dir_is_refused_unless_forced(tmp_path,
 def test_folder_of_loose_results_is_refused(tmp_path, data, tokenizer):
     out = tmp_path / "out"
     out.mkdir()
-    (out / "x.json").write_text(json.dumps({"schema": "llmprune.result/1", "name": "x"}))
+    (out / "x.json").write_text(json.dumps({"schema": RESULT_SCHEMA, "name": "x"}))
     with pytest.raises(LlmpruneError, match="no recipe.json"):
         run_recipe(write_recipe(tmp_path, data, TWO_RUNS), out, loader=Loader(tokenizer), progress=False)
 
@@ -240,3 +244,27 @@ def test_zeroshot_results_reach_the_record_and_the_report(tmp_path, data, tokeni
         assert zeroshot["tasks"]["rte"]["n"] == 4 and 0.0 <= zeroshot["mean_acc"] <= 1.0
     md = (tmp_path / "out" / "summary.md").read_text()
     assert "## Mean zero-shot accuracy (%): tiny-llama" in md and "Tasks: rte; first 4 documents per task." in md
+
+
+def test_every_run_is_checked_before_the_first_model_loads(tmp_path, data, tokenizer):
+    """A missing data file in the last run fails the sweep at once, not after the first runs."""
+    runs = TWO_RUNS + f'  - {{name: late, prune: {{method: wanda}}, eval: {{datasets: ["{tmp_path / "gone.txt"}"]}}}}\n'
+    loader = Loader(tokenizer)
+    with pytest.raises(LlmpruneError, match="gone.txt"):
+        run_recipe(write_recipe(tmp_path, data, runs), tmp_path / "out", loader=loader, progress=False)
+    assert loader.calls == [] and not (tmp_path / "out").exists()
+
+
+def test_shape_errors_of_a_later_run_fail_before_the_first_run(tmp_path, data, tokenizer):
+    runs = TWO_RUNS + "  - {name: bad-include, prune: {method: wanda, include: ['*.nothing']}}\n"
+    with pytest.raises(LlmpruneError, match="bad-include.*no prunable layer"):
+        run_recipe(write_recipe(tmp_path, data, runs), tmp_path / "out", loader=Loader(tokenizer), progress=False)
+    assert not list((tmp_path / "out").glob("magnitude*.json")) and not list((tmp_path / "out").glob("dense*.json"))
+
+
+def test_out_that_cannot_be_made_is_refused_first(tmp_path, data, tokenizer):
+    (tmp_path / "file").write_text("x")
+    loader = Loader(tokenizer)
+    with pytest.raises(LlmpruneError, match="not a folder"):
+        run_recipe(write_recipe(tmp_path, data, TWO_RUNS), tmp_path / "file" / "out", loader=loader, progress=False)
+    assert loader.calls == []

@@ -3,7 +3,7 @@ in-memory model runs end to end.
 
 lm-eval's registered tasks are built offline: their own YAML config, with ``custom_dataset``
 handing over documents this file converts from the original release rows to the hub schema (by
-its own code, independent of eval/tasks/utils.py). Nothing here touches the network.
+its own code, independent of llmprune/tasks/utils.py). Nothing here touches the network.
 """
 
 from __future__ import annotations
@@ -250,6 +250,17 @@ def test_bad_arguments(data_dir):
         zs.zeroshot(None, None, "boolq", limit=0, data_dir=data_dir)
     with pytest.raises(LlmpruneError, match="batch_size"):
         zs.zeroshot(None, None, "boolq", batch_size=0, data_dir=data_dir)
+
+
+def test_tasks_dir_default_is_package_data(monkeypatch):
+    """The YAMLs ship inside the package, so a wheel install finds them without the repo."""
+    import llmprune
+
+    monkeypatch.delenv(zs.TASKS_DIR_ENV, raising=False)
+    folder = zs.tasks_dir()
+    assert folder == Path(llmprune.__file__).resolve().parent / "tasks"
+    assert {p.stem for p in folder.glob("*.yaml")} == set(zs.AVAILABLE_TASKS)
+    assert (folder / "utils.py").is_file()
 
 
 def test_tasks_dir_override(tmp_path, monkeypatch, data_dir):

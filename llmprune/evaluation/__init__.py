@@ -6,6 +6,7 @@ import dataclasses
 from typing import Any
 
 from llmprune.config import EvalConfig
+from llmprune.errors import LlmpruneError
 
 
 def evaluate(model, tokenizer, evaluation: EvalConfig, data_dir=None, progress: bool = True
@@ -16,10 +17,9 @@ def evaluate(model, tokenizer, evaluation: EvalConfig, data_dir=None, progress: 
     resolved config has the seqlen actually used (the model's when the config leaves it open).
     """
     from llmprune.evaluation.perplexity import evaluate_perplexity
-    from llmprune.models import default_seqlen
+    from llmprune.models import resolve_seqlen
 
-    seqlen = evaluation.seqlen or getattr(model, "seqlen", None) or default_seqlen(model)
-    resolved = dataclasses.replace(evaluation, seqlen=int(seqlen))
+    resolved = dataclasses.replace(evaluation, seqlen=resolve_seqlen(model, evaluation.seqlen))
     perplexity = {
         dataset: evaluate_perplexity(model, tokenizer, dataset, resolved.seqlen, data_dir=data_dir,
                                      batch_size=resolved.batch_size, max_windows=resolved.max_windows,
@@ -33,3 +33,27 @@ def evaluate(model, tokenizer, evaluation: EvalConfig, data_dir=None, progress: 
         zeroshot = run_zeroshot(model, tokenizer, list(resolved.zeroshot), limit=resolved.limit,
                                 batch_size=resolved.batch_size, data_dir=data_dir, progress=progress)
     return resolved, perplexity, zeroshot
+
+
+def check_eval_memory(model, evaluation: EvalConfig) -> None:
+    """Refuse an evaluation batch whose logits cannot fit, naming the limit.
+
+    A perplexity batch materialises ``batch x seqlen x vocab`` float32 logits, and about as much
+    again for the log-softmax; with a 128k vocabulary that is 1 GiB per 2048-token window.
+    """
+    if not evaluation.datasets:
+        return
+    from llmprune.calibration import available_bytes, block_device
+    from llmprune.models import get_blocks, resolve_seqlen
+
+    seqlen = resolve_seqlen(model, evaluation.seqlen)
+    vocab = int(model.get_output_embeddings().weight.shape[0])
+    per_window = 2 * seqlen * vocab * 4
+    free = available_bytes(block_device(get_blocks(model)[-1]))
+    if free is not None and evaluation.batch_size * per_window > free:
+        fits = max(int(free // per_window), 1)
+        raise LlmpruneError(
+            f"evaluation batch size {evaluation.batch_size} x seqlen {seqlen} needs about "
+            f"{evaluation.batch_size * per_window / 2**30:.1f} GiB for the logits, but {free / 2**30:.1f} GiB are "
+            f"free: use --batch-size {fits} or less"
+        )

@@ -5,11 +5,12 @@ Models", Table 2) judges a pruned model by lm-eval's zero-shot accuracy on BoolQ
 WinoGrande, ARC-e, ARC-c and OBQA, and reports their mean; PIQA is offered too.
 
 Where the tasks come from:
-- with a data dir (``data_dir=`` or ``$LLMPRUNE_DATA_DIR``): the task YAMLs in ``eval/tasks/``
-  (or ``$LLMPRUNE_TASKS_DIR``). Each copies the prompt, choices, target and metrics of lm-eval's
-  registered task and reads the original release file from the data dir, converted row by row
-  to the hub schema the registered task expects. The data dir reaches the readers as lm-eval task
-  metadata (``TaskManager(metadata={"data_dir": ...})``, the same as ``lm_eval --metadata``).
+- with a data dir (``data_dir=`` or ``$LLMPRUNE_DATA_DIR``): the task YAMLs shipped in the
+  package, ``llmprune/tasks/`` (or ``$LLMPRUNE_TASKS_DIR``). Each copies the prompt, choices,
+  target and metrics of lm-eval's registered task and reads the original release file from the
+  data dir, converted row by row to the hub schema the registered task expects. The data dir
+  reaches the readers as lm-eval task metadata (``TaskManager(metadata={"data_dir": ...})``, the
+  same as ``lm_eval --metadata``).
 - without one: lm-eval's registered tasks by name (they download their datasets from the hub).
 
 The model is wrapped in lm-eval's ``HFLM(pretrained=model, tokenizer=tokenizer)``, which never
@@ -32,9 +33,7 @@ from pathlib import Path
 import llmprune
 from llmprune.data import resolve_data_dir
 from llmprune.errors import LlmpruneError
-
-AVAILABLE_TASKS = ("boolq", "rte", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa", "piqa")
-WANDA_TASKS = AVAILABLE_TASKS[:7]  # the paper's seven, in its column order
+from llmprune.results import AVAILABLE_TASKS  # defined there: reports order tasks without torch
 TASKS_DIR_ENV = "LLMPRUNE_TASKS_DIR"
 REGISTRY_SOURCE = "lm-eval registry"
 
@@ -51,11 +50,13 @@ _BENIGN_LOG_MESSAGES = (
 # ----------------------------------------------------------------------------- task selection
 
 def tasks_dir() -> Path:
-    """Folder of the local task YAMLs: ``$LLMPRUNE_TASKS_DIR``, else ``<repo>/eval/tasks``."""
+    """Folder of the local task YAMLs: ``$LLMPRUNE_TASKS_DIR``, else ``llmprune/tasks`` in the
+    installed package (package data, so a plain wheel install evaluates offline too)."""
     chosen = os.environ.get(TASKS_DIR_ENV)
-    path = Path(chosen).expanduser() if chosen else Path(llmprune.__file__).resolve().parents[1] / "eval" / "tasks"
+    path = Path(chosen).expanduser() if chosen else Path(llmprune.__file__).resolve().parent / "tasks"
     if not path.is_dir():
-        raise LlmpruneError(f"task folder {path} does not exist: set ${TASKS_DIR_ENV} to the repo's eval/tasks")
+        where = f"${TASKS_DIR_ENV}" if chosen else "the llmprune installation"
+        raise LlmpruneError(f"task folder {path} does not exist: check {where} (the task YAMLs ship in llmprune/tasks)")
     return path
 
 

@@ -22,7 +22,7 @@ import datasets
 
 try:  # inside llmprune, bad files are user errors the CLI reports in one line
     from llmprune.errors import LlmpruneError as TaskDataError
-except ImportError:  # plain `lm_eval --include_path eval/tasks` without llmprune importable
+except ImportError:  # plain `lm_eval --include_path <this folder>` without llmprune importable
     TaskDataError = ValueError  # type: ignore[misc,assignment]
 
 DATA_DIR_ENV = "LLMPRUNE_DATA_DIR"

@@ -1,0 +1,166 @@
+"""Plots of perplexity from parsed results, one PNG per kind and scope.
+
+perplexity vs sparsity per method (log y) when unstructured sparsity varies, grouped bars per
+pattern when N:M columns are present, perplexity vs calibration samples (log2 x) when
+``nsamples`` varies, grouped bars when the comparison group or metric varies. Each function
+returns None when its comparison is not in the results.
+
+matplotlib's object API on the Agg canvas: no global pyplot state, no display needed. PNGs are
+saved without the "Software" stamp, so the same results and matplotlib give the same bytes.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Callable
+
+from llmprune.io import write_atomic
+from llmprune.report.tables import (KNOBS, METHOD_LABELS, knob_order, method_rank,
+                                    varies_within_method)
+from llmprune.results import MISSING, Result
+
+
+def _new_figure():
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6.4, 4.2), dpi=120)
+    FigureCanvasAgg(fig)
+    return fig, fig.add_subplot(1, 1, 1)
+
+
+def _finish(fig, ax, path: Path, xlabel: str, ylabel: str, title: str, grid_axis: str = "both",
+            grid_which: str = "major") -> Path:
+    """Labels, title, grid and legend, then a tight layout saved atomically as PNG."""
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
+    ax.grid(True, axis=grid_axis, which=grid_which, alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return write_atomic(path, lambda f: fig.savefig(f, format="png", metadata={"Software": None}))
+
+
+def _finite(value: float | None) -> bool:
+    return value is not None and math.isfinite(value) and value > 0
+
+
+def _dense_line(ax, dense: list[Result], dataset: str) -> None:
+    if dense and _finite(dense[0].ppl.get(dataset)):
+        ax.axhline(dense[0].ppl[dataset], color="gray", linestyle="--", linewidth=1, label="Dense")
+
+
+def _series(results: list[Result], layout_knobs: list[str], x: Callable[[Result], Any],
+            dataset: str) -> dict[tuple, tuple[str, list[tuple[Any, float]]]]:
+    """Lines keyed by method and the other varying knobs; points sorted by x."""
+    lines: dict[tuple, tuple[str, list]] = {}
+    for r in results:
+        y = r.ppl.get(dataset)
+        if not _finite(y):
+            continue
+        key = (method_rank(r.method),) + tuple(knob_order(k, r.knob(k)) for k in layout_knobs)
+        extra = [f"{k}={r.knob_label(k)}" for k in layout_knobs if r.knob(k) is not None]
+        label = METHOD_LABELS.get(r.method, r.method) + (f" ({', '.join(extra)})" if extra else "")
+        points = lines.setdefault(key, (label, []))[1]
+        if all(px != x(r) for px, _ in points):
+            points.append((x(r), y))
+    return {k: (label, sorted(points)) for k, (label, points) in sorted(lines.items())}
+
+
+def _log_y(ax) -> None:
+    """Log y with plain numbers (40, not 4x10^1) on the ticks."""
+    from matplotlib.ticker import LogFormatter
+
+    ax.set_yscale("log")
+    ax.yaxis.set_major_formatter(LogFormatter())
+    ax.yaxis.set_minor_formatter(LogFormatter(labelOnlyBase=False, minor_thresholds=(2, 0.4)))
+
+
+def plot_sparsity(results: list[Result], dataset: str, title: str, path: Path) -> Path | None:
+    """Perplexity vs unstructured sparsity, one line per method (log y)."""
+    pruned = [r for r in results if not r.dense and r.nm is None]
+    if len({round(r.sparsity, 9) for r in pruned}) < 2:
+        return None
+    others = [k for k in KNOBS if varies_within_method(pruned, k)]
+    fig, ax = _new_figure()
+    for label, points in _series(pruned, others, lambda r: round(r.sparsity * 100, 6), dataset).values():
+        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=label)
+    _dense_line(ax, [r for r in results if r.dense], dataset)
+    _log_y(ax)
+    return _finish(fig, ax, path, "unstructured sparsity (%)", f"{dataset} perplexity (log scale)", title,
+                   grid_which="both")
+
+
+def plot_nsamples(results: list[Result], dataset: str, title: str, path: Path) -> Path | None:
+    """Perplexity vs number of calibration samples (log2 x), one line per method."""
+    pruned = [r for r in results if not r.dense and r.nsamples is not None]
+    if not varies_within_method(pruned, "nsamples"):
+        return None
+    others = [k for k in ("setting",) + KNOBS if k != "nsamples" and varies_within_method(pruned, k)]
+    fig, ax = _new_figure()
+    ticks: set[int] = set()
+    for label, points in _series(pruned, others, lambda r: r.nsamples, dataset).values():
+        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=label)
+        ticks.update(p[0] for p in points)
+    _dense_line(ax, [r for r in results if r.dense], dataset)
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(sorted(ticks))
+    ax.set_xticklabels([str(t) for t in sorted(ticks)])
+    return _finish(fig, ax, path, "calibration samples", f"{dataset} perplexity", title)
+
+
+def plot_pattern(results: list[Result], dataset: str, title: str, path: Path) -> Path | None:
+    """Grouped bars for a paper-style table with N:M columns: pattern on x, one bar per method (log y)."""
+    pruned = [r for r in results if not r.dense and _finite(r.ppl.get(dataset))]
+    if not any(r.nm is not None for r in pruned) or not varies_within_method(pruned, "setting"):
+        return None
+    others = [k for k in KNOBS if varies_within_method(pruned, k)]
+    settings = sorted({(r.setting, r.setting_label) for r in pruned})
+    columns = [label for _, label in settings]
+    bars = _series(pruned, others, lambda r: r.setting, dataset)
+    fig, ax = _new_figure()
+    width = 0.8 / max(len(bars), 1)
+    for j, (label, points) in enumerate(bars.values()):
+        where = {key: i for i, (key, _) in enumerate(settings)}
+        xs = [where[x] + (j - (len(bars) - 1) / 2) * width for x, _ in points]
+        ax.bar(xs, [y for _, y in points], width=width, label=label)
+    _dense_line(ax, [r for r in results if r.dense], dataset)
+    _log_y(ax)
+    ax.set_xticks(range(len(columns)))
+    ax.set_xticklabels(columns)
+    return _finish(fig, ax, path, "sparsity pattern", f"{dataset} perplexity (log scale)", title,
+                   grid_axis="y", grid_which="both")
+
+
+def plot_group_metric(results: list[Result], dataset: str, title: str, path: Path) -> Path | None:
+    """Grouped bars: comparison group on x, one bar per metric (and method)."""
+    pruned = [r for r in results if not r.dense and _finite(r.ppl.get(dataset))]
+    if not (varies_within_method(pruned, "group") or varies_within_method(pruned, "metric")):
+        return None
+    others = [k for k in ("setting",) + KNOBS if k not in ("group", "metric") and varies_within_method(pruned, k)]
+    groups = sorted({r.group for r in pruned}, key=lambda g: knob_order("group", g))
+    bars: dict[tuple, tuple[str, dict]] = {}
+    for r in pruned:
+        key = (method_rank(r.method), knob_order("metric", r.metric)) + tuple(knob_order(k, r.knob(k)) for k in others)
+        extra = [f"{k}={r.knob_label(k)}" for k in others if r.knob(k) is not None]
+        label = f"{METHOD_LABELS.get(r.method, r.method)}, metric {r.knob_label('metric')}"
+        label += f" ({', '.join(extra)})" if extra else ""
+        bars.setdefault(key, (label, {}))[1].setdefault(r.group, r.ppl[dataset])
+    fig, ax = _new_figure()
+    width = 0.8 / max(len(bars), 1)
+    for j, (label, values) in enumerate(v for _, v in sorted(bars.items())):
+        xs = [i + (j - (len(bars) - 1) / 2) * width for i, g in enumerate(groups) if g in values]
+        ax.bar(xs, [values[g] for g in groups if g in values], width=width, label=label)
+    _dense_line(ax, [r for r in results if r.dense], dataset)
+    heights = [r.ppl[dataset] for r in pruned]
+    if max(heights) > 10 * min(heights):  # e.g. the activation-only metric: keep the others readable
+        _log_y(ax)
+    ax.set_xticks(range(len(groups)))
+    ax.set_xticklabels([MISSING if g is None else str(g) for g in groups])
+    return _finish(fig, ax, path, "comparison group", f"{dataset} perplexity", title, grid_axis="y")
+
+
+# (file-name prefix, plot function) in the order the report lists them
+PLOTS = (("ppl_vs_sparsity", plot_sparsity), ("ppl_by_pattern", plot_pattern),
+         ("ppl_vs_nsamples", plot_nsamples), ("ppl_by_group_metric", plot_group_metric))

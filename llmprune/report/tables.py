@@ -1,0 +1,246 @@
+"""Markdown and CSV tables from parsed results, and the display order everything shares.
+
+A paper-style table puts methods on the rows and the pattern/sparsity on the columns, or the
+ablated knob when only that varies (``choose_layout``); the dense model's number fills every
+column of its row, as the reference for each. Every order is explicit (the papers' order for
+methods, groups and metrics), so the same files always give the same bytes.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable
+
+from llmprune.results import MISSING, Result, percent, task_order
+
+METHOD_ORDER = ("dense", "magnitude", "sparsegpt", "wanda")
+METHOD_LABELS = {"dense": "Dense", "magnitude": "Magnitude", "sparsegpt": "SparseGPT", "wanda": "Wanda"}
+# settings besides method and pattern/sparsity that an ablation may vary, in display order
+KNOBS = ("group", "metric", "nsamples", "seed", "calib")
+KNOB_TITLES = {"setting": "sparsity", "group": "group", "metric": "metric", "nsamples": "nsamples",
+               "seed": "seed", "calib": "calibration data"}
+# groups and metrics in the order the papers list them, not alphabetical
+_KNOWN_ORDER = {"group": ("row", "column", "layer"), "metric": ("weight", "activation", "wanda")}
+
+
+# ---------------------------------------------------------------------------------------------
+# order (shared with plots.py)
+
+
+def method_rank(method: str) -> tuple:
+    return (METHOD_ORDER.index(method), "") if method in METHOD_ORDER else (len(METHOD_ORDER), method)
+
+
+def none_last(value: Any) -> tuple:
+    return (value is None, value if value is not None else 0)
+
+
+def knob_order(knob: str, value: Any) -> tuple:
+    known = _KNOWN_ORDER.get(knob, ())
+    rank = known.index(value) if value in known else len(known)
+    return (value is None, rank, value if value is not None else 0)
+
+
+def sort_key(r: Result) -> tuple:
+    return (r.model, method_rank(r.method), r.setting, knob_order("group", r.group), knob_order("metric", r.metric),
+            none_last(r.nsamples), none_last(r.seed), none_last(r.calib), none_last(r.eval_seqlen), r.name, r.file)
+
+
+def varies_within_method(results: list[Result], knob: str) -> bool:
+    by_method: dict[str, set] = {}
+    for r in results:
+        value = r.knob(knob)
+        if value is not None:
+            by_method.setdefault(r.method, set()).add(value)
+    return any(len(values) > 1 for values in by_method.values())
+
+
+# ---------------------------------------------------------------------------------------------
+# pivot: which knob goes on the columns, which on the rows
+
+
+@dataclass
+class Layout:
+    column: str  # "setting" or one of KNOBS
+    row_knobs: list[str]
+
+    def row_key(self, r: Result) -> tuple:
+        if r.dense:
+            return ((), )
+        return (method_rank(r.method), tuple(knob_order(k, r.knob(k)) for k in self.row_knobs))
+
+    def row_label(self, r: Result) -> str:
+        label = METHOD_LABELS.get(r.method, r.method)
+        if r.dense:
+            return label
+        extra = [f"{k}={r.knob_label(k)}" for k in self.row_knobs if r.knob(k) is not None]
+        return f"{label} ({', '.join(extra)})" if extra else label
+
+    def col_key(self, r: Result) -> tuple:
+        return knob_order(self.column, r.knob(self.column))
+
+
+def choose_layout(results: list[Result]) -> Layout:
+    pruned = [r for r in results if not r.dense]
+    row_knobs = [k for k in KNOBS if varies_within_method(pruned, k)]
+    if len({r.setting for r in pruned}) > 1 or not row_knobs:
+        return Layout("setting", row_knobs)
+    return Layout(row_knobs[0], row_knobs[1:])
+
+
+def _fmt(value: float | None, digits: int = 2, scale: float = 1.0) -> str:
+    if value is None:
+        return MISSING
+    if math.isnan(value):
+        return "nan"
+    if math.isinf(value):
+        return "inf"
+    return f"{value * scale:.{digits}f}"
+
+
+def _markdown(header: list[str], rows: list[list[str]], align: list[str] | None = None) -> list[str]:
+    align = align or ["l"] + ["r"] * (len(header) - 1)
+    rule = ["---:" if a == "r" else ":---" for a in align]
+    lines = ["| " + " | ".join(header) + " |", "| " + " | ".join(rule) + " |"]
+    lines += ["| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |" for row in rows]
+    return lines
+
+
+def pivot(results: list[Result], value: Callable[[Result], float | None], digits: int = 2,
+          scale: float = 1.0) -> list[str]:
+    """A markdown table: rows are methods (plus varying knobs), columns the layout's knob. The
+    dense model's value fills every column of its row, as the reference for each."""
+    results = [r for r in results if value(r) is not None]
+    layout = choose_layout(results)
+    pruned = [r for r in results if not r.dense]
+    columns: dict[tuple, str] = {}
+    for r in sorted(pruned, key=lambda r: (layout.col_key(r), sort_key(r))):
+        columns.setdefault(layout.col_key(r), r.knob_label(layout.column))
+    if not columns:  # only dense results: a single column
+        columns[()] = "dense"
+    rows: dict[tuple, tuple[str, dict[tuple, float | None]]] = {}
+    for r in results:  # already sorted, so the first result for a cell wins
+        label, cells = rows.setdefault(layout.row_key(r), (layout.row_label(r), {}))
+        if r.dense:
+            for key in columns:
+                cells.setdefault(key, value(r))
+        else:
+            cells.setdefault(layout.col_key(r), value(r))
+    corner = "Method" if layout.column == "setting" else f"Method / {KNOB_TITLES[layout.column]}"
+    body = [[label] + [_fmt(cells.get(key), digits, scale) for key in columns]
+            for _, (label, cells) in sorted(rows.items(), key=lambda item: item[0])]
+    return _markdown([corner] + list(columns.values()), body)
+
+
+# ---------------------------------------------------------------------------------------------
+# scopes: results that belong in one table (same model and evaluation)
+
+
+def _short_model(model: str) -> str:
+    return model.rstrip("/").split("/")[-1]
+
+
+def _slug(text: str) -> str:
+    from llmprune.recipes import slugify
+
+    return slugify(text)
+
+
+def ppl_scopes(results: list[Result]) -> dict[tuple, list[Result]]:
+    scopes: dict[tuple, list[Result]] = {}
+    for r in results:
+        for dataset in r.ppl:
+            scopes.setdefault((r.model, dataset, none_last(r.eval_seqlen), none_last(r.max_windows)), []).append(r)
+    return dict(sorted(scopes.items()))
+
+
+def scope_title(model: str, dataset: str, seqlen: tuple, max_windows: tuple) -> str:
+    extra = [] if seqlen[0] else [f"seqlen {seqlen[1]}"]
+    if not max_windows[0]:
+        extra.append(f"first {max_windows[1]} windows")
+    return f"Perplexity on {dataset}: {model}" + (f" ({', '.join(extra)})" if extra else "")
+
+
+def scope_slugs(scopes: Iterable[tuple]) -> dict[tuple, str]:
+    """A file-name part per scope, made longer only where two scopes would share one."""
+    scopes = list(scopes)
+    base = {s: _slug(f"{s[1]}_{_short_model(s[0])}") for s in scopes}
+    counts: dict[str, int] = {}
+    for slug in base.values():
+        counts[slug] = counts.get(slug, 0) + 1
+    out = {}
+    for s, slug in base.items():
+        if counts[slug] > 1:
+            slug += f"_seq{s[2][1]}" + ("" if s[3][0] else f"_w{s[3][1]}")
+        out[s] = slug
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# summary.csv and the tables of summary.md besides perplexity
+
+
+def _number(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return repr(value)
+    return str(value)
+
+
+def summary_csv(results: list[Result]) -> str:
+    datasets = sorted({d for r in results for d in r.ppl})
+    tasks = task_order({t for r in results for t in r.acc})
+    header = (["name", "recipe", "model", "method", "sparsity", "pattern", "group", "metric", "nsamples", "seed",
+               "calib_dataset", "eval_seqlen"] + [f"ppl_{d}" for d in datasets] + [f"acc_{t}" for t in tasks]
+              + ["mean_acc", "prune_seconds", "actual_sparsity", "file"])
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(header)
+    for r in results:
+        writer.writerow([r.name, r.recipe or "", r.model, r.method, _number(r.sparsity), r.pattern,
+                         r.group or "", r.metric or "", _number(r.nsamples), _number(r.seed), r.calib or "",
+                         _number(r.eval_seqlen)]
+                        + [_number(r.ppl.get(d)) for d in datasets] + [_number(r.acc.get(t)) for t in tasks]
+                        + [_number(r.mean_acc), _number(r.prune_seconds), _number(r.actual_sparsity), r.file])
+    return buffer.getvalue()
+
+
+def run_table(results: list[Result]) -> list[str]:
+    """One row per run with every setting."""
+    datasets = sorted({d for r in results for d in r.ppl})
+    with_acc = any(r.mean_acc is not None for r in results)
+    header = ["name", "model", "method", "sparsity", "pattern", "group", "metric", "nsamples"]
+    header += [f"ppl {d}" for d in datasets] + (["mean acc (%)"] if with_acc else []) + ["prune s"]
+    rows = []
+    for r in results:
+        row = [r.name, r.model, r.method, percent(r.sparsity), r.pattern, r.group or MISSING, r.metric or MISSING,
+               MISSING if r.nsamples is None else str(r.nsamples)]
+        row += [_fmt(r.ppl.get(d)) for d in datasets]
+        row += [_fmt(r.mean_acc, 2, 100.0)] if with_acc else []
+        row += [_fmt(r.prune_seconds, 1)]
+        rows.append(row)
+    return _markdown(header, rows, ["l"] * 8 + ["r"] * (len(header) - 8))
+
+
+def zeroshot_sections(results: list[Result]) -> list[str]:
+    """Per model and task set: the mean-accuracy pivot, then accuracy per task and run."""
+    scoped: dict[tuple, list[Result]] = {}
+    for r in results:
+        if r.mean_acc is not None:
+            scoped.setdefault((r.model, r.zs_key), []).append(r)
+    lines: list[str] = []
+    for (model, (tasks, limit)), rows in sorted(scoped.items(), key=lambda item: (item[0][0], item[0][1][0],
+                                                                                 none_last(item[0][1][1]))):
+        where = f"{', '.join(tasks)}" + (f"; first {limit} documents per task" if limit else "")
+        lines += [f"## Mean zero-shot accuracy (%): {model}", "", f"Tasks: {where}.", ""]
+        lines += pivot(rows, lambda r: r.mean_acc, 2, 100.0) + [""]
+        lines += [f"### Zero-shot accuracy per task (%): {model}", ""]
+        body = [[r.name, METHOD_LABELS.get(r.method, r.method), MISSING if r.dense else r.setting_label]
+                + [_fmt(r.acc.get(t), 2, 100.0) for t in tasks] + [_fmt(r.mean_acc, 2, 100.0)] for r in rows]
+        lines += _markdown(["name", "method", "sparsity"] + list(tasks) + ["mean"], body, ["l"] * 3 + ["r"] * (len(tasks) + 1))
+        lines.append("")
+    return lines

@@ -1,0 +1,286 @@
+"""The result record: one run's settings and numbers as JSON, written and read in one place.
+
+Writers (``llmprune eval/prune --json``, the recipe runner) build records with
+:func:`result_record`; readers (the report, the runner's resume check) recognise them with
+:func:`is_result` and parse them with :func:`parse_result`. Keeping both sides here means the
+schema id, the dense marker and the effective group/metric cannot drift apart.
+
+Nothing here imports torch, transformers or lm-eval at import time: tables and plots are made
+from JSON alone, on any machine (``effective_group_metric`` asks the method registry, which
+needs torch, only when a record is being written).
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+from dataclasses import dataclass
+from typing import Any, Iterable
+
+from llmprune.errors import LlmpruneError
+
+RESULT_SCHEMA = "llmprune.result/1"
+DENSE = "dense"  # the method of the unpruned baseline
+MISSING = "-"  # how tables show a setting a run does not have
+# zero-shot tasks llmprune ships, in the Wanda paper's column order (the report's order too)
+AVAILABLE_TASKS = ("boolq", "rte", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa", "piqa")
+
+
+# ---------------------------------------------------------------------------------------------
+# writing
+
+
+def versions() -> dict[str, str]:
+    """Versions of the packages that decide the numbers."""
+    from importlib import metadata
+
+    out = {}
+    for package in ("llmprune", "torch", "transformers", "lm_eval", "datasets"):
+        try:
+            out[package] = metadata.version(package.replace("_", "-"))
+        except metadata.PackageNotFoundError:
+            out[package] = "not installed"
+    return out
+
+
+def machine() -> str:
+    return f"{platform.system()} {platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}"
+
+
+def effective_group_metric(config) -> tuple[str | None, str | None]:
+    """The comparison group and score metric ``config`` (a PruneConfig) prunes with.
+
+    The method's defaults fill what the config leaves open; the group is None for N:M (the
+    pattern fixes the groups) and "row" for Wanda's variant (its threshold is per output row).
+    The pruning code and the result record both use this, so a table never shows a group the
+    masks were not computed in.
+    """
+    from llmprune.methods import get_method  # imports torch: only pruning and writing get here
+
+    spec = get_method(config.method)
+    metric = config.metric or spec.default_metric
+    if config.pattern.structured:
+        return None, metric
+    if config.use_variant:
+        return "row", metric
+    return config.group or spec.default_group, metric
+
+
+def result_record(
+    *,
+    name: str,
+    model: str,
+    config=None,
+    eval_config=None,
+    perplexity: dict | None = None,
+    zeroshot: dict | None = None,
+    prune_report=None,
+    recipe: str | None = None,
+    dense: dict | None = None,
+) -> dict:
+    """One run's result in the shared schema (``RESULT_SCHEMA``), ready for JSON.
+
+    ``config`` is None for the dense model. ``group``/``metric`` are the effective ones, so
+    tables never have to know the methods' defaults. ``dense``: the unpruned model's numbers,
+    carried by ``llmprune prune --json`` files for the report to use as the baseline.
+    """
+    from llmprune.config import to_dict
+
+    if config is None:
+        method, sparsity, pattern, group, metric, nsamples, seed = DENSE, 0.0, "unstructured", None, None, None, None
+        config_dict = None
+    else:
+        from llmprune.methods import needs_for
+
+        method, sparsity, pattern = config.method, config.sparsity, str(config.pattern)
+        group, metric = effective_group_metric(config)
+        uses_data = bool(needs_for(config))
+        nsamples = config.calib.nsamples if uses_data else None
+        seed = config.calib.seed if uses_data else None
+        config_dict = config.to_dict()
+    report = prune_report.to_dict() if hasattr(prune_report, "to_dict") else prune_report
+    record = {
+        "schema": RESULT_SCHEMA,
+        "name": name,
+        "model": model,
+        "method": method,
+        "sparsity": float(sparsity),
+        "pattern": pattern,
+        "group": group,
+        "metric": metric,
+        "nsamples": nsamples,
+        "seed": seed,
+        "config": config_dict,
+        "eval": to_dict(eval_config) if eval_config is not None else None,
+        "perplexity": {k: (v.to_dict() if hasattr(v, "to_dict") else v) for k, v in (perplexity or {}).items()},
+        "zeroshot": zeroshot.to_dict() if hasattr(zeroshot, "to_dict") else zeroshot,
+        "prune": report,
+        "prune_seconds": report["seconds"] if report else None,
+        "versions": versions(),
+        "machine": machine(),
+        "recipe": recipe,
+    }
+    if dense is not None:
+        record["dense"] = dense
+    return record
+
+
+# ---------------------------------------------------------------------------------------------
+# reading
+
+
+def is_result(record: Any) -> bool:
+    """Whether a parsed JSON file is a result record (and not, say, a recipe)."""
+    return isinstance(record, dict) and record.get("schema") == RESULT_SCHEMA
+
+
+def task_order(tasks: Iterable[str]) -> tuple[str, ...]:
+    """Zero-shot tasks in the Wanda paper's column order, any others after them by name."""
+    return tuple(sorted(tasks, key=lambda t: (AVAILABLE_TASKS.index(t) if t in AVAILABLE_TASKS
+                                              else len(AVAILABLE_TASKS), t)))
+
+
+def percent(fraction: float) -> str:
+    """``0.5`` -> ``"50%"``, without float noise."""
+    return f"{round(fraction * 100, 6):g}%"
+
+
+@dataclass(frozen=True)
+class Result:
+    """The fields of one result record that tables and plots use."""
+
+    file: str
+    name: str
+    recipe: str | None
+    model: str
+    method: str
+    sparsity: float
+    pattern: str
+    group: str | None
+    metric: str | None
+    nsamples: int | None
+    seed: int | None
+    calib: str | None
+    eval_seqlen: int | None
+    max_windows: int | None
+    ppl: dict[str, float]
+    acc: dict[str, float]
+    mean_acc: float | None
+    zs_limit: int | None
+    prune_seconds: float | None
+    actual_sparsity: float | None
+    versions: str
+    machine: str
+    structured: bool = False
+    nm: tuple[int, int] | None = None
+
+    @property
+    def dense(self) -> bool:
+        return self.method == DENSE
+
+    @property
+    def setting(self) -> tuple:
+        """Sort key of the pattern/sparsity column: unstructured by sparsity, then N:M."""
+        if self.nm is None:
+            return (0, round(self.sparsity, 9), 0, 0)
+        n, m = self.nm
+        return (1, round(self.sparsity, 9), -m, n)
+
+    @property
+    def setting_label(self) -> str:
+        return self.pattern if self.nm is not None else percent(self.sparsity)
+
+    def knob(self, name: str) -> Any:
+        return self.setting if name == "setting" else getattr(self, name)
+
+    def knob_label(self, name: str) -> str:
+        if name == "setting":
+            return self.setting_label
+        value = getattr(self, name)
+        return MISSING if value is None else str(value)
+
+    @property
+    def zs_key(self) -> tuple:
+        """Which zero-shot table the run belongs in: the same tasks and document limit."""
+        return (task_order(self.acc), self.zs_limit)
+
+
+def _float(value: Any) -> float | None:
+    if value is None:
+        return None
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def _numbers(entries: dict | None, key: str) -> dict[str, float]:
+    """``{name: number}`` from ``{name: {key: number, ...}}`` (or ``{name: number}``), skipping entries without a number."""
+    out = {}
+    for name, value in (entries or {}).items():
+        number = _float(value.get(key) if isinstance(value, dict) else value)
+        if number is not None:
+            out[str(name)] = number
+    return out
+
+
+def parse_result(record: dict, file: str) -> Result:
+    """The :class:`Result` of one record; ``file`` names it in errors and tables."""
+    def need(key: str) -> Any:
+        if key not in record:
+            raise LlmpruneError(f"result file {file} has no {key!r}: it is not a complete llmprune result")
+        return record[key]
+
+    pattern = str(record.get("pattern") or "unstructured")
+    nm = None
+    if ":" in pattern:
+        n, m = pattern.split(":", 1)
+        nm = (int(n), int(m))
+    config = record.get("config") or {}
+    evaluation = record.get("eval") or {}
+    zeroshot = record.get("zeroshot") or {}
+    prune = record.get("prune") or {}
+    versions = record.get("versions") or {}
+    return Result(
+        file=file,
+        name=str(need("name")),
+        recipe=record.get("recipe"),
+        model=str(need("model")),
+        method=str(need("method")),
+        sparsity=float(record.get("sparsity") or 0.0),
+        pattern=pattern,
+        group=record.get("group"),
+        metric=record.get("metric"),
+        nsamples=record.get("nsamples"),
+        seed=record.get("seed"),
+        calib=(config.get("calib") or {}).get("dataset") if record.get("nsamples") is not None else None,
+        eval_seqlen=evaluation.get("seqlen"),
+        max_windows=evaluation.get("max_windows"),
+        ppl=_numbers(record.get("perplexity"), "ppl"),
+        acc=_numbers(zeroshot.get("tasks"), "acc"),
+        mean_acc=_float(zeroshot.get("mean_acc")) if zeroshot else None,
+        zs_limit=evaluation.get("limit"),
+        prune_seconds=_float(record.get("prune_seconds")),
+        actual_sparsity=_float(prune.get("overall_sparsity")),
+        versions=", ".join(f"{k} {versions[k]}" for k in sorted(versions)),
+        machine=str(record.get("machine") or ""),
+        structured=nm is not None,
+        nm=nm,
+    )
+
+
+def embedded_dense(record: dict, file: str) -> Result | None:
+    """The dense baseline a ``llmprune prune --json`` record carries inside, as its own result
+    (file ``<file>#dense``); None when there is none."""
+    dense = record.get("dense")
+    if record.get("method") == DENSE or not isinstance(dense, dict) or not dense.get("perplexity"):
+        return None
+    keep = ("model", "eval", "versions", "machine", "recipe")
+    synthetic = {key: record.get(key) for key in keep} | {
+        "schema": RESULT_SCHEMA, "name": DENSE, "method": DENSE, "sparsity": 0.0, "pattern": "unstructured",
+        "perplexity": dense.get("perplexity"), "zeroshot": dense.get("zeroshot")}
+    return parse_result(synthetic, f"{file}#dense")
+
+
+__all__ = ["RESULT_SCHEMA", "DENSE", "AVAILABLE_TASKS", "Result", "result_record", "effective_group_metric",
+           "versions", "machine", "is_result", "parse_result", "embedded_dense", "task_order", "percent"]
