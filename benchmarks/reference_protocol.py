@@ -195,25 +195,34 @@ def reference_ppl(model, tokens, seqlen, max_windows=None):
     return torch.exp(torch.stack(nlls).sum() / (n * seqlen)).item()
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def add_protocol_args(parser: argparse.ArgumentParser, nsamples: int, max_windows: int | None) -> None:
+    """The model, calibration and evaluation flags every reference comparison shares."""
     parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--methods", default="magnitude,wanda,wanda:2:4,wanda:4:8,sparsegpt",
-                        help="method or method:N:M (N kept of M), comma separated")
-    parser.add_argument("--sparsity", type=float, default=0.5)
-    parser.add_argument("--nsamples", type=int, default=32)
+    parser.add_argument("--nsamples", type=int, default=nsamples)
     parser.add_argument("--seqlen", type=int, default=2048)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--calib", default="c4")
     parser.add_argument("--eval", default="ptb")
-    parser.add_argument("--max-windows", type=int, default=None)
+    parser.add_argument("--max-windows", type=int, default=max_windows)
     parser.add_argument("--data-dir", default=str(ROOT.parent / "shared" / "data"))
     parser.add_argument("--json", default=None)
-    args = parser.parse_args()
 
+
+def load_protocol(args):
+    """(model float32, tokenizer, calibration windows, evaluation token stream) for ``args``."""
     base, tokenizer = load_model(args.model, dtype="float32", seqlen=args.seqlen)
     windows = calibration_windows(args.calib, tokenizer, args.nsamples, args.seqlen, args.seed, args.data_dir)
-    tokens = eval_tokens(args.eval, tokenizer, args.seqlen, args.data_dir)
+    return base, tokenizer, windows, eval_tokens(args.eval, tokenizer, args.seqlen, args.data_dir)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--methods", default="magnitude,wanda,wanda:2:4,wanda:4:8,sparsegpt",
+                        help="method or method:N:M (N kept of M), comma separated")
+    parser.add_argument("--sparsity", type=float, default=0.5)
+    add_protocol_args(parser, nsamples=32, max_windows=None)
+    args = parser.parse_args()
+    base, tokenizer, windows, tokens = load_protocol(args)
     rows = []
     # dense: llmprune's evaluator against the literal reference loop on the same stream
     from llmprune.evaluation.perplexity import evaluate_perplexity

@@ -24,6 +24,8 @@ _EXPORTS = {
     "perplexity": "llmprune.evaluation.perplexity",
     "zeroshot": "llmprune.evaluation.zeroshot",
     "save_pruned": "llmprune.io",
+    "recover": "llmprune.recover",
+    "RecoverConfig": "llmprune.config",
 }
 
 __all__ = sorted(_EXPORTS)

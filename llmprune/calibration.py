@@ -128,12 +128,20 @@ def block_output(out) -> torch.Tensor:
 class _Accumulator:
     """Running float32 sums over the rows of a layer's input: Σ x², Σ x xᵀ, and the count."""
 
-    def __init__(self, in_features: int, device: torch.device, norms: bool, hessian: bool):
+    def __init__(self, in_features: int, device: torch.device, norms: bool, hessian: bool, moments: bool = False):
         self.tokens = 0
+        self.windows = 0
         self.sq_norm = torch.zeros(in_features, dtype=torch.float32, device=device) if norms else None
         self.xtx = torch.zeros(in_features, in_features, dtype=torch.float32, device=device) if hessian else None
+        zeros = (lambda: torch.zeros(in_features, dtype=torch.float32, device=device)) if moments else (lambda: None)
+        self.x_sum, self.var_sum = zeros(), zeros()
 
     def add(self, x: torch.Tensor) -> None:
+        if self.x_sum is not None:  # DSnoT: per-window sums and population variances
+            xw = x.reshape(x.shape[0] if x.dim() == 3 else 1, -1, x.shape[-1]).float()  # (windows, tokens, in)
+            self.x_sum += xw.sum(dim=(0, 1))
+            self.var_sum += xw.var(dim=1, unbiased=False).sum(dim=0)
+            self.windows += xw.shape[0]
         x = x.reshape(-1, x.shape[-1]).float()  # (tokens, in_features)
         self.tokens += x.shape[0]
         if self.sq_norm is not None:
@@ -146,7 +154,39 @@ class _Accumulator:
         if self.xtx is not None:
             hessian = self.xtx.mul_(2.0 / max(self.tokens, 1))  # reuse the buffer: 2 XᵀX / n
             self.xtx = None
-        return LayerStats(tokens=self.tokens, sq_norm=self.sq_norm, hessian=hessian)
+        return LayerStats(tokens=self.tokens, sq_norm=self.sq_norm, hessian=hessian, x_sum=self.x_sum,
+                          var_sum=self.var_sum, windows=self.windows)
+
+
+class _RoutedInputs:
+    """One pre-hook on a fused-experts module: each expert's accumulators get only the rows
+    routed to it (its first projection the rows themselves, its second projection what the
+    first makes of them, computed by the layout's ``hidden``)."""
+
+    def __init__(self, fused):
+        self.fused = fused
+        self.first: dict[int, _Accumulator] = {}
+        self.second: dict[int, _Accumulator] = {}
+        self.stop = False
+
+    def __call__(self, module, args, kwargs):
+        x, index = self.fused.routing(args, kwargs)  # (tokens, hidden), (tokens, top_k)
+        x, count = x.detach(), self.fused.num_experts
+        flat = index.reshape(-1)
+        flat = torch.where((flat >= 0) & (flat < count), flat, count)  # out-of-range slots: nobody's
+        order = torch.argsort(flat, stable=True)
+        rows = order // index.shape[-1]  # token of each routed slot, grouped by expert
+        start = 0
+        for expert, n in enumerate(torch.bincount(flat, minlength=count + 1)[:count].tolist()):
+            if n and (expert in self.first or expert in self.second):
+                xe = x[rows[start:start + n]]  # (n, hidden)
+                if expert in self.first:
+                    self.first[expert].add(xe)
+                if expert in self.second:
+                    self.second[expert].add(self.fused.hidden(module, expert, xe))
+            start += n
+        if self.stop:
+            raise _StopForward
 
 
 class StatsCollector:
@@ -157,6 +197,11 @@ class StatsCollector:
     hooks are removed on exit, also when the forward pass raises. ``stop_early`` ends each
     forward pass (by an internal exception the caller suppresses with :meth:`run`) once the
     last hooked layer has seen its input, which saves the rest of the block's compute.
+
+    A layer may also be a ``llmprune.models.WeightView``: its ``module`` is hooked (a Conv1D,
+    an expert Linear); a fused expert's statistics come from one hook on its experts module
+    that splits the input by routing (:class:`_RoutedInputs`), so each expert counts only its
+    tokens, and an expert no token reaches ends with ``tokens == 0``.
     """
 
     def __init__(
@@ -166,13 +211,14 @@ class StatsCollector:
         norms: bool,
         hessian: bool,
         stop_early: bool = False,
+        moments: bool = False,
     ):
         missing = [name for group in groups for name in group if name not in layers]
         if missing or not all(groups):
             raise ValueError(f"groups must be non-empty and name only hooked layers; not hooked: {missing}")
         self.layers = layers
         self.groups = [tuple(g) for g in groups]
-        self.norms, self.hessian = norms, hessian
+        self.norms, self.hessian, self.moments = norms, hessian, moments
         self.stop_early = stop_early
         self._acc: dict[str, _Accumulator] = {}
         self._handles: list = []
@@ -180,13 +226,23 @@ class StatsCollector:
     def __enter__(self) -> "StatsCollector":
         try:
             last = self.groups[-1][0] if self.groups else None
+            routed: dict[int, tuple[nn.Module, _RoutedInputs]] = {}
             for group in self.groups:
                 lead = group[0]
-                module = self.layers[lead]
-                acc = _Accumulator(module.in_features, module.weight.device, self.norms, self.hessian)
+                layer = self.layers[lead]
+                acc = _Accumulator(layer.in_features, layer.weight.device, self.norms, self.hessian, self.moments)
                 self._acc[lead] = acc
                 stop = self.stop_early and lead == last
+                fused = getattr(layer, "fused", None)
+                if fused is not None:
+                    module, hook = routed.setdefault(id(layer.module), (layer.module, _RoutedInputs(fused)))
+                    getattr(hook, layer.role)[layer.expert] = acc
+                    hook.stop = hook.stop or stop
+                    continue
+                module = getattr(layer, "module", layer)  # a WeightView reads its module's input
                 self._handles.append(module.register_forward_pre_hook(self._make_hook(acc, stop)))
+            for module, hook in routed.values():
+                self._handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
         except BaseException:
             self.remove()
             raise
@@ -243,3 +299,56 @@ def available_bytes(device: torch.device) -> int | None:
 def hook_count(module: nn.Module) -> int:
     """Forward (pre-)hooks registered on ``module`` and its submodules (0 after any call)."""
     return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in module.modules())
+
+
+class ChannelMoments:
+    """Per-input-channel count, mean and centered sum of squares of a layer's input (structured
+    pruning: FLAP's fluctuation and bias compensation, Wanda-sp's norms).
+
+    Each batch's mean and centered squares are computed in float32 and merged in float64 (Chan
+    et al.'s pairwise update), so the variance does not come from E[x²] - E[x]², which cancels
+    catastrophically for channels whose mean is large against their spread.
+    """
+
+    def __init__(self, in_features: int, device: torch.device):
+        self.tokens = 0
+        self.mean = torch.zeros(in_features, dtype=torch.float64, device=device)
+        self.m2 = torch.zeros(in_features, dtype=torch.float64, device=device)
+
+    def add(self, x: torch.Tensor) -> None:
+        x = x.reshape(-1, x.shape[-1]).float()  # (tokens, in)
+        n = x.shape[0]
+        if n == 0:
+            return
+        mean = x.mean(dim=0)  # (in,)
+        m2 = (x - mean).pow(2).sum(dim=0).double()
+        total = self.tokens + n
+        delta = mean.double() - self.mean
+        self.mean += delta * (n / total)
+        self.m2 += m2 + delta.pow(2) * (self.tokens * n / total)
+        self.tokens = total
+
+    @property
+    def var(self) -> torch.Tensor:
+        """Population variance over the tokens seen, float32 (in,)."""
+        return (self.m2 / max(self.tokens, 1)).float()
+
+    @property
+    def sq_norm(self) -> torch.Tensor:
+        """Σ x² over the tokens seen, float32 (in,)."""
+        return (self.m2 + self.mean.pow(2) * self.tokens).float()
+
+
+@contextlib.contextmanager
+def input_moments(modules: dict[str, nn.Module]) -> Iterator[dict[str, ChannelMoments]]:
+    """Hook each module's input for the duration; yields ``{name: ChannelMoments}``."""
+    moments = {name: ChannelMoments(m.in_features, m.weight.device) for name, m in modules.items()}
+    handles = []
+    try:
+        for name, module in modules.items():
+            acc = moments[name]
+            handles.append(module.register_forward_pre_hook(lambda _m, args, acc=acc: acc.add(args[0].detach())))
+        yield moments
+    finally:
+        for handle in handles:
+            handle.remove()

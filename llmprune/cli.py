@@ -11,14 +11,19 @@ once every other output has been written.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from pathlib import Path
 
 from llmprune import __version__
-from llmprune.config import CalibConfig, EvalConfig, Pattern, PruneConfig, field_default, field_help
+from llmprune.config import (EXECUTORS, CalibConfig, EvalConfig, Pattern, PruneConfig, SlurmConfig, field_default,
+                             field_help)
+from llmprune.config import ExportConfig  # noqa: E402 (issue 9: checkpoint formats, GGUF)
+from llmprune.config import RECOVER_METHODS, RecoverConfig  # issue 10: recovery
 from llmprune.errors import LlmpruneError
 
 EXIT_USER_ERROR = 2
+_SLURM_FLAGS = ("partition", "gpus_per_job", "time", "mem_gb", "cpus_per_task", "array_parallelism")
 EXIT_OUTPUT_FAILED = 1
 
 
@@ -53,9 +58,12 @@ def _field(p: argparse.ArgumentParser, cls: type, name: str, *flags: str, defaul
     p.add_argument(*flags, help=f"{field_help(cls, name)} (default: {label})", **kw)
 
 
-def _add_model(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="smollm2-135m",
-                   help="hub id, local HF directory, .gguf file, or 'smollm2-135m' (default: the bundled model)")
+def _add_model(p: argparse.ArgumentParser, model_help: str | None = None) -> None:
+    if model_help:  # a model the command cannot default (llmprune recover's pruned student)
+        p.add_argument("--model", required=True, help=model_help)
+    else:
+        p.add_argument("--model", default="smollm2-135m",
+                       help="hub id, local HF directory, .gguf file, or 'smollm2-135m' (default: the bundled model)")
     p.add_argument("--dtype", default="float32", help="float32 (default on CPU), bfloat16, float16 or auto")
     p.add_argument("--device", default=None, help="compute device, e.g. cuda, cuda:1 or cpu (default: cuda if available)")
     p.add_argument("--device-map", default=None,
@@ -63,18 +71,31 @@ def _add_model(p: argparse.ArgumentParser) -> None:
                         "(multi-GPU / CPU offload); pruning then runs each block where it lives")
 
 
-def _add_eval(p: argparse.ArgumentParser, dataset_flag: str) -> None:
+def _add_eval(p: argparse.ArgumentParser, dataset_flag: str, training: bool = False) -> None:
+    """The evaluation flags; with ``training`` (llmprune recover), --seqlen and --batch-size size
+    the training windows, so evaluation's are --eval-seqlen and --eval-batch-size."""
     _field(p, EvalConfig, "datasets", dataset_flag, metavar="NAMES", default=None,
            default_label="ptb, or none when --zeroshot is given")
-    _field(p, CalibConfig, "seqlen", "--seqlen", type=int)
+    if training:
+        _field(p, EvalConfig, "seqlen", "--eval-seqlen", dest="eval_seqlen", type=int)
+    else:
+        _field(p, CalibConfig, "seqlen", "--seqlen", type=int)
     p.add_argument("--data-dir", default=None,
                    help="folder with local copies of the datasets (default: $LLMPRUNE_DATA_DIR, else the hub)")
     _field(p, EvalConfig, "max_windows", "--max-windows", type=int)
-    _field(p, EvalConfig, "batch_size", "--batch-size")
+    if training:
+        _field(p, EvalConfig, "batch_size", "--eval-batch-size", dest="eval_batch_size")
+    else:
+        _field(p, EvalConfig, "batch_size", "--batch-size")
     _field(p, EvalConfig, "zeroshot", "--zeroshot", metavar="TASKS")
     _field(p, EvalConfig, "limit", "--limit", type=int)
     p.add_argument("--json", default=None, metavar="FILE", help="write the results as JSON")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+
+# issue 8's steps around the method (allocation, RIA, DSnoT, reconstruction): flags named as the fields
+_STEP_FIELDS = ("allocation", "owl_m", "owl_lambda", "owl_nsamples", "depth_delta", "ria_a", "permute", "refine",
+                "dsnot_cycles", "dsnot_threshold", "dsnot_var_power", "dsnot_skip", "reconstruct")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -97,17 +118,42 @@ def build_parser() -> argparse.ArgumentParser:
     _field(pr, PruneConfig, "true_sequential", "--true-sequential")
     _field(pr, PruneConfig, "include", "--include", metavar="GLOBS")
     _field(pr, PruneConfig, "exclude", "--exclude", metavar="GLOBS")
+    _field(pr, PruneConfig, "skip_attention", "--skip-attention")
+    _field(pr, PruneConfig, "skip_mlp", "--skip-mlp")
     _field(pr, CalibConfig, "dataset", "--calib")
     _field(pr, CalibConfig, "nsamples", "--nsamples")
     _field(pr, CalibConfig, "seed", "--seed")
     _field(pr, CalibConfig, "batch_size", "--calib-batch-size")
     _field(pr, PruneConfig, "percdamp", "--percdamp")
     _field(pr, PruneConfig, "blocksize", "--blocksize")
+    for name in _STEP_FIELDS:  # --allocation, --owl-m, ..., --reconstruct
+        _field(pr, PruneConfig, name, "--" + name.replace("_", "-"), **({"type": int} if name == "owl_nsamples" else {}))
+    _field(pr, PruneConfig, "structure", "--structure")
+    _field(pr, PruneConfig, "channel_multiple", "--channel-multiple")
+    _field(pr, PruneConfig, "quantize", "--quantize", type=str)
+    _field(pr, ExportConfig, "save_format", "--save-format")
+    _field(pr, ExportConfig, "save_dtype", "--save-dtype", type=str)
     pr.add_argument("--skip-dense", action="store_true", help="do not evaluate the dense model first")
     pr.add_argument("--save", default=None, metavar="DIR", help="save the pruned model as an HF checkpoint")
     pr.add_argument("--overwrite", action="store_true",
                     help="let --save replace an earlier llmprune checkpoint (never a folder with other files)")
     _add_eval(pr, "--eval")
+
+    rc = sub.add_parser("recover", help="train a pruned model towards its dense original, keeping its zeros (kd or LoRA)")
+    _add_model(rc, model_help="the pruned model (student): local HF directory, e.g. a `llmprune prune --save` folder")
+    rc.add_argument("--teacher", required=True, help="the dense model it was pruned from: hub id, directory, .gguf "
+                                                     "file or 'smollm2-135m'")
+    for f in dataclasses.fields(RecoverConfig):
+        _field(rc, RecoverConfig, f.name, "--" + f.name.replace("_", "-"),
+               **{"lr": {"type": float, "default_label": "the method's"}, "max_minutes": {"type": float}, "max_cpu_minutes": {"type": float}, "method": {"choices": RECOVER_METHODS},
+                  "lora_targets": {"metavar": "NAMES"}}.get(f.name, {}))
+    rc.add_argument("--skip-dense", action="store_true", help="do not evaluate the teacher (the dense baseline)")
+    rc.add_argument("--save", default=None, metavar="DIR",
+                    help="save the recovered model as an HF checkpoint; resumable checkpoints go there while it trains")
+    rc.add_argument("--overwrite", action="store_true",
+                    help="let --save replace an earlier llmprune checkpoint (never a folder with other files)")
+    rc.add_argument("--resume", action="store_true", help="continue the interrupted run whose checkpoint is in --save")
+    _add_eval(rc, "--eval", training=True)
 
     rn = sub.add_parser("run", help="run every run of a YAML recipe (resumable), then write the report")
     rn.add_argument("recipe", help="recipe YAML file, e.g. recipes/smollm2_cpu.yaml")
@@ -116,6 +162,32 @@ def build_parser() -> argparse.ArgumentParser:
     rn.add_argument("--only", type=_csv, default=None, metavar="NAMES", help="run only these runs")
     rn.add_argument("--force", action="store_true", help="reuse an output folder that holds another recipe's results")
     rn.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    rn.add_argument("--executor", default="local", choices=EXECUTORS,
+                    help="local: every run in this process (default); slurm: one SLURM job per run through "
+                         "submitit (a job array); submitit-local: one local process per run through submitit")
+    for name in _SLURM_FLAGS:
+        _field(rn, SlurmConfig, name, "--" + name.replace("_", "-"), default=None, type=str if name == "partition" else int,
+               default_label=f"the recipe's slurm: block, else {_shown(field_default(SlurmConfig, name))}")
+
+    ins = sub.add_parser("inspect", help="what llmprune finds in a model: blocks, prunable layers, groups, stages, experts")
+    ins.add_argument("model", help="hub id, local HF directory, .gguf file, or 'smollm2-135m'")
+    ins.add_argument("--dtype", default="float32", help="float32 (default), bfloat16, float16 or auto")
+    ins.add_argument("--device", default="cpu", help="where the discovery forward runs (default: cpu)")
+
+    co = sub.add_parser("compress", help="re-write a (pruned) checkpoint as bitmask + nonzero values, optionally int8")
+    co.add_argument("src", help="hub id, local HF or compressed directory, .gguf file, or 'smollm2-135m'")
+    co.add_argument("dst", help="new folder for the compressed checkpoint")
+    _field(co, PruneConfig, "quantize", "--quantize", type=str)
+    _field(co, ExportConfig, "save_format", "--format", dest="save_format", default="compressed")
+    _field(co, ExportConfig, "save_dtype", "--save-dtype", type=str)
+    co.add_argument("--overwrite", action="store_true", help="replace an earlier llmprune checkpoint at DST")
+    co.add_argument("--dtype", default="auto", help="dtype to load SRC in (default: auto, as saved)")
+
+    ex = sub.add_parser("export", help="write a model as GGUF (llama.cpp's LLaMA layout)")
+    ex.add_argument("model", help="hub id, local HF or compressed directory, .gguf file, or 'smollm2-135m'")
+    ex.add_argument("out", help="the .gguf file to write")
+    _field(ex, ExportConfig, "gguf_type", "--type", dest="gguf_type")
+    ex.add_argument("--overwrite", action="store_true", help="replace an existing file at OUT")
 
     rp = sub.add_parser("report", help="tables and plots from a results folder")
     rp.add_argument("results", help="folder of result JSON files")
@@ -135,7 +207,9 @@ def _data_dir(arg: str | None):
 
 
 def _eval_config(args, datasets) -> EvalConfig:
-    return EvalConfig(datasets=datasets or (), seqlen=args.seqlen, batch_size=args.batch_size,
+    training = "eval_seqlen" in vars(args)  # llmprune recover: --seqlen/--batch-size are the training's
+    return EvalConfig(datasets=datasets or (), seqlen=args.eval_seqlen if training else args.seqlen,
+                      batch_size=args.eval_batch_size if training else args.batch_size,
                       max_windows=args.max_windows, zeroshot=args.zeroshot, limit=args.limit)
 
 
@@ -238,10 +312,11 @@ def cmd_eval(args) -> int:
     return _write_outputs([(args.json, _json_writer(args.json, record))])
 
 
+# issue 9's structured methods and quantization: flags named as the PruneConfig fields
+_DEPLOY_FIELDS = ("structure", "channel_multiple", "quantize")
 def cmd_prune(args) -> int:
     from llmprune.evaluation import check_eval_memory, evaluate
-    from llmprune.io import save_pruned
-    from llmprune.methods import needs_for, validate_config
+    from llmprune.methods import get_method, needs_for, validate_config
     from llmprune.pipeline import check_calibration_memory, plan_layers, prune
     from llmprune.results import result_record
 
@@ -250,9 +325,12 @@ def cmd_prune(args) -> int:
                         batch_size=args.calib_batch_size)
     config = PruneConfig(method=args.method, sparsity=args.sparsity, pattern=args.pattern, group=args.group,
                          metric=args.metric, use_variant=args.use_variant, true_sequential=args.true_sequential,
-                         include=args.include, exclude=args.exclude, percdamp=args.percdamp,
-                         blocksize=args.blocksize, calib=calib)
+                         include=args.include, exclude=args.exclude, skip_attention=args.skip_attention,
+                         skip_mlp=args.skip_mlp, percdamp=args.percdamp,
+                         blocksize=args.blocksize, calib=calib,
+                         **{name: getattr(args, name) for name in _STEP_FIELDS + _DEPLOY_FIELDS})
     validate_config(config)
+    export = _export_config(args, args.save, "--save", config.quantize)
     eval_config = _eval_config(args, args.eval if args.eval is not None else ("ptb",))
     _check_inputs(eval_config, data_dir, args, calib=config.calib.dataset if needs_for(config) else None)
     progress = not args.no_progress
@@ -260,6 +338,10 @@ def cmd_prune(args) -> int:
     device = None if args.device_map else args.device  # device map: each block computes where it lives
     # checks that need only the model's shapes, before any evaluation or calibration
     plan_layers(model, config)
+    if get_method(config.method).structured is not None:  # counts per block, KV groups left, config expressible
+        from llmprune.structured import plan_structured
+
+        plan_structured(model, config)
     check_calibration_memory(model, config, device)
     check_eval_memory(model, eval_config)
 
@@ -292,21 +374,127 @@ def cmd_prune(args) -> int:
         writers.append((args.json, _json_writer(args.json, record)))
     if args.save:
         def save():
-            return f"saved the pruned model to {save_pruned(model, tokenizer, args.save, record, args.overwrite)}"
+            return _save(model, tokenizer, args.save, record, args.overwrite, export, config.quantize)
+
+        writers.append((f"the checkpoint {args.save}", save))
+    return _write_outputs(writers)
+
+
+def cmd_recover(args) -> int:
+    import warnings
+
+    from llmprune.evaluation import check_eval_memory, evaluate
+    from llmprune.io import save_pruned
+    from llmprune.models import check_model_source, load_model, resolve_seqlen
+    from llmprune.recover import (RecoverWarning, check_inputs, check_resume, check_teacher, gap_closed,
+                                  pruning_config, pruning_record, recover)
+    from llmprune.results import result_record
+
+    data_dir = _data_dir(args.data_dir)
+    config = RecoverConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(RecoverConfig)})
+    eval_config = _eval_config(args, args.eval if args.eval is not None else ("ptb",))
+    earlier = pruning_record(args.save) if args.save else None  # a checkpoint already in --save
+    if args.resume:
+        if not args.save:
+            raise LlmpruneError("--resume continues the run whose checkpoint is in --save DIR: give --save")
+        check_resume(args.save, config)
+    elif not args.overwrite and isinstance((earlier or {}).get("recover"), dict) \
+            and not earlier["recover"].get("complete"):
+        raise LlmpruneError(f"{args.save} holds an unfinished recovery: add --resume to continue it, or --overwrite "
+                            "to start again")
+    pruned = pruning_record(args.model) or {}
+    pruned_with = pruning_config(pruned)
+    check_inputs(config, data_dir, eval_config.datasets, pruned_with)
+    args.overwrite = args.overwrite or args.resume  # resuming replaces our own checkpoint
+    _check_inputs(eval_config, data_dir, args)
+    check_model_source(args.teacher)
+    progress = not args.no_progress
+    load = dict(dtype=args.dtype, device=args.device, seqlen=args.eval_seqlen, device_map=args.device_map)
+    model, tokenizer = load_model(args.model, **load)
+    teacher, _ = load_model(args.teacher, **load)
+    check_teacher(model, teacher)
+    check_eval_memory(model, eval_config)
+
+    dense = (earlier or {}).get("dense") if args.resume else None
+    if dense is None and not args.skip_dense and (eval_config.datasets or eval_config.zeroshot):
+        _, dense_ppl, dense_zs = evaluate(teacher, tokenizer, eval_config, data_dir, progress)
+        dense = {"perplexity": {k: v.to_dict() for k, v in dense_ppl.items()},
+                 "zeroshot": dense_zs.to_dict() if dense_zs is not None else None}
+    with warnings.catch_warnings():
+        warnings.showwarning = lambda message, category, *rest, **kw: print(  # one line, no source line
+            f"llmprune: warning: {message}", file=sys.stderr)
+        warnings.simplefilter("always", RecoverWarning)
+        try:
+            report = recover(model, teacher, tokenizer, config, data_dir=data_dir, progress=progress,
+                             eval_config=eval_config, checkpoint_dir=args.save, resume=args.resume,
+                             metadata={"model": args.model, "teacher": args.teacher, "dense": dense})
+        except KeyboardInterrupt:
+            done = ((pruning_record(args.save) or {}).get("recover") or {}) if args.save else {}
+            if done.get("steps_done"):
+                print(f"llmprune: {args.save} holds the checkpoint of step {done['steps_done']}: "
+                      "run the same command with --resume to continue", file=sys.stderr)
+            raise
+    del teacher
+
+    after = report.curve[-1] if report.curve else {}
+    label = f"{pruned.get('name') or Path(args.model).name}+{config.method}"
+    print(f"{label}: {report.steps_done} steps, {report.tokens} tokens, {report.seconds / 60:.1f} min of training "
+          f"({report.tokens / max(report.seconds, 1e-9):.0f} tokens/s; stopped by {report.stopped}); sparsity "
+          f"{report.sparsity_before:.4%} -> {report.sparsity_after:.4%}")
+    for name, result in (after.get("perplexity") or {}).items():
+        before = report.perplexity_before.get(name, {}).get("ppl")
+        base = ((dense or {}).get("perplexity") or {}).get(name, {}).get("ppl")
+        closed = gap_closed(base, before, result["ppl"])
+        print(f"{name}: " + (f"dense {base:.3f} | " if base is not None else "") +
+              (f"pruned {before:.3f} -> " if before is not None else "") + f"recovered {result['ppl']:.3f}" +
+              (f" (gap to dense closed: {closed:.1%})" if closed is not None else ""))
+    resolved = dataclasses.replace(eval_config, seqlen=resolve_seqlen(model, eval_config.seqlen))
+    record = result_record(name=label, model=args.model, config=pruned_with, eval_config=resolved,
+                           perplexity=after.get("perplexity"), zeroshot=after.get("zeroshot"),
+                           prune_report=pruned.get("prune"), dense=dense,
+                           recover=report.to_dict() | {"teacher": args.teacher, "complete": True})
+    writers = []
+    if args.json:
+        writers.append((args.json, _json_writer(args.json, record)))
+    if args.save:
+        def save():
+            return f"saved the recovered model to {save_pruned(model, tokenizer, args.save, record, overwrite=True)}"
 
         writers.append((f"the checkpoint {args.save}", save))
     return _write_outputs(writers)
 
 
 def cmd_run(args) -> int:
-    from llmprune.runner import run_recipe
+    import dataclasses
 
+    from llmprune.executors import check_executor
+    from llmprune.recipes import load_recipe
+
+    given = {name: getattr(args, name) for name in _SLURM_FLAGS if getattr(args, name) is not None}
+    check_executor(args.executor, slurm_options_given=bool(given))
     data_dir = _data_dir(args.data_dir)
     out = args.out or Path("results") / Path(args.recipe).stem
-    written = run_recipe(args.recipe, out, data_dir=data_dir, only=args.only, force=args.force,
-                         progress=not args.no_progress)
+    if args.executor == "local":
+        from llmprune.runner import run_recipe
+
+        written = run_recipe(args.recipe, out, data_dir=data_dir, only=args.only, force=args.force,
+                             progress=not args.no_progress)
+    else:
+        from llmprune.executors import run_recipe_submitit
+
+        slurm = dataclasses.replace(load_recipe(args.recipe).slurm or SlurmConfig(), **given)
+        written = run_recipe_submitit(args.recipe, out, data_dir=data_dir, only=args.only, force=args.force,
+                                      executor=args.executor, slurm=slurm, progress=not args.no_progress)
     for path in written:
         print(f"wrote {path}")
+    return 0
+
+
+def cmd_inspect(args) -> int:
+    from llmprune.models import describe, load_model
+
+    model, _ = load_model(args.model, dtype=args.dtype, device=args.device)
+    print(describe(model))
     return 0
 
 
@@ -319,7 +507,88 @@ def cmd_report(args) -> int:
     return 0
 
 
-COMMANDS = {"eval": cmd_eval, "prune": cmd_prune, "run": cmd_run, "report": cmd_report}
+def _export_config(args, target: str | None, flag: str, quantize: str | None) -> ExportConfig:
+    """The checkpoint format flags, checked before the model loads."""
+    export = ExportConfig(save_format=args.save_format, save_dtype=args.save_dtype)
+    if target is None and (export.save_format != "dense" or export.save_dtype is not None):
+        raise LlmpruneError(f"--save-format/--save-dtype say how to write {flag}: give {flag} DIR too")
+    if export.save_format == "compressed-tensors":
+        from llmprune.export.compressed_tensors import check_available
+
+        check_available()
+        if quantize != "int8":
+            raise LlmpruneError("--save-format compressed-tensors writes int8 weights: add --quantize int8")
+    return export
+
+
+def _save(model, tokenizer, path, record: dict, overwrite: bool, export: ExportConfig, quantize: str | None) -> str:
+    """Write the checkpoint in the chosen format; the line to print."""
+    from llmprune.io import save_pruned
+
+    if export.save_format == "dense":
+        return f"saved the pruned model to {save_pruned(model, tokenizer, path, record, overwrite)}"
+    if export.save_format == "compressed-tensors":
+        from llmprune.export.compressed_tensors import write_compressed_tensors as write
+    else:
+        from llmprune.export.compressed import write_compressed as write
+    counts: dict = {}
+
+    def weights(m, folder):
+        counts.update(write(m, folder, quantize=quantize, dtype=export.save_dtype))
+
+    record = {**record, "checkpoint_format": export.save_format}
+    where = save_pruned(model, tokenizer, path, record, overwrite, write_weights=weights)
+    ratio = counts["encoded_bytes"] / counts["encoded_fp16_bytes"] if counts.get("encoded_fp16_bytes") else float("nan")
+    return (f"saved the {export.save_format} checkpoint to {where}: {counts['file_bytes']:,} bytes; the block "
+            f"Linear weights take {counts['encoded_bytes']:,} bytes, {ratio:.3f}x their fp16 size")
+
+
+def cmd_compress(args) -> int:
+    import json
+
+    from llmprune.io import check_save_dir
+    from llmprune.models import check_model_source, load_model
+
+    quantize = PruneConfig(quantize=args.quantize).quantize
+    export = _export_config(args, args.dst, "DST", quantize)
+    if export.save_format == "dense":
+        raise LlmpruneError("--format dense is what `llmprune compress` undoes: use compressed or compressed-tensors")
+    check_model_source(args.src)
+    check_save_dir(args.dst, args.overwrite)
+    model, tokenizer = load_model(args.src, dtype=args.dtype)
+    try:
+        record = json.loads((Path(args.src) / "llmprune.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        record = {}
+    record = {k: v for k, v in record.items() if k != "files"} if isinstance(record, dict) else {}
+    record["compressed_from"] = str(args.src)
+    return _write_outputs([(f"the checkpoint {args.dst}",
+                            lambda: _save(model, tokenizer, args.dst, record, args.overwrite, export, quantize))])
+
+
+def cmd_export(args) -> int:
+    from llmprune.export.gguf import check_exportable, export_gguf, model_config, source_gguf
+    from llmprune.io import check_output_file
+    from llmprune.models import check_model_source, load_model
+
+    export = ExportConfig(gguf_type=args.gguf_type)
+    out = check_output_file(args.out, "OUT")
+    if out.suffix != ".gguf":
+        raise LlmpruneError(f"OUT {out} must end in .gguf (readers find GGUF files by that name)")
+    if out.exists() and not args.overwrite:
+        raise LlmpruneError(f"{out} exists: give a new file name or --overwrite")
+    check_model_source(args.model)
+    check_exportable(model_config(args.model))  # the family, before the weights load
+    model, tokenizer = load_model(args.model, dtype="float32")
+    info = export_gguf(model, tokenizer, out, export.gguf_type, source_gguf(args.model))
+    print(f"wrote {info['path']}: {info['bytes']:,} bytes, {export.gguf_type} "
+          f"({', '.join(f'{n} {t}' for t, n in sorted(info['tensor_types'].items()))} tensors), tokenizer "
+          f"{info['tokenizer']}")
+    return 0
+
+
+COMMANDS = {"eval": cmd_eval, "prune": cmd_prune, "recover": cmd_recover, "run": cmd_run, "inspect": cmd_inspect, "report": cmd_report,
+            "compress": cmd_compress, "export": cmd_export}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -16,6 +16,12 @@ from llmprune.errors import LlmpruneError
 
 GROUPS = ("row", "column", "layer")
 METRICS = ("weight", "activation", "wanda")
+# issue 9, deployable output: structured pruning, int8 weights, checkpoint formats, GGUF
+STRUCTURES = ("mlp", "heads", "both")
+QUANT_TYPES = ("int8",)
+SAVE_FORMATS = ("dense", "compressed", "compressed-tensors")
+SAVE_DTYPES = ("float16", "bfloat16", "float32")
+GGUF_TYPES = ("f16", "q8_0")
 
 
 @dataclass(frozen=True)
@@ -129,8 +135,28 @@ class PruneConfig:
     true_sequential: bool = _opt(False, "prune q/k/v, o, gate/up, down in turn, each from inputs through the pruned stages")
     include: tuple[str, ...] = _opt((), "only layers matching these globs over 'layers.{i}.{name}', e.g. 'layers.*.mlp.*' (empty: all)")
     exclude: tuple[str, ...] = _opt((), "skip layers matching these globs")
+    skip_attention: bool = _opt(False, "leave every attention layer dense (shorthand for an exclude; see `llmprune inspect`)")
+    skip_mlp: bool = _opt(False, "leave every MLP layer, experts included, dense")
     percdamp: float = _opt(0.01, "SparseGPT Hessian damping, as a fraction of mean diag(H)")
     blocksize: int = _opt(128, "SparseGPT column block size")
+    # beyond Wanda (issue 8): per-layer sparsity, RIA, DSnoT, mask-fixed reconstruction
+    allocation: str = _opt("uniform", "per-block sparsity: uniform, owl (outlier-weighted) or depth (linear in depth)")
+    owl_m: float = _opt(5.0, "OWL outlier threshold M: a Wanda score is an outlier above M x the block's mean score")
+    owl_lambda: float = _opt(0.08, "OWL lambda: block sparsities span 2*lambda around the target (N:M: lambda*M weights per group)")
+    owl_nsamples: int | None = _opt(None, "calibration windows for OWL's dense statistics pass (None: all, as the official code)")
+    depth_delta: float = _opt(0.08, "depth allocation: first block target - delta, last target + delta")
+    ria_a: float = _opt(0.5, "RIA activation exponent a in (|W|/sum_row + |W|/sum_col) * ||X||^a")
+    permute: bool = _opt(False, "N:M channel permutation before masking (RIA's heuristic channel reallocation)")
+    refine: str | None = _opt(None, "refine the mask after the method: dsnot (training-free prune-and-grow)")
+    dsnot_cycles: int = _opt(50, "DSnoT maximum prune-and-grow cycles per layer")
+    dsnot_threshold: float = _opt(0.1, "DSnoT update threshold on |reconstruction error| per row")
+    dsnot_var_power: float = _opt(1.0, "DSnoT exponent of the input variance in the growing criterion")
+    dsnot_skip: str = _opt("mlp", "DSnoT leaves these layers' masks as they are: mlp (official default), self_attn or none")
+    reconstruct: bool = _opt(False, "after the mask is chosen, update the kept weights to minimise ||WX - W'X||^2 (OBS sweep, mask fixed)")
+    # deployable output (issue 9): structured methods (wanda-sp, flap) and int8 weights
+    structure: str = _opt("mlp", "structured methods (wanda-sp, flap): remove mlp (intermediate channels), heads (whole KV groups: a KV head with its query heads) or both")
+    channel_multiple: int = _opt(32, "structured methods: keep a multiple of this many MLP channels (32: llama.cpp's q8_0 block; 1: the exact ratio)")
+    quantize: str | None = _opt(None, "weight-only quantization of the pruned layers after pruning: int8 (per output channel, symmetric; zeros stay zero)")
     calib: CalibConfig = field(default_factory=CalibConfig)
 
     def __post_init__(self) -> None:
@@ -160,6 +186,16 @@ class PruneConfig:
         if not (0.0 <= float(self.percdamp) < 1e3):
             raise LlmpruneError(f"percdamp {self.percdamp} must be a small non-negative fraction such as 0.01")
         _check_positive(self.blocksize, "blocksize")
+        object.__setattr__(self, "allocation", str(self.allocation).lower())
+        if self.refine is not None:
+            refine = str(self.refine).strip().lower()
+            object.__setattr__(self, "refine", None if refine in ("", "none") else refine)
+        _check_positive(self.owl_nsamples, "owl_nsamples", allow_none=True)
+        object.__setattr__(self, "structure", _choice(self.structure, STRUCTURES, "structure"))
+        _check_positive(self.channel_multiple, "channel_multiple")
+        quantize = None if self.quantize is None or str(self.quantize).strip().lower() in ("", "none") else self.quantize
+        object.__setattr__(self, "quantize", None if quantize is None else _choice(quantize, QUANT_TYPES, "quantization type"))
+        _check_positive(self.dsnot_cycles, "dsnot_cycles")
 
     def to_dict(self) -> dict[str, Any]:
         out = to_dict(self)
@@ -188,6 +224,117 @@ class EvalConfig:
             _check_positive(self.seqlen, "seqlen")
             if self.seqlen < 2:
                 raise LlmpruneError(f"seqlen {self.seqlen} is too short: use at least 2")
+
+
+EXECUTORS = ("local", "slurm", "submitit-local")
+
+
+@dataclass(frozen=True)
+class SlurmConfig:
+    """Where and how big each job of a sweep is on SLURM (through submitit): one job per run."""
+
+    partition: str | None = _opt(None, "SLURM partition (None: the cluster's default)")
+    gpus_per_job: int = _opt(1, "GPUs per job (one run per job)")
+    time: int = _opt(240, "time limit per job, in minutes")
+    mem_gb: int | None = _opt(None, "memory per job in GB (None: the partition's default)")
+    cpus_per_task: int | None = _opt(None, "CPUs per job (None: the partition's default)")
+    array_parallelism: int = _opt(64, "at most this many jobs of the array run at once")
+
+    def __post_init__(self) -> None:
+        if self.partition is not None and (not isinstance(self.partition, str) or not self.partition.strip()):
+            raise LlmpruneError(f"slurm partition must be a non-empty string, got {self.partition!r}")
+        if isinstance(self.gpus_per_job, bool) or not isinstance(self.gpus_per_job, int) or self.gpus_per_job < 0:
+            raise LlmpruneError(f"gpus_per_job must be a non-negative integer, got {self.gpus_per_job!r}")
+        _check_positive(self.time, "slurm time (minutes)")
+        _check_positive(self.mem_gb, "slurm mem_gb", allow_none=True)
+        _check_positive(self.cpus_per_task, "slurm cpus_per_task", allow_none=True)
+        _check_positive(self.array_parallelism, "slurm array_parallelism")
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    """How a pruned model is written: checkpoint format (``--save``, ``llmprune compress``) and GGUF type."""
+
+    save_format: str = _opt("dense", "checkpoint format: dense (HF safetensors), compressed (bitmask + nonzero values; int8 values + scales after --quantize int8) or compressed-tensors (int8 weight-only, needs the compressed-tensors package)")
+    save_dtype: str | None = _opt(None, "dtype of the stored floating-point values of a compressed checkpoint: float16, bfloat16 or float32 (default: the model's)")
+    gguf_type: str = _opt("f16", "GGUF type of the weight matrices: f16 or q8_0 (norms stay f32)")
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "save_format", _choice(self.save_format, SAVE_FORMATS, "save format"))
+        if self.save_dtype is not None:
+            object.__setattr__(self, "save_dtype", _choice(self.save_dtype, SAVE_DTYPES, "save dtype"))
+        object.__setattr__(self, "gguf_type", _choice(self.gguf_type, GGUF_TYPES, "GGUF type"))
+
+
+RECOVER_METHODS = ("kd", "lora")
+LR_SCHEDULES = ("constant", "linear")
+DEFAULT_RECOVER_LR = {"kd": 5e-5, "lora": 1e-3}  # see RecoverConfig.lr's help
+
+
+@dataclass(frozen=True)
+class RecoverConfig:
+    """Recovery after pruning that keeps the zeros (``llmprune recover``, a recipe's ``recover:``)."""
+
+    method: str = _opt("kd", "kd: train the pruned Linears, masked, on the dense teacher's logits; lora: peft LoRA "
+                             "adapters on them, trained the same way through the mask, then merged")
+    steps: int = _opt(100, "optimizer steps")
+    seqlen: int = _opt(512, "training window length in tokens")
+    batch_size: int = _opt(2, "training windows per step")
+    lr: float | None = _opt(None, "peak AdamW learning rate (None: 5e-5 for kd, 1e-3 for lora)")
+    warmup_steps: int = _opt(5, "linear learning-rate warmup steps")
+    lr_schedule: str = _opt("constant", "after warmup: constant (every point of a run is a finished shorter run) "
+                                        "or linear (decay to 0 at the last step)")
+    weight_decay: float = _opt(0.0, "AdamW weight decay (a pruned weight stays 0 either way)")
+    grad_clip: float = _opt(1.0, "clip the gradient norm to this (0: off)")
+    temperature: float = _opt(1.0, "distillation temperature T: KL between softmax(logits / T), times T^2")
+    alpha: float = _opt(0.0, "weight of the next-token loss: (1 - alpha) * KL(teacher || student) + alpha * cross-entropy")
+    data: str = _opt("c4", "training windows: c4, wikitext2, ptb (train splits) or a local .txt/.jsonl file")
+    seed: int = _opt(1, "training-window seed; keep it apart from the pruning calibration's seed")
+    lora_rank: int = _opt(8, "LoRA rank r")
+    lora_alpha: float = _opt(16.0, "LoRA alpha: the update B @ A is scaled by alpha / r")
+    lora_targets: tuple[str, ...] = _opt((), "LoRA on the pruned Linears whose names end with these, e.g. q_proj,v_proj "
+                                             "(empty: every pruned Linear)")
+    gradient_checkpointing: bool = _opt(False, "recompute each block's activations in the backward pass: less memory, slower")
+    checkpoint_every: int = _opt(50, "write a resumable checkpoint to --save every K steps (0: only the final save)")
+    eval_every: int = _opt(0, "evaluate perplexity every K steps along the way (0: only before and after)")
+    max_minutes: float | None = _opt(None, "stop after the step that passes this many minutes of training (None: all steps)")
+    max_cpu_minutes: float | None = _opt(None, "the same budget in this process's CPU minutes, which other jobs on a "
+                                               "shared machine do not eat (None: no limit)")
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "method", _choice(self.method, RECOVER_METHODS, "recovery method"))
+        object.__setattr__(self, "lr_schedule", _choice(self.lr_schedule, LR_SCHEDULES, "learning-rate schedule"))
+        object.__setattr__(self, "lora_targets", _as_tuple(self.lora_targets))
+        for name in ("steps", "seqlen", "batch_size", "lora_rank"):
+            _check_positive(getattr(self, name), name)
+        if self.seqlen < 2:
+            raise LlmpruneError(f"seqlen {self.seqlen} is too short: use at least 2")
+        for name in ("warmup_steps", "checkpoint_every", "eval_every", "seed"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise LlmpruneError(f"{name} must be a non-negative integer, got {value!r}")
+        positive = ("lr", "temperature", "lora_alpha", "max_minutes", "max_cpu_minutes")  # > 0; the others >= 0
+        for name in positive + ("weight_decay", "grad_clip", "alpha"):
+            value = getattr(self, name)
+            if value is None and name in ("lr", "max_minutes", "max_cpu_minutes"):
+                continue
+            number = float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else math.nan
+            if not math.isfinite(number) or number < 0 or (name in positive and number == 0):
+                raise LlmpruneError(f"{name} must be a {'positive' if name in positive else 'non-negative'} "
+                                    f"number, got {value!r}")
+        if self.alpha > 1:
+            raise LlmpruneError(f"alpha {self.alpha} is the next-token loss's weight: give a value in [0, 1]")
+
+    @property
+    def effective_lr(self) -> float:
+        return float(self.lr) if self.lr is not None else DEFAULT_RECOVER_LR[self.method]
+
+
+def _choice(value: Any, allowed: tuple[str, ...], what: str) -> str:
+    name = str(value).strip().lower()
+    if name not in allowed:
+        raise LlmpruneError(f"unknown {what} {value!r}: use {', '.join(allowed)}")
+    return name
 
 
 def _as_tuple(value: Any) -> tuple[str, ...]:

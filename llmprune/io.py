@@ -28,20 +28,30 @@ def write_atomic(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> 
     which is then renamed over ``path``. Every file llmprune writes itself (results, tables,
     plots, checkpoint metadata) goes through here, so the rules on what may be replaced live in one place.
     """
+    with atomic_target(path) as tmp, open(tmp, "wb") as f:
+        write(f)
+    return Path(path)
+
+
+@contextlib.contextmanager
+def atomic_target(path: str | os.PathLike, signals: bool = False):
+    """A temporary file name beside ``path`` for a writer that wants a name, not a file object
+    (the gguf package); renamed over ``path`` when the body ends, removed when it raises (and,
+    with ``signals``, on SIGTERM/SIGHUP: large exports). The same rules as :func:`write_atomic`."""
     path = Path(path)
     _refuse_non_regular(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes 0600; a plain open() follows the umask
-        _refuse_non_regular(path)  # again: something may have appeared there while we wrote
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    os.close(fd)
+    with _signals_raise() if signals else contextlib.nullcontext():
+        try:
+            yield Path(tmp)
+            os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes 0600; a plain open() follows the umask
+            _refuse_non_regular(path)  # again: something may have appeared there while we wrote
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
 
 
 def _refuse_non_regular(path: Path) -> None:
@@ -268,7 +278,8 @@ def _gguf_quantization(model):
     return is_gguf, quant
 
 
-def save_pruned(model, tokenizer, path: str | os.PathLike, metadata: dict, overwrite: bool = False) -> Path:
+def save_pruned(model, tokenizer, path: str | os.PathLike, metadata: dict, overwrite: bool = False,
+                write_weights: Callable[[Any, Path], Any] | None = None) -> Path:
     """Save an HF checkpoint (safetensors, config, tokenizer) plus ``llmprune.json``.
 
     Written into a temporary sibling folder, then put under ``path`` in one step: a new folder by
@@ -276,6 +287,8 @@ def save_pruned(model, tokenizer, path: str | os.PathLike, metadata: dict, overw
     either the old or the new checkpoint. The temporary is removed on any exception and on SIGTERM
     or SIGHUP; one left by a killed process is removed by the next save of the same name.
     ``llmprune.json`` lists the files written, which is what a later ``overwrite`` may replace.
+    ``write_weights(model, folder)`` writes the config and weights in another format than
+    ``save_pretrained`` (llmprune.export.compressed).
     Folders and files follow the umask, as ``save_pretrained``'s do.
     """
     path = check_save_dir(path, overwrite).resolve()
@@ -293,7 +306,10 @@ def save_pruned(model, tokenizer, path: str | os.PathLike, metadata: dict, overw
                 del model.config.quantization_config
                 if hf_quantizer is not None:
                     model.hf_quantizer = None
-            model.save_pretrained(tmp, safe_serialization=True)
+            if write_weights is None:
+                model.save_pretrained(tmp, safe_serialization=True)
+            else:
+                write_weights(model, tmp)
             if tokenizer is not None:
                 tokenizer.save_pretrained(tmp)
             files = sorted(p.name for p in tmp.iterdir()) + [SAVE_METADATA]

@@ -9,6 +9,14 @@ wanda      Sun, Liu, Bair & Kolter 2023, "A Simple and Effective Pruning Approac
            ``use_variant`` (its appendix's cumulative-score threshold).
 sparsegpt  Frantar & Alistarh 2023, arXiv:2301.00774: mask by w^2 / [chol(H^-1)]_ii^2 per column
            block, OBS update of the kept weights (see ``solvers/sparsegpt.py``).
+ria        Zhang et al. 2024 (ICLR), "Plug-and-Play": score (|W_ij| / sum_col + |W_ij| / sum_row)
+           * ||X_j||^a (a = 0.5), one threshold over the whole matrix (the official default,
+           ``per_outneuron`` off); ``permute`` with N:M: its heuristic channel reallocation.
+
+Composable steps after the method (``prune_weight``): ``refine`` (refine.py, DSnoT) changes the
+mask, ``reconstruct`` (solvers/reconstruct.py) re-solves the kept weights for the final mask.
+A method that exposes its choice (``select``: mask, output weight, scores, permutation) can be
+combined with both; SparseGPT's own update is redone for a refined mask.
 
 Every method maps ``weight (out, in) float32, LayerStats, PruneConfig`` to
 ``(pruned weight float32 with zeros where pruned, info)``; ``info`` is JSON-ready. An N:M
@@ -29,19 +37,26 @@ Differences from the reference codes that can move a perplexity comparison sligh
 from __future__ import annotations
 
 import inspect
+import math
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
 
+from llmprune.allocation import check_spread, get_allocation
 from llmprune.config import GROUPS, METRICS, PruneConfig
 from llmprune.errors import LlmpruneError
-from llmprune.masks import alpha_variant_search, nm_mask, unstructured_mask
+from llmprune.refine import dsnot, get_refiner, skipped
+from llmprune.masks import (alpha_variant_search, channel_reallocation, nm_mask, permuted_nm_mask,
+                            unstructured_mask)
 from llmprune.results import effective_group_metric
-from llmprune.scores import ACTIVATION_METRICS, score
-from llmprune.solvers.sparsegpt import sparsegpt_prune
+from llmprune.scores import ACTIVATION_METRICS, ria_score, score
+from llmprune.solvers.reconstruct import reconstruct
+from llmprune.solvers.sparsegpt import saliency, sparsegpt_prune
 
-STAT_KINDS = frozenset({"norms", "hessian"})
+# norms: sum x^2 per input; hessian: 2/n sum x x^T; moments: per-window sums and variances (DSnoT)
+STAT_KINDS = frozenset({"norms", "hessian", "moments"})
+PERMUTE_METHODS = ("ria", "wanda")  # the official RIA code permutes channels for these two
 
 
 @dataclass(frozen=True)
@@ -51,9 +66,25 @@ class LayerStats:
     tokens: int  # calibration tokens seen
     sq_norm: torch.Tensor | None = None  # (in,) float32: sum over tokens of x_j**2
     hessian: torch.Tensor | None = None  # (in, in) float32: 2/tokens * sum x x^T
+    x_sum: torch.Tensor | None = None  # (in,) float32: sum over tokens of x_j
+    var_sum: torch.Tensor | None = None  # (in,) float32: sum over windows of the window's variance of x_j
+    windows: int = 0  # calibration windows seen (moments)
+
+
+@dataclass
+class Selection:
+    """A method's choice for one layer, before refinement and reconstruction."""
+
+    mask: torch.Tensor  # (out, in) bool, True = pruned
+    weight: torch.Tensor  # (out, in) float32: the method's output (masked, or updated by its solver)
+    info: dict
+    score: torch.Tensor | None = None  # (out, in) higher = keep: DSnoT's N:M in-group choice
+    perm: torch.Tensor | None = None  # (in,) channel order in which the mask is N:M (permute)
+    updates: bool = False  # True when ``weight`` is not just the masked dense weight
 
 
 PruneFn = Callable[[torch.Tensor, "LayerStats | None", PruneConfig], "tuple[torch.Tensor, dict]"]
+SelectFn = Callable[[torch.Tensor, "LayerStats | None", PruneConfig], Selection]
 
 
 @dataclass(frozen=True)
@@ -65,14 +96,21 @@ class Method:
     prune: PruneFn
     doc: str
     check: Callable[[PruneConfig], None] | None = None  # config errors caught before calibration
+    select: SelectFn | None = None  # the choice before refinement (needed by refine/reconstruct)
+    # structured.py's StructuredSpec for a method that removes whole channels and heads; its
+    # ``prune`` then scores the input channels of a layer: (weight, moments, config) -> (in,)
+    structured: object | None = None
 
 
 METHODS: dict[str, Method] = {}
 
 
 def register(name: str, needs=(), default_group: str = "row", default_metric: str | None = None,
-             check: Callable[[PruneConfig], None] | None = None):
-    """Decorator adding a prune function to ``METHODS``; a name registered twice is an error."""
+             check: Callable[[PruneConfig], None] | None = None, selects: bool = False, structured=None):
+    """Decorator adding a prune function to ``METHODS``; a name registered twice is an error.
+
+    ``selects``: the function returns a :class:`Selection` (so refine/reconstruct can follow);
+    its ``prune`` is then the selection's weight and info."""
     needs = frozenset(needs)
     if not needs <= STAT_KINDS:
         raise ValueError(f"method {name!r}: unknown statistics {sorted(needs - STAT_KINDS)}")
@@ -84,8 +122,9 @@ def register(name: str, needs=(), default_group: str = "row", default_metric: st
     def decorator(fn: PruneFn) -> PruneFn:
         if name in METHODS:
             raise ValueError(f"pruning method {name!r} is already registered")
-        METHODS[name] = Method(name, needs, default_group, default_metric, fn,
-                               inspect.getdoc(fn) or "", check)
+        prune_fn = (lambda w, st, c: _finish(fn(w, st, c))) if selects else fn
+        METHODS[name] = Method(name, needs, default_group, default_metric, prune_fn,
+                               inspect.getdoc(fn) or "", check, fn if selects else None, structured)
         return fn
 
     return decorator
@@ -105,10 +144,40 @@ def validate_config(config: PruneConfig) -> None:
     method = get_method(config.method)
     if method.check is not None:
         method.check(config)
+    _check_steps(config, method)
 
 
-def needs_for(config: PruneConfig) -> frozenset[str]:
-    """Calibration statistics this config needs (e.g. wanda with metric "weight": none)."""
+def _check_steps(config: PruneConfig, method: Method) -> None:
+    """Allocation, permutation, refinement and reconstruction: names, ranges, combinations."""
+    spec = get_allocation(config.allocation)
+    pattern = config.pattern
+    if spec.name == "owl":
+        check_spread(config.owl_lambda, config.sparsity, "owl_lambda")
+        if not (config.owl_m > 0):
+            raise LlmpruneError(f"owl_m {config.owl_m} must be positive (the official default is 5)")
+    if spec.name == "depth":
+        check_spread(config.depth_delta, config.sparsity, "depth_delta")
+    if pattern.structured and spec.name != "uniform" and not ({"*", method.name} & spec.nm_methods):
+        if not spec.nm_methods:
+            raise LlmpruneError(f"allocation {spec.name!r} is for unstructured sparsity only (no official code "
+                                "defines it for N:M): drop the N:M pattern or use allocation uniform")
+        raise LlmpruneError(f"allocation {spec.name!r} with an N:M pattern is defined by the official code only for "
+                            f"{', '.join(sorted(spec.nm_methods))}, not for {method.name}: use unstructured sparsity "
+                            "or allocation uniform")
+    if config.permute:
+        if not pattern.structured:
+            raise LlmpruneError("permute reorders input channels for an N:M pattern: give --pattern N:M or drop --permute")
+        if method.name not in PERMUTE_METHODS:
+            raise LlmpruneError(f"permute (RIA's channel reallocation) is defined for {' and '.join(PERMUTE_METHODS)}, "
+                                f"not {method.name}")
+    if config.refine is not None:
+        get_refiner(config.refine)
+        skipped("layers.0.mlp.x", config.dsnot_skip)  # validates the name
+    if (config.refine is not None or config.reconstruct) and method.select is None:
+        raise LlmpruneError(f"method {method.name} does not expose its mask: refine/reconstruct cannot follow it")
+
+
+def _method_needs(config: PruneConfig) -> frozenset[str]:
     method = get_method(config.method)
     if method.default_metric is None:
         return method.needs
@@ -117,11 +186,91 @@ def needs_for(config: PruneConfig) -> frozenset[str]:
     return (method.needs - {"norms"}) | norms
 
 
-def _apply(weight: torch.Tensor, mask: torch.Tensor, info: dict) -> tuple[torch.Tensor, dict]:
-    pruned = weight.detach().float().masked_fill(mask, 0.0)
-    info["pruned"] = int(mask.sum().item())
-    info["sparsity"] = info["pruned"] / mask.numel()
-    return pruned, info
+def block_needs(config: PruneConfig) -> frozenset[str]:
+    """Statistics each block's calibration pass collects: the method's, plus refinement's and
+    the reconstruction's Hessian."""
+    needs = _method_needs(config)
+    if config.refine is not None:
+        needs |= get_refiner(config.refine).needs
+    if config.reconstruct:
+        needs |= {"hessian"}
+    return needs
+
+
+def needs_for(config: PruneConfig) -> frozenset[str]:
+    """Calibration statistics this config needs anywhere (e.g. wanda with metric "weight": none;
+    magnitude with allocation owl: norms, for OWL's dense statistics pass)."""
+    needs = block_needs(config)
+    if get_allocation(config.allocation).needs_data:
+        needs |= {"norms"}
+    return needs
+
+
+def _finish(selection: Selection) -> tuple[torch.Tensor, dict]:
+    info = selection.info
+    info["pruned"] = int(selection.mask.sum().item())
+    info["sparsity"] = info["pruned"] / selection.mask.numel()
+    return selection.weight, info
+
+
+def prune_weight(method: Method, weight: torch.Tensor, stats: LayerStats | None, config: PruneConfig,
+                 layer: str = "") -> tuple[torch.Tensor, dict]:
+    """The method on one layer (``layer`` = "layers.{i}.{name}"), then the refinement and the
+    reconstruction the config asks for. Returns (new weight float32, JSON-ready info)."""
+    if config.refine is None and not config.reconstruct:
+        return method.prune(weight, stats, config)
+    sel = method.select(weight, stats, config)
+    dense = weight.detach().float()
+    mask = sel.mask
+    if config.refine is not None:
+        mask, sel.info["refine"] = _refine(dense, sel, stats, config, layer)
+    changed = mask is not sel.mask and not torch.equal(mask, sel.mask)
+    if sel.updates and not changed:
+        new = sel.weight  # the method's own update for this very mask (SparseGPT)
+    elif config.reconstruct or sel.updates:
+        new, sel.info["reconstruct"] = reconstruct(dense, stats.hessian, mask, config.percdamp, config.blocksize)
+    else:
+        new = dense.masked_fill(mask, 0.0)
+    return _finish(Selection(mask, new, sel.info))
+
+
+def _refine(dense: torch.Tensor, sel: Selection, stats: LayerStats, config: PruneConfig,
+            layer: str) -> tuple[torch.Tensor, dict]:
+    if skipped(layer, config.dsnot_skip):
+        return sel.mask, {"name": config.refine, "skipped": True}
+    x_mean = stats.x_sum / max(stats.windows, 1)  # (in,) per-window sums, averaged
+    var = stats.var_sum / max(stats.windows, 1)  # (in,)
+    wanda = score(dense, stats.sq_norm, stats.tokens, "wanda")
+    score_ = sel.score
+    n, m = config.pattern.n, config.pattern.m
+    perm = sel.perm if sel.perm is not None else slice(None)
+    mask, info = dsnot(dense[:, perm], sel.mask[:, perm], x_mean[perm], var[perm], wanda[:, perm],
+                       None if score_ is None else score_[:, perm], n, m, cycles=config.dsnot_cycles,
+                       threshold=config.dsnot_threshold, var_power=config.dsnot_var_power)
+    out = torch.empty_like(mask)
+    out[:, perm] = mask
+    return out, {"name": config.refine, **info}
+
+
+def _mask_from_score(weight: torch.Tensor, s: torch.Tensor, config: PruneConfig, group: str,
+                     info: dict) -> Selection:
+    perm = None
+    if config.pattern.structured:
+        n, m = config.pattern.n, config.pattern.m
+        if config.permute:
+            perm = channel_reallocation(s, m)
+            mask = permuted_nm_mask(s, n, m, perm)
+            info["permuted"] = True
+        else:
+            mask = nm_mask(s, n, m)
+        info["group"] = None
+    elif config.use_variant:
+        mask, alpha, _ = alpha_variant_search(s, config.sparsity)
+        info.update(group="row", alpha=alpha)
+    else:
+        mask = unstructured_mask(s, config.sparsity, group)
+        info["group"] = group
+    return Selection(mask, weight.detach().float().masked_fill(mask, 0.0), info, score=s, perm=perm)
 
 
 # ---- score-and-mask methods (magnitude, wanda) ------------------------------------------------
@@ -133,37 +282,46 @@ def _check_score_config(config: PruneConfig) -> None:
 
 
 def _score_and_mask(weight: torch.Tensor, stats: LayerStats | None, config: PruneConfig,
-                    method: str) -> tuple[torch.Tensor, dict]:
+                    method: str) -> Selection:
     group, metric = effective_group_metric(config)  # the same the result record shows
     if metric in ACTIVATION_METRICS and (stats is None or stats.sq_norm is None):
         raise ValueError(f"{method} with metric {metric!r} needs input norms; the pipeline passed none")
     sq_norm, tokens = (stats.sq_norm, stats.tokens) if stats is not None else (None, 0)
     s = score(weight, sq_norm, tokens, metric)  # (out, in) float32
-    info: dict = {"metric": metric}
-    if config.pattern.structured:
-        mask = nm_mask(s, config.pattern.n, config.pattern.m)
-        info["group"] = None
-    elif config.use_variant:
-        mask, alpha, _ = alpha_variant_search(s, config.sparsity)
-        info.update(group="row", alpha=alpha)
-    else:
-        mask = unstructured_mask(s, config.sparsity, group)
-        info["group"] = group
-    return _apply(weight, mask, info)
+    return _mask_from_score(weight, s, config, group, {"metric": metric})
 
 
-@register("magnitude", default_group="layer", default_metric="weight", check=_check_score_config)
-def magnitude(weight: torch.Tensor, stats: LayerStats | None,
-              config: PruneConfig) -> tuple[torch.Tensor, dict]:
+@register("magnitude", default_group="layer", default_metric="weight", check=_check_score_config, selects=True)
+def magnitude(weight: torch.Tensor, stats: LayerStats | None, config: PruneConfig) -> Selection:
     """Magnitude pruning: drop the smallest |W|, by default over the whole matrix. No calibration."""
     return _score_and_mask(weight, stats, config, "magnitude")
 
 
-@register("wanda", needs=("norms",), default_group="row", default_metric="wanda", check=_check_score_config)
-def wanda(weight: torch.Tensor, stats: LayerStats | None,
-          config: PruneConfig) -> tuple[torch.Tensor, dict]:
+@register("wanda", needs=("norms",), default_group="row", default_metric="wanda", check=_check_score_config,
+          selects=True)
+def wanda(weight: torch.Tensor, stats: LayerStats | None, config: PruneConfig) -> Selection:
     """Wanda: drop the smallest |W_ij| * ||X_j||_2 of each output row; no weight update."""
     return _score_and_mask(weight, stats, config, "wanda")
+
+
+# ---- ria ---------------------------------------------------------------------------------------
+
+def _check_ria_config(config: PruneConfig) -> None:
+    if config.metric is not None or config.use_variant:
+        raise LlmpruneError("ria has its own score (relative importance x activation^a): metric and "
+                            "use_variant do not apply; drop them")
+    if not (isinstance(config.ria_a, (int, float)) and math.isfinite(config.ria_a)):
+        raise LlmpruneError(f"ria_a {config.ria_a!r} must be a finite number (the official default is 0.5)")
+
+
+@register("ria", needs=("norms",), default_group="layer", check=_check_ria_config, selects=True)
+def ria(weight: torch.Tensor, stats: LayerStats | None, config: PruneConfig) -> Selection:
+    """RIA: drop the smallest (|W|/sum_col|W| + |W|/sum_row|W|) * ||X_j||^a of the whole matrix."""
+    if stats is None or stats.sq_norm is None:
+        raise ValueError("ria needs input norms; the pipeline passed none")
+    s = ria_score(weight, stats.sq_norm, stats.tokens, config.ria_a)  # (out, in)
+    group = config.group or "layer"
+    return _mask_from_score(weight, s, config, group, {"a": config.ria_a})
 
 
 # ---- sparsegpt ---------------------------------------------------------------------------------
@@ -178,15 +336,19 @@ def _check_sparsegpt_config(config: PruneConfig) -> None:
                             f"use a blocksize such as {config.blocksize - config.blocksize % m or m}")
 
 
-@register("sparsegpt", needs=("hessian",), default_group="layer", check=_check_sparsegpt_config)
-def sparsegpt(weight: torch.Tensor, stats: LayerStats | None,
-              config: PruneConfig) -> tuple[torch.Tensor, dict]:
+@register("sparsegpt", needs=("hessian",), default_group="layer", check=_check_sparsegpt_config, selects=True)
+def sparsegpt(weight: torch.Tensor, stats: LayerStats | None, config: PruneConfig) -> Selection:
     """SparseGPT: mask by w^2 / [chol(H^-1)]_ii^2 per column block and OBS-update the kept weights."""
     if stats is None or stats.hessian is None:
         raise ValueError("sparsegpt needs the input Hessian; the pipeline passed none")
     new_weight, mask, info = sparsegpt_prune(
         weight, stats.hessian, config.sparsity, config.pattern.n, config.pattern.m,
         percdamp=config.percdamp, blocksize=config.blocksize)
-    info["pruned"] = int(mask.sum().item())
-    info["sparsity"] = info["pruned"] / mask.numel()
-    return new_weight, info
+    s = None
+    if config.refine is not None and config.pattern.structured:  # DSnoT's N:M in-group choice
+        s = saliency(weight, stats.hessian, config.percdamp)
+    return Selection(mask, new_weight, info, score=s, updates=True)
+
+
+# the structured methods (wanda-sp, flap) register themselves; imported last (they use register)
+from llmprune import structured as _structured  # noqa: E402,F401

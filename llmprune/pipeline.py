@@ -20,6 +20,7 @@ stages before it.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -27,12 +28,15 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from llmprune.allocation import BlockTargets, block_targets, get_allocation, outlier_ratio
 from llmprune.calibration import (StatsCollector, block_device, block_output,
                                   capture_block_inputs, kwargs_on)
 from llmprune.config import PruneConfig
 from llmprune.errors import LlmpruneError
-from llmprune.methods import LayerStats, get_method, needs_for, validate_config
-from llmprune.models import block_stages, get_blocks, prunable_linears, resolve_seqlen
+from llmprune.methods import LayerStats, block_needs, get_method, needs_for, prune_weight, validate_config
+from llmprune.models import (EXPERT_INDEX, block_passes, block_stages, get_blocks, resolve_seqlen,
+                             select_layers)
+from llmprune.scores import score
 
 
 @dataclass
@@ -59,6 +63,14 @@ class PruneReport:
     seconds: float
     calibration: dict | None
     versions: dict
+    # per block, seconds in each phase: "stats" (hooked pass), "prune" (score + mask or solve),
+    # "propagate" (pruned block, hooks off): where a regression shows
+    phase_seconds: dict[str, list[float]] = field(default_factory=dict)
+    # per-block targets (allocation.py): "allocation", "block_sparsity", OWL's "outlier_ratio", ...
+    allocation: dict | None = None
+    # structured methods (structured.py): the plan and the parameters before/after; --quantize: what it did
+    structured: dict | None = None
+    quantization: dict | None = None
 
     @property
     def overall_sparsity(self) -> float:
@@ -78,6 +90,8 @@ class PruneReport:
         rows: dict[str, list[int]] = {}
         for layer in self.layers:
             key = layer.name if per_layer else layer.name.split(".", 2)[2]
+            if not per_layer and "routed_tokens" in layer.info:  # one row for all experts
+                key = EXPERT_INDEX.sub(".*.", key, count=1)
             zeros_numel = rows.setdefault(key, [0, 0])
             zeros_numel[0] += layer.zeros
             zeros_numel[1] += layer.numel
@@ -87,10 +101,26 @@ class PruneReport:
             lines.append(f"{key:<{width}}  {zeros / numel:>8.4f}  {numel:>12,}")
         total = sum(n for _, n in rows.values())
         lines.append(f"{'total':<{width}}  {self.overall_sparsity:>8.4f}  {total:>12,}")
+        if self.allocation and self.allocation.get("allocation") != "uniform":
+            targets = self.allocation["block_sparsity"]
+            lines.append(f"allocation {self.allocation['allocation']}: block sparsity "
+                         + " ".join(f"{s:.3f}" for s in targets))
         blocks = len(self.block_seconds)
         per_block = sum(self.block_seconds) / blocks if blocks else 0.0
         lines.append(f"pruned in {self.seconds:.1f} s ({blocks} blocks, {per_block:.2f} s per block)")
+        experts = self.expert_tokens()
+        if experts:
+            counts = sorted(experts.values())
+            starved = [name for name, n in experts.items() if n == 0]
+            named = ", ".join(starved[:8]) + (f", ... ({len(starved) - 8} more in the JSON)" if len(starved) > 8 else "")
+            lines.append(f"experts: {len(counts)} expert matrices, calibration tokens routed to each: min {counts[0]}, "
+                         f"median {counts[len(counts) // 2]}, max {counts[-1]}"
+                         + (f"; {len(starved)} got none and were pruned by magnitude: {named}" if starved else ""))
         return "\n".join(lines)
+
+    def expert_tokens(self) -> dict[str, int]:
+        """Calibration tokens routed to each expert matrix (MoE models), by layer name."""
+        return {layer.name: layer.info["routed_tokens"] for layer in self.layers if "routed_tokens" in layer.info}
 
 
 def _versions() -> dict:
@@ -102,22 +132,26 @@ def _versions() -> dict:
 @dataclass
 class BlockPlan:
     """The layers of one block that will be pruned, and their stages (shared-input groups in
-    the order their inputs become available)."""
+    the order their inputs become available). ``passes``: the calibration passes of
+    true-sequential pruning, each a list of groups (all experts' gate/up are one pass); None:
+    one pass per group."""
 
-    layers: dict[str, nn.Linear]
+    layers: dict[str, nn.Linear]  # or llmprune.models.WeightView (Conv1D, experts)
     stages: list[tuple[str, ...]]
+    passes: list[list[tuple[str, ...]]] | None = None
 
 
 def plan_layers(model: nn.Module, config: PruneConfig) -> list[BlockPlan]:
     """Every block's selected layers, validated before any weight is touched: include/exclude
     must match something, and an N:M pattern's M must divide every selected layer's inputs."""
     plans = []
-    for i in range(len(get_blocks(model))):
-        layers = prunable_linears(model, i, config.include, config.exclude)
-        plans.append(BlockPlan(layers, block_stages(model, layers)))
+    skip = tuple(kind for kind, on in (("attention", config.skip_attention), ("mlp", config.skip_mlp)) if on)
+    for i, layers in enumerate(select_layers(model, config.include, config.exclude, skip)):
+        plans.append(BlockPlan(layers, block_stages(model, i, layers), block_passes(model, i, layers)))
     if not any(plan.layers for plan in plans):
         raise LlmpruneError(
-            f"no prunable layer matches include={list(config.include)} exclude={list(config.exclude)}: "
+            f"no prunable layer matches include={list(config.include)} exclude={list(config.exclude)}"
+            f"{' skip=' + ','.join(skip) if skip else ''}: "
             "patterns match names like 'layers.3.mlp.down_proj'"
         )
     if config.pattern.structured:
@@ -164,10 +198,26 @@ def check_calibration_memory(model: nn.Module, config: PruneConfig, device=None)
 
 def _prune_layer(name: str, module: nn.Linear, stats: LayerStats | None, config: PruneConfig, method) -> LayerReport:
     weight = module.weight.data
-    new_weight, info = method.prune(weight.float(), stats, config)
+    routed = getattr(module, "routed", False) and stats is not None
+    if routed and stats.tokens == 0:  # an expert no calibration token reached: nothing to weigh |W| by
+        method, config, stats = get_method("magnitude"), _magnitude_fallback(config), None
+    new_weight, info = prune_weight(method, weight.float(), stats, config, name)
     weight.copy_(new_weight.to(weight.dtype))
     zeros = int((weight == 0).sum().item())
-    return LayerReport(name=name, shape=tuple(weight.shape), zeros=zeros, numel=weight.numel(), info=dict(info or {}))
+    info = dict(info or {})
+    if routed:
+        info["routed_tokens"] = 0 if stats is None else stats.tokens
+        if stats is None:
+            info["fallback"] = "magnitude"
+    return LayerReport(name=name, shape=tuple(weight.shape), zeros=zeros, numel=weight.numel(), info=info)
+
+
+def _magnitude_fallback(config: PruneConfig) -> PruneConfig:
+    """Magnitude with the same pattern, sparsity and comparison group as ``config``."""
+    from llmprune.results import effective_group_metric
+
+    group, _ = effective_group_metric(config)
+    return dataclasses.replace(config, method="magnitude", group=group, metric=None, use_variant=False)
 
 
 def _check_finite(stats: LayerStats, block: int, group: tuple[str, ...]) -> None:
@@ -184,25 +234,53 @@ def _batches(hidden: torch.Tensor, batch_size: int):
         yield slice(start, min(start + batch_size, hidden.shape[0]))
 
 
+class PhaseTimer:
+    """Wall seconds per phase, one entry per block; synchronises CUDA so a phase gets its own time."""
+
+    def __init__(self, phases: tuple[str, ...] = ("stats", "prune", "propagate")):
+        self.seconds: dict[str, list[float]] = {phase: [] for phase in phases}
+
+    def new_block(self) -> None:
+        for values in self.seconds.values():
+            values.append(0.0)
+
+    @contextlib.contextmanager
+    def __call__(self, phase: str, device: torch.device | None = None):
+        sync = torch.cuda.synchronize if device is not None and device.type == "cuda" else (lambda *_: None)
+        sync(device)
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            sync(device)
+            self.seconds[phase][-1] += time.perf_counter() - start
+
+
 def calibrate_and_prune(block: nn.Module, index: int, plan: BlockPlan, hidden: torch.Tensor, kwargs: dict,
-                        config: PruneConfig, method, needs: frozenset[str]) -> list[LayerReport]:
+                        config: PruneConfig, method, needs: frozenset[str],
+                        timer: PhaseTimer | None = None) -> list[LayerReport]:
     """Statistics pass(es) with hooks on the block's dense weights, then the method on each layer.
 
     One pass for all stages, or with ``true_sequential`` one pass per stage, each from inputs
     that already go through the stages pruned before it.
     """
+    if timer is None:  # called on its own: time into a throwaway timer
+        timer = PhaseTimer()
+        timer.new_block()
     reports = []
-    passes = [[stage] for stage in plan.stages] if config.true_sequential else [plan.stages]
+    sequential = plan.passes if plan.passes is not None else [[stage] for stage in plan.stages]
+    passes = sequential if config.true_sequential else [plan.stages]
     for groups in passes:
         collector = StatsCollector(plan.layers, groups, norms="norms" in needs, hessian="hessian" in needs,
-                                   stop_early=True)
-        with collector:
+                                   stop_early=True, moments="moments" in needs)
+        with timer("stats", hidden.device), collector:
             for batch in _batches(hidden, config.calib.batch_size):
                 collector.run(block, hidden[batch], **kwargs)
-        for group, stats in collector.pop_stats():
-            _check_finite(stats, index, group)
-            for name in group:
-                reports.append(_prune_layer(f"layers.{index}.{name}", plan.layers[name], stats, config, method))
+        with timer("prune", hidden.device):
+            for group, stats in collector.pop_stats():
+                _check_finite(stats, index, group)
+                for name in group:
+                    reports.append(_prune_layer(f"layers.{index}.{name}", plan.layers[name], stats, config, method))
     return reports
 
 
@@ -250,6 +328,60 @@ def _on(block: nn.Module, compute: torch.device | None):
 
 
 @torch.no_grad()
+def outlier_ratios(blocks, plans: list[BlockPlan], inputs, config: PruneConfig,
+                   compute: torch.device | None) -> list[float | None]:
+    """OWL's dense statistics pass (official ``prune_wanda_outlier`` and siblings): the calibration
+    windows (the first ``owl_nsamples``) run through the *unpruned* blocks; each block's Wanda
+    scores of all its selected Linears give its outlier ratio D (None for a block with none)."""
+    hidden = inputs.hidden[: config.owl_nsamples or inputs.hidden.shape[0]].clone()
+    ratios: list[float | None] = []
+    for block, plan in zip(blocks, plans):
+        with _on(block, compute):
+            dev = block_device(block)
+            h, kwargs = hidden.to(dev), kwargs_on(inputs.kwargs, dev)
+            collector = StatsCollector(plan.layers, plan.stages, norms=True, hessian=False)
+            with collector:  # one full pass: statistics and the next block's dense inputs
+                for batch in _batches(h, config.calib.batch_size):
+                    hidden[batch] = block_output(block(h[batch], **kwargs)).to(hidden.device)
+            scores = [score(plan.layers[name].weight, stats.sq_norm, stats.tokens, "wanda")
+                      for group, stats in collector.pop_stats() for name in group]
+            ratios.append(outlier_ratio(scores, config.owl_m) if scores else None)
+    return ratios
+
+
+def allocate(blocks, plans: list[BlockPlan], inputs, config: PruneConfig,
+             compute: torch.device | None) -> BlockTargets:
+    """Per-block sparsity targets (allocation.py), with OWL's statistics pass when it needs one."""
+    n, m = config.pattern.n, config.pattern.m
+    spec = get_allocation(config.allocation)
+    if not spec.needs_data:
+        return block_targets(spec.name, len(blocks), config.sparsity, n, m, delta=config.depth_delta)
+    t0 = time.perf_counter()
+    ratios = outlier_ratios(blocks, plans, inputs, config, compute)
+    used = [i for i, r in enumerate(ratios) if r is not None]
+    part = block_targets(spec.name, len(used), config.sparsity, n, m, [ratios[i] for i in used], lam=config.owl_lambda)
+    targets = BlockTargets(spec.name, [config.sparsity] * len(blocks), [n] * len(blocks) if m else None, ratios)
+    for j, i in enumerate(used):
+        targets.sparsity[i] = part.sparsity[j]
+        if m:
+            targets.keep[i] = part.keep[j]
+    targets.seconds = time.perf_counter() - t0
+    return targets
+
+
+def block_config(config: PruneConfig, targets: BlockTargets, index: int) -> PruneConfig:
+    """``config`` with block ``index``'s own sparsity (or N:M kept count) from the allocation."""
+    if targets.allocation == "uniform":
+        return config
+    if targets.keep is not None:
+        keep, m = targets.keep[index], config.pattern.m
+        if keep >= m:  # the official code leaves a block with nothing to prune dense
+            return dataclasses.replace(config, pattern="unstructured", sparsity=0.0)
+        return dataclasses.replace(config, pattern=f"{keep}:{m}", sparsity=None)
+    return dataclasses.replace(config, sparsity=targets.sparsity[index])
+
+
+@torch.no_grad()
 def prune(
     model: nn.Module,
     tokenizer,
@@ -266,6 +398,10 @@ def prune(
     ``device``: where each block computes; by default the device the block already lives on.
     """
     method = get_method(config.method)
+    if method.structured is not None:  # removes whole channels and heads: another algorithm, structured.py
+        from llmprune.structured import prune_structured
+
+        return prune_structured(model, tokenizer, config, data_dir, progress, device, windows, model_name)
     validate_config(config)
     needs = needs_for(config)
     plans = plan_layers(model, config)
@@ -276,24 +412,32 @@ def prune(
     if needs:
         check_calibration_memory(model, config, compute)
         inputs, calibration = _calibration_inputs(model, tokenizer, config, data_dir, windows, compute)
+    targets = allocate(blocks, plans, inputs, config, compute)
+    needs = block_needs(config)  # what each block's own pass collects (OWL's pass is done above)
 
     reports: list[LayerReport] = []
     block_seconds: list[float] = []
+    timer = PhaseTimer()
     bar = tqdm(total=len(blocks), desc=f"{config.method} {config.pattern} {config.sparsity:.0%}",
                unit="block", disable=not progress)
     try:
         for i, block in enumerate(blocks):
             t_block = time.perf_counter()
+            timer.new_block()
             with _on(block, compute):
+                dev = block_device(block)
                 if not needs:
-                    for name, module in plans[i].layers.items():
-                        reports.append(_prune_layer(f"layers.{i}.{name}", module, None, config, method))
+                    with timer("prune", dev):
+                        for name, module in plans[i].layers.items():
+                            reports.append(_prune_layer(f"layers.{i}.{name}", module, None,
+                                                        block_config(config, targets, i), method))
                 else:
-                    dev = block_device(block)
                     hidden, kwargs = inputs.hidden.to(dev), kwargs_on(inputs.kwargs, dev)
-                    reports += calibrate_and_prune(block, i, plans[i], hidden, kwargs, config, method, needs)
+                    reports += calibrate_and_prune(block, i, plans[i], hidden, kwargs, block_config(config, targets, i),
+                                                   method, needs, timer)
                     if i + 1 < len(blocks):
-                        inputs.hidden = propagate(block, hidden, kwargs, config.calib.batch_size)
+                        with timer("propagate", dev):
+                            inputs.hidden = propagate(block, hidden, kwargs, config.calib.batch_size)
                     del hidden
             block_seconds.append(time.perf_counter() - t_block)
             bar.update(1)
@@ -302,4 +446,15 @@ def prune(
     seconds = time.perf_counter() - start_time
     name = model_name or getattr(getattr(model, "config", None), "_name_or_path", "") or type(model).__name__
     return PruneReport(config=config.to_dict(), model=str(name), layers=reports, block_seconds=block_seconds,
-                       seconds=seconds, calibration=calibration, versions=_versions())
+                       seconds=seconds, calibration=calibration, versions=_versions(), phase_seconds=timer.seconds,
+                       allocation=targets.to_dict(), quantization=_quantize(plans, config))
+
+
+def _quantize(plans: list[BlockPlan], config: PruneConfig) -> dict | None:
+    """``--quantize``: the pruned layers' weights, in memory (zeros stay zero)."""
+    if config.quantize is None:
+        return None
+    from llmprune.quantize import quantize_weights
+
+    return quantize_weights({f"layers.{i}.{name}": layer.weight.data for i, plan in enumerate(plans)
+                             for name, layer in plan.layers.items()}, config.quantize)

@@ -21,6 +21,13 @@ product of some values into runs with generated names::
         prune: {sparsity: 0.5}                # fixed overrides for this block
         axes: {prune.method: [magnitude, wanda], prune.pattern: [unstructured, "2:4"]}
 
+A run's ``recover:`` mapping (:class:`~llmprune.config.RecoverConfig`: method, steps, seqlen,
+lr, ...) trains the pruned model towards the dense one before it is evaluated (``llmprune
+recover``); the result then holds perplexity before and after.
+
+An optional ``slurm:`` mapping (:class:`~llmprune.config.SlurmConfig`: partition, gpus_per_job,
+time, mem_gb, cpus_per_task, array_parallelism) sizes the jobs of ``llmprune run --executor
+slurm``; it does not change any result, so editing it does not make the results another recipe's.
 Top-level keys starting with ``x-`` are ignored, to hold YAML anchors for ``<<: *anchor``.
 ``prune:`` keys are :class:`~llmprune.config.PruneConfig` fields and ``eval:`` keys are
 :class:`~llmprune.config.EvalConfig` fields, so recipes, CLI flags and the library share one
@@ -42,7 +49,8 @@ from typing import Any, Mapping
 
 import yaml
 
-from llmprune.config import CalibConfig, EvalConfig, Pattern, PruneConfig, from_dict, to_dict
+from llmprune.config import (CalibConfig, EvalConfig, Pattern, PruneConfig, RecoverConfig, SlurmConfig, from_dict,
+                             to_dict)
 from llmprune.errors import LlmpruneError
 from llmprune.results import DENSE
 
@@ -50,7 +58,7 @@ RECIPE_SCHEMA = "llmprune.recipe/1"
 DEVICES = ("auto", "cpu", "cuda", "mps")
 DTYPES = ("float32", "fp32", "float16", "fp16", "bfloat16", "bf16", "auto")
 
-_TOP_KEYS = ("name", "description", "dense", "defaults", "runs", "grid")
+_TOP_KEYS = ("name", "description", "dense", "defaults", "runs", "grid", "slurm")
 _RUN_SCALARS = {"name": str, "model": str, "dtype": str, "device": str}
 
 
@@ -64,10 +72,14 @@ class Run:
     eval: EvalConfig
     dtype: str = "float32"
     device: str = "auto"
+    recover: RecoverConfig | None = None  # train the pruned model towards the dense one afterwards
 
     def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "model": self.model, "dtype": self.dtype, "device": self.device,
-                "prune": self.prune.to_dict(), "eval": to_dict(self.eval)}
+        out = {"name": self.name, "model": self.model, "dtype": self.dtype, "device": self.device,
+               "prune": self.prune.to_dict(), "eval": to_dict(self.eval)}
+        if self.recover is not None:
+            out["recover"] = to_dict(self.recover)
+        return out
 
 
 @dataclass(frozen=True)
@@ -76,11 +88,15 @@ class Recipe:
     description: str
     runs: tuple[Run, ...]
     dense: bool = True
+    slurm: SlurmConfig | None = None  # job sizes for `llmprune run --executor slurm`; results do not depend on it
 
     def to_dict(self) -> dict[str, Any]:
         """The resolved recipe, as written to ``recipe.json`` next to the results."""
-        return {"schema": RECIPE_SCHEMA, "name": self.name, "description": self.description,
-                "dense": self.dense, "runs": [run.to_dict() for run in self.runs]}
+        out = {"schema": RECIPE_SCHEMA, "name": self.name, "description": self.description,
+               "dense": self.dense, "runs": [run.to_dict() for run in self.runs]}
+        if self.slurm is not None:
+            out["slurm"] = to_dict(self.slurm)
+        return out
 
     def run(self, name: str) -> Run:
         for run in self.runs:
@@ -168,7 +184,7 @@ def _run_schema() -> dict[str, Any]:
     """Allowed keys of a run: a leaf is a type hint, a nested dict a sub-mapping."""
     prune = {name: hint for name, hint in _hints(PruneConfig).items()}
     prune["calib"] = dict(_hints(CalibConfig))
-    return {**_RUN_SCALARS, "prune": prune, "eval": dict(_hints(EvalConfig))}
+    return {**_RUN_SCALARS, "prune": prune, "eval": dict(_hints(EvalConfig)), "recover": dict(_hints(RecoverConfig))}
 
 
 def _describe(hint: Any) -> str:
@@ -389,7 +405,11 @@ def _resolve_run(data: dict[str, Any], where: str) -> Run:
     prune = _wrap(f"{where}.prune", from_dict, PruneConfig, data.get("prune") or {}, f"{where}.prune")
     _check_method(prune, f"{where}.prune")
     evaluation = _wrap(f"{where}.eval", from_dict, EvalConfig, data.get("eval") or {}, f"{where}.eval")
-    return Run(name=name, model=data["model"], prune=prune, eval=evaluation, dtype=dtype, device=device)
+    recover = None
+    if data.get("recover") is not None:
+        recover = _wrap(f"{where}.recover", from_dict, RecoverConfig, data["recover"], f"{where}.recover")
+    return Run(name=name, model=data["model"], prune=prune, eval=evaluation, dtype=dtype, device=device,
+               recover=recover)
 
 
 def parse_recipe(data: Any, default_name: str = "recipe") -> Recipe:
@@ -450,7 +470,11 @@ def parse_recipe(data: Any, default_name: str = "recipe") -> Recipe:
             raise LlmpruneError(f"{where}.name {name_value!r}: names starting with 'dense' are kept for the dense baselines")
         seen[name_value], slugs[slug] = where, name_value
         resolved.append(_resolve_run(deep_merge(defaults, override), where))
-    return Recipe(name=name.strip(), description=" ".join(description.split()), runs=tuple(resolved), dense=dense)
+    slurm = data.get("slurm")
+    if slurm is not None:
+        slurm = _wrap("slurm", from_dict, SlurmConfig, slurm, "slurm")
+    return Recipe(name=name.strip(), description=" ".join(description.split()), runs=tuple(resolved), dense=dense,
+                  slurm=slurm)
 
 
 def load_recipe(path: str | Path) -> Recipe:

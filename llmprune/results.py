@@ -21,6 +21,7 @@ from llmprune.errors import LlmpruneError
 
 RESULT_SCHEMA = "llmprune.result/1"
 DENSE = "dense"  # the method of the unpruned baseline
+RECOVERED_UNKNOWN = "pruned"  # the method of a recovered model whose pruning left no record
 MISSING = "-"  # how tables show a setting a run does not have
 # zero-shot tasks llmprune ships, in the Wanda paper's column order (the report's order too)
 AVAILABLE_TASKS = ("boolq", "rte", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa", "piqa")
@@ -77,12 +78,15 @@ def result_record(
     prune_report=None,
     recipe: str | None = None,
     dense: dict | None = None,
+    recover: dict | None = None,
 ) -> dict:
     """One run's result in the shared schema (``RESULT_SCHEMA``), ready for JSON.
 
     ``config`` is None for the dense model. ``group``/``metric`` are the effective ones, so
     tables never have to know the methods' defaults. ``dense``: the unpruned model's numbers,
     carried by ``llmprune prune --json`` files for the report to use as the baseline.
+    ``recover``: what ``llmprune recover`` did to the pruned model (its RecoverReport, with the
+    teacher); ``config`` is then the pruning config, or None when the pruned model has no record.
     """
     from llmprune.config import to_dict
 
@@ -122,6 +126,11 @@ def result_record(
     }
     if dense is not None:
         record["dense"] = dense
+    if recover is not None:
+        record["recover"] = recover
+        if config is None:  # pruned by something else: not the dense baseline
+            record["method"] = RECOVERED_UNKNOWN
+            record["sparsity"] = float(recover.get("sparsity_after") or 0.0)
     return record
 
 
@@ -173,6 +182,10 @@ class Result:
     machine: str
     structured: bool = False
     nm: tuple[int, int] | None = None
+    # issue 8: non-uniform allocation and the steps around the method, in the order they run
+    # (e.g. ("owl", "dsnot", "reconstruct")), and the measured sparsity of each block
+    variant: tuple[str, ...] = ()
+    block_sparsity: tuple[float, ...] = ()
 
     @property
     def dense(self) -> bool:
@@ -262,11 +275,45 @@ def parse_result(record: dict, file: str) -> Result:
         zs_limit=evaluation.get("limit"),
         prune_seconds=_float(record.get("prune_seconds")),
         actual_sparsity=_float(prune.get("overall_sparsity")),
+        variant=_variant(config) + _recovered(record.get("recover")),
+        block_sparsity=_block_sparsity(prune.get("layers") or []),
         versions=", ".join(f"{k} {versions[k]}" for k in sorted(versions)),
         machine=str(record.get("machine") or ""),
         structured=nm is not None,
         nm=nm,
     )
+
+
+def _variant(config: dict) -> tuple[str, ...]:
+    """Allocation (when not uniform), permutation, refinement, reconstruction of a run's config."""
+    out = []
+    if config.get("allocation") not in (None, "uniform"):
+        out.append(str(config["allocation"]))
+    if config.get("permute"):
+        out.append("permute")
+    if config.get("refine"):
+        out.append(str(config["refine"]))
+    if config.get("reconstruct"):
+        out.append("reconstruct")
+    return tuple(out)
+
+
+def _recovered(section) -> tuple[str, ...]:
+    """``("kd",)`` / ``("lora",)`` for a run that ``llmprune recover`` trained after pruning."""
+    method = ((section or {}).get("config") or {}).get("method") if isinstance(section, dict) else None
+    return (str(method),) if method else ()
+
+
+def _block_sparsity(layers: list) -> tuple[float, ...]:
+    """Zeros / weights per block from the record's per-layer counts ("layers.{i}.{name}")."""
+    counts: dict[int, list[int]] = {}
+    for layer in layers:
+        parts = str(layer.get("name", "")).split(".")
+        if len(parts) > 1 and parts[0] == "layers" and parts[1].isdigit():
+            zeros_numel = counts.setdefault(int(parts[1]), [0, 0])
+            zeros_numel[0] += int(layer.get("zeros") or 0)
+            zeros_numel[1] += int(layer.get("numel") or 0)
+    return tuple(z / n if n else 0.0 for _, (z, n) in sorted(counts.items()))
 
 
 def embedded_dense(record: dict, file: str) -> Result | None:

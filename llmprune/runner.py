@@ -12,6 +12,7 @@ The folder's ``recipe.json`` (the resolved recipe) guards against mixing two rec
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import json
 import os
@@ -21,7 +22,7 @@ from typing import Any, Callable, Iterable
 
 import torch
 
-from llmprune.config import EvalConfig, PruneConfig, to_dict
+from llmprune.config import EvalConfig, PruneConfig, RecoverConfig, from_dict, to_dict
 from llmprune.errors import LlmpruneError
 from llmprune.evaluation import evaluate
 from llmprune.recipes import RECIPE_SCHEMA, Recipe, Run, load_recipe, slugify
@@ -41,6 +42,7 @@ class Job:
     device: str
     eval: EvalConfig
     prune: PruneConfig | None
+    recover: RecoverConfig | None = None  # recovery after pruning (llmprune.recover)
 
     @property
     def model_key(self) -> tuple[str, str, str]:
@@ -76,13 +78,24 @@ def plan(recipe: Recipe) -> list[Job]:
                 if len(evals) > 1:
                     name += f"-eval{j}"
                 jobs.append(Job(name, model, dtype, device, evaluation, None))
-        jobs.extend(Job(run.name, run.model, run.dtype, run.device, run.eval, run.prune) for run in runs)
+        jobs.extend(Job(run.name, run.model, run.dtype, run.device, run.eval, run.prune, run.recover) for run in runs)
     return jobs
 
 
 def _normal(obj: Any) -> Any:
     """``obj`` as it reads back from JSON (tuples become lists)."""
     return json.loads(json.dumps(obj))
+
+
+def _resolved(data: Any, cls: type) -> Any:
+    """A stored config as today's dataclass reads it: fields added since the file was written
+    take their defaults, so a new option does not make every earlier result stale."""
+    if not isinstance(data, dict):
+        return data
+    try:
+        return _normal(to_dict(from_dict(cls, data)))
+    except LlmpruneError:  # a key that no longer exists, or a value no longer valid: a different config
+        return data
 
 
 def _matches(record: Any, job: Job) -> bool:
@@ -92,11 +105,14 @@ def _matches(record: Any, job: Job) -> bool:
     if record.get("name") != job.name or record.get("model") != job.model:
         return False
     expected_config = None if job.prune is None else _normal(job.prune.to_dict())
-    if record.get("config") != expected_config:
+    if _resolved(record.get("config"), PruneConfig) != expected_config:
         return False
     if (job.prune is None) != (record.get("method") == DENSE):
         return False
-    stored = record.get("eval")
+    recovered = _resolved((record.get("recover") or {}).get("config"), RecoverConfig)
+    if recovered != (None if job.recover is None else _normal(to_dict(job.recover))):
+        return False
+    stored = _resolved(record.get("eval"), EvalConfig)
     wanted = _normal(to_dict(job.eval))
     if not isinstance(stored, dict):
         return False
@@ -131,8 +147,16 @@ def _recipe_differences(old: dict, new: dict) -> str:
 
 
 def _comparable(recipe_dict: dict) -> dict:
-    # the description is prose: editing it does not make the results a different recipe's
-    return {k: v for k, v in recipe_dict.items() if k != "description"}
+    # the description is prose and slurm sizes jobs: editing them does not make the results a
+    # different recipe's; nor does an option added to the configs since (its default applies)
+    out = {k: v for k, v in recipe_dict.items() if k not in ("description", "slurm")}
+    runs = out.get("runs")
+    if isinstance(runs, list):
+        out["runs"] = [{**run, "prune": _resolved(run.get("prune"), PruneConfig),
+                        "eval": _resolved(run.get("eval"), EvalConfig),
+                        **({"recover": _resolved(run["recover"], RecoverConfig)} if "recover" in run else {})}
+                       if isinstance(run, dict) else run for run in runs]
+    return out
 
 
 def _claim_out_dir(out_dir: Path, recipe: Recipe, jobs: list[Job], force: bool) -> None:
@@ -205,15 +229,29 @@ def _machine(device: str) -> str:
     return text
 
 
-def _execute(job: Job, model, tokenizer, recipe: Recipe, device: str, data_dir, progress: bool) -> dict:
+def _execute(job: Job, model, tokenizer, recipe: Recipe, device: str, data_dir, progress: bool,
+             teacher=None) -> dict:
+    """Prune, recover when the run says so (``teacher``: the dense model), evaluate."""
     from llmprune.pipeline import prune
 
     report = None
     if job.prune is not None:
         report = prune(model, tokenizer, job.prune, data_dir=data_dir, progress=progress, model_name=job.model)
-    resolved, perplexity, zeroshot = evaluate(model, tokenizer, job.eval, data_dir, progress)
+    recovered = None
+    if job.recover is None:
+        resolved, perplexity, zeroshot = evaluate(model, tokenizer, job.eval, data_dir, progress)
+    else:  # recover() evaluates before and after training
+        from llmprune.models import resolve_seqlen
+        from llmprune.recover import recover
+
+        result = recover(model, teacher, tokenizer, job.recover, data_dir=data_dir, progress=progress,
+                         eval_config=job.eval)
+        resolved = dataclasses.replace(job.eval, seqlen=resolve_seqlen(model, job.eval.seqlen))
+        perplexity, zeroshot = result.curve[-1]["perplexity"], result.curve[-1].get("zeroshot")
+        recovered = result.to_dict() | {"teacher": job.model, "complete": True}
     record = result_record(name=job.name, model=job.model, config=job.prune, eval_config=resolved,
-                           perplexity=perplexity, zeroshot=zeroshot, prune_report=report, recipe=recipe.name)
+                           perplexity=perplexity, zeroshot=zeroshot, prune_report=report, recipe=recipe.name,
+                           recover=recovered)
     record["machine"] = _machine(device)
     return record
 
@@ -244,6 +282,8 @@ def _check_inputs(jobs: list[Job], data_dir, check_models: bool = True) -> None:
             checks.append(("model", job.model))
         if job.prune is not None and needs_for(job.prune):
             checks.append(("data", (job.prune.calib.dataset,), "calibration"))
+        if job.recover is not None:
+            checks.append(("recover", job.recover, job.eval.datasets, job.prune))
         for check in checks:
             if check in seen:
                 continue
@@ -256,6 +296,13 @@ def _check_inputs(jobs: list[Job], data_dir, check_models: bool = True) -> None:
             elif kind == "data":
                 for name in check[1]:
                     check_available(name, data_dir, split=check[2])
+            elif kind == "recover":
+                from llmprune.recover import check_inputs as check_recover
+
+                try:
+                    check_recover(check[1], data_dir, check[2], check[3])
+                except LlmpruneError as exc:
+                    raise LlmpruneError(f"run {job.name!r}: {exc}") from None
             elif job.eval.zeroshot:
                 build_tasks(job.eval.zeroshot, data_dir)
 
@@ -274,6 +321,27 @@ def _check_shapes(jobs: list[Job], model) -> None:
             check_eval_memory(model, job.eval)
         except LlmpruneError as exc:
             raise LlmpruneError(f"run {job.name!r}: {exc}") from None
+
+
+def prepare(recipe_path, out_dir, data_dir=None, only=None, force: bool = False, check_models: bool = True
+            ) -> tuple[Recipe, Path, list[Job], list[Job]]:
+    """Everything before the first run, shared by every executor: read the recipe, check the
+    output folder and every pending run's inputs, claim the folder (``recipe.json``).
+
+    Returns ``(recipe, out folder, selected jobs, pending jobs)``; pending ones have no result yet.
+    """
+    from llmprune.io import check_output_dir, write_json_atomic
+
+    recipe = load_recipe(recipe_path)
+    jobs = plan(recipe)
+    selected = _select(jobs, only)
+    out = check_output_dir(out_dir, "--out")
+    pending = [job for job in selected if not _matches(_read_json(out / job.filename), job)]
+    _check_inputs(pending, data_dir, check_models=check_models)
+    out.mkdir(parents=True, exist_ok=True)
+    _claim_out_dir(out, recipe, jobs, force)
+    write_json_atomic(out / RECIPE_FILE, recipe.to_dict())
+    return recipe, out, selected, pending
 
 
 def run_recipe(
@@ -296,18 +364,9 @@ def run_recipe(
     """
     from tqdm.auto import tqdm
 
-    from llmprune.io import check_output_dir, write_json_atomic
+    from llmprune.io import write_json_atomic
 
-    recipe = load_recipe(recipe_path)
-    jobs = plan(recipe)
-    selected = _select(jobs, only)
-    out = check_output_dir(out_dir, "--out")
-    pending = [job for job in selected if not _matches(_read_json(out / job.filename), job)]
-    _check_inputs(pending, data_dir, check_models=loader is None)
-    out.mkdir(parents=True, exist_ok=True)
-    _claim_out_dir(out, recipe, jobs, force)
-    write_json_atomic(out / RECIPE_FILE, recipe.to_dict())
-
+    recipe, out, selected, pending = prepare(recipe_path, out_dir, data_dir, only, force, check_models=loader is None)
     if loader is None:
         from llmprune.models import load_model as loader
 
@@ -324,6 +383,7 @@ def run_recipe(
             _check_shapes(model_jobs, model)
             saved = snapshot_weights(model)
             dirty = False
+            teacher = None  # the dense model, loaded again for the first run that recovers
             try:
                 for job in model_jobs:
                     bar.set_postfix_str(job.name)
@@ -331,11 +391,13 @@ def run_recipe(
                         restore_weights(model, saved)
                         dirty = False
                     dirty = job.prune is not None  # set before running: a failure leaves it pruned
-                    record = _execute(job, model, tokenizer, recipe, device, data_dir, progress)
+                    if job.recover is not None and teacher is None:
+                        teacher = loader(model_name, dtype=dtype, device=device)[0]
+                    record = _execute(job, model, tokenizer, recipe, device, data_dir, progress, teacher)
                     write_json_atomic(out / job.filename, record)
                     bar.update(1)
             finally:
-                del model, tokenizer, saved
+                del model, tokenizer, saved, teacher
                 gc.collect()
                 if torch.cuda.is_available():
                     torch.cuda.empty_cache()
@@ -349,4 +411,4 @@ def run_recipe(
     return [out / job.filename for job in selected]
 
 
-__all__ = ["run_recipe", "plan", "Job", "snapshot_weights", "restore_weights", "RECIPE_FILE"]
+__all__ = ["run_recipe", "prepare", "plan", "Job", "snapshot_weights", "restore_weights", "RECIPE_FILE"]

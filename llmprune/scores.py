@@ -57,3 +57,24 @@ def score(weight: torch.Tensor, sq_norm: torch.Tensor | None, tokens: int, metri
     if metric == "activation":
         return norm.expand_as(w).clone()
     return w.abs() * norm  # wanda
+
+
+def ria_score(weight: torch.Tensor, sq_norm: torch.Tensor, tokens: int, a: float = 0.5) -> torch.Tensor:
+    """RIA, Relative Importance and Activations (Zhang et al., ICLR 2024, "Plug-and-Play: An
+    Efficient Post-training Pruning Method for Large Language Models"; official code
+    biomedical-cybernetics/Relative-importance-and-activation-pruning ``lib/prune.py``)::
+
+        S_ij = (|W_ij| / sum_k |W_kj|  +  |W_ij| / sum_k |W_ik|) * ||X_j||_2 ** a
+
+    the weight's share of its input column plus its share of its output row, times the input
+    channel's norm to the power ``a`` (official default 0.5). ``||X_j||`` here is per token; the
+    official code's per-sample sums differ by a constant factor, which no ranking sees.
+    Returns (out, in) float32; higher = keep.
+    """
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be 2-D (out, in), got shape {tuple(weight.shape)}")
+    w = weight.detach().float().abs()  # (out, in)
+    if sq_norm is None or sq_norm.shape != (w.shape[1],):
+        raise ValueError(f"ria needs sq_norm of shape ({w.shape[1]},)")
+    relative = w / w.sum(dim=0, keepdim=True) + w / w.sum(dim=1, keepdim=True)  # column share + row share
+    return relative * input_norm(sq_norm.to(w.device), tokens).unsqueeze(0) ** a

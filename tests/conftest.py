@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -54,20 +55,29 @@ def make_model(family: str = "llama", layers: int = 2, vocab_size: int = 512, se
     return model
 
 
+# mixture of experts, under each family's names: 4 experts, 2 per token, the first block dense
+MOE_SIZES = dict(num_experts=4, num_local_experts=4, n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                 shared_expert_intermediate_size=64, n_shared_experts=1, first_k_dense_replace=1, moe_topk=2)
+
+
 def make_family_model(model_type: str, layers: int = 2, vocab_size: int = 512, seed: int = 0, **overrides):
     """A tiny random CausalLM of any transformers model type (``config.model_type``), float32, eval.
 
     The same sizes as :func:`make_model`, under whichever of the usual names the family's config
-    has (OPT says ``ffn_dim``, Gemma needs ``head_dim``); token ids are moved inside the small
-    vocabulary (Phi-3's default pad id is 32000).
+    has (OPT says ``ffn_dim``, GPT-2 ``n_embd``, Gemma needs ``head_dim``), and :data:`MOE_SIZES` for
+    mixture-of-experts families; token ids are moved inside the small vocabulary (Phi-3's default
+    pad id is 32000).
     """
     from transformers import CONFIG_MAPPING, AutoModelForCausalLM
 
     config_cls = CONFIG_MAPPING[model_type]
     defaults = config_cls()
     sizes = dict(hidden_size=64, intermediate_size=128, ffn_dim=128, num_attention_heads=4, num_key_value_heads=2,
-                 head_dim=16, num_hidden_layers=layers, vocab_size=vocab_size, max_position_embeddings=256)
-    kwargs = {k: v for k, v in sizes.items() if hasattr(defaults, k)}
+                 head_dim=16, num_hidden_layers=layers, vocab_size=vocab_size, max_position_embeddings=256,
+                 n_embd=64, n_head=4, n_layer=layers, n_positions=256)
+    sizes.update(MOE_SIZES)
+    settable = lambda k: not isinstance(getattr(config_cls, k, None), property)  # noqa: E731 (Falcon's head_dim)
+    kwargs = {k: v for k, v in sizes.items() if hasattr(defaults, k) and settable(k)}
     kwargs.update(pad_token_id=0, bos_token_id=1, eos_token_id=2)
     kwargs.update(overrides)
     torch.manual_seed(seed)
@@ -89,6 +99,21 @@ def tiny_model_any(request):
 @pytest.fixture
 def tiny_model():
     return make_model("llama")
+
+
+_WORDS = ("the quick brown fox jumps over the lazy dog a stitch in time saves nine "
+          "pruning removes weights from a network without retraining it ").split()
+
+
+def write_local_setup(root: Path, docs: int = 8) -> Path:
+    """Into ``root``: a tiny LLaMA saved as an HF directory (``model/``), a c4-style calibration
+    jsonl (``calib.jsonl``) and an evaluation text (``eval.txt``): what the CLI needs, on disk."""
+    make_model("llama").save_pretrained(root / "model")
+    make_tokenizer().save_pretrained(root / "model")
+    texts = [" ".join(_WORDS[(i * 7 + j) % len(_WORDS)] for j in range(120 + 10 * i)) for i in range(docs)]
+    (root / "calib.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    (root / "eval.txt").write_text(" ".join(texts))
+    return root
 
 
 def shared_data_dir() -> Path | None:

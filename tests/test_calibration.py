@@ -7,7 +7,7 @@ import torch
 
 from conftest import make_model
 from llmprune.calibration import StatsCollector, block_output, capture_block_inputs, hook_count
-from llmprune.models import family_of, get_blocks, prunable_linears
+from llmprune.models import block_stages, get_blocks, prunable_linears
 
 
 def _windows(n=5, seqlen=16, vocab=512, seed=1):
@@ -19,7 +19,7 @@ def _stats(model, windows, batch_size):
     blocks = get_blocks(model)
     inputs = capture_block_inputs(model, blocks[0], windows, batch_size)
     layers = prunable_linears(model, 0)
-    collector = StatsCollector(layers, list(family_of(model).stages), norms=True, hessian=True)
+    collector = StatsCollector(layers, block_stages(model, 0, layers), norms=True, hessian=True)
     with collector:
         for s in range(0, windows.shape[0], batch_size):
             collector.run(blocks[0], inputs.hidden[s:s + batch_size], **inputs.kwargs)
@@ -97,7 +97,7 @@ def test_no_hook_left_after_an_exception_mid_block():
     block.mlp.forward = boom
     try:
         with pytest.raises(RuntimeError, match="mid-block"):
-            with StatsCollector(layers, list(family_of(model).stages), norms=True, hessian=False) as collector:
+            with StatsCollector(layers, block_stages(model, 0, layers), norms=True, hessian=False) as collector:
                 assert hook_count(model) > before
                 collector.run(block, inputs.hidden, **inputs.kwargs)
     finally:

@@ -8,24 +8,14 @@ import sys
 
 import pytest
 
-from conftest import make_model, make_tokenizer
+from conftest import write_local_setup
 from llmprune.cli import main
-
-WORDS = ("the quick brown fox jumps over the lazy dog a stitch in time saves nine "
-         "pruning removes weights from a network without retraining it ").split()
 
 
 @pytest.fixture(scope="module")
 def local_setup(tmp_path_factory):
     """A tiny model saved as an HF directory, a calibration jsonl and an evaluation text."""
-    root = tmp_path_factory.mktemp("cli")
-    model, tokenizer = make_model("llama"), make_tokenizer()
-    model.save_pretrained(root / "model")
-    tokenizer.save_pretrained(root / "model")
-    docs = [" ".join(WORDS[(i * 7 + j) % len(WORDS)] for j in range(120 + 10 * i)) for i in range(8)]
-    (root / "calib.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
-    (root / "eval.txt").write_text(" ".join(docs))
-    return root
+    return write_local_setup(tmp_path_factory.mktemp("cli"))
 
 
 def _prune_args(root, *extra):

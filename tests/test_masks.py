@@ -163,3 +163,21 @@ def test_alpha_variant_hits_target_and_cumsum_definition(target):
 def test_alpha_variant_zero_sparsity_prunes_nothing():
     mask, _, _ = alpha_variant_search(torch.rand(4, 8), 0.0)
     assert not mask.any()
+
+
+@pytest.mark.parametrize("levels", [None, 3, 17])
+@pytest.mark.parametrize("shape", [(5, 40), (3, 96, 4), (2, 1, 64)])
+def test_selection_equals_a_stable_sort(levels, shape):
+    """The selection in masks.py gives exactly the first k of a stable ascending sort, every k,
+    with ties (few distinct values), signed zeros and N:M-shaped groups."""
+    from llmprune.masks import _lowest_along_last
+
+    gen = torch.Generator().manual_seed(sum(shape) + (levels or 0))
+    s = torch.rand(*shape, generator=gen)
+    if levels is not None:
+        s = torch.floor(s * levels) - levels // 2  # ties, negatives, and zeros
+        s[s == 0] = torch.where(torch.rand(int((s == 0).sum()), generator=gen) < 0.5, -0.0, 0.0)
+    for k in range(shape[-1] + 1):
+        order = torch.sort(s, dim=-1, stable=True).indices[..., :k]
+        expected = torch.zeros_like(s, dtype=torch.bool).scatter_(-1, order, True)
+        assert torch.equal(_lowest_along_last(s, k), expected), k

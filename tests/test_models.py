@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import importlib.util
+import math
 
 import pytest
 import torch
@@ -14,7 +15,7 @@ from llmprune.config import CalibConfig, PruneConfig
 from llmprune.data import calibration_windows
 from llmprune.errors import LlmpruneError
 from llmprune.evaluation.perplexity import evaluate_perplexity
-from llmprune.models import default_seqlen, family_of, get_blocks, load_model, prunable_linears
+from llmprune.models import default_seqlen, get_blocks, load_model, prunable_linears
 from llmprune.pipeline import prune
 
 
@@ -34,14 +35,6 @@ def test_tiny_families_expose_seven_linears_per_block(family):
 def test_default_seqlen_is_capped_at_4096():
     assert default_seqlen(make_model(max_position_embeddings=256)) == 256
     assert default_seqlen(make_model(max_position_embeddings=32768)) == 4096
-
-
-def test_unsupported_family_is_a_user_error():
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64))
-    with pytest.raises(LlmpruneError, match="not supported"):
-        family_of(model)
 
 
 @pytest.mark.parametrize("name, needle", [
@@ -96,3 +89,40 @@ def test_bundled_smollm2_wanda_far_better_than_magnitude(smollm2, data_dir):
         del model
     assert torch.isfinite(torch.tensor(list(ppl.values()))).all()
     assert ppl["wanda"] * 3 < ppl["magnitude"], ppl
+
+
+LLAMA_ENTRY = models.Family("llama", "model.layers", (
+    ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("self_attn.o_proj",),
+    ("mlp.gate_proj", "mlp.up_proj"), ("mlp.down_proj",)))  # the hand-written entry discovery replaced
+
+
+def test_bundled_smollm2_discovery_equals_the_hand_written_llama_entry(smollm2, data_dir, monkeypatch):
+    """On the real model, discovery finds the old LLaMA entry's groups and stages in all 30 blocks,
+    and pruning through either (the entry installed as an override) gives bit-identical masks and
+    weights, and the same perplexity. Blocks 0-3 and 29 are pruned (the last one from inputs that
+    passed through the pruned first four), to keep the test short."""
+    base, tokenizer = smollm2
+    windows = calibration_windows("c4", tokenizer, nsamples=2, seqlen=64, seed=0, data_dir=data_dir)
+    config = PruneConfig(method="wanda", sparsity=0.5, include=("layers.[0-3].*", "layers.29.*"),
+                         calib=CalibConfig(nsamples=2, seqlen=64))
+    runs = {}
+    for source in ("discovered", "override"):
+        if source == "override":
+            monkeypatch.setitem(models.OVERRIDES, "llama", LLAMA_ENTRY)
+        model = copy.deepcopy(base)
+        found = models.layout(model)
+        assert found.source == source and found.blocks == "model.layers"
+        assert all(b.stages == tuple((g,) for g in LLAMA_ENTRY.stages) for b in found.block_layouts)
+        report = prune(model, tokenizer, config, windows=windows, progress=False)
+        weights = {(i, name): layer.weight.detach().clone() for i in (0, 1, 2, 3, 29)
+                   for name, layer in prunable_linears(model, i).items()}
+        ppl = evaluate_perplexity(model, tokenizer, "ptb", 128, data_dir=data_dir, max_windows=2, progress=False).ppl
+        runs[source] = (weights, ppl, [layer.name for layer in report.layers])
+        del model
+    (found, ppl_found, names_found), (entry, ppl_entry, names_entry) = runs["discovered"], runs["override"]
+    assert names_found == names_entry and len(names_found) == len(found) == 5 * 7
+    for key, weight in found.items():
+        assert (weight == 0).sum(1).eq(weight.shape[1] // 2).all(), key
+        assert torch.equal(weight == 0, entry[key] == 0), key  # the masks
+        assert torch.equal(weight, entry[key]), key
+    assert ppl_found == ppl_entry and math.isfinite(ppl_found)

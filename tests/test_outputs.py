@@ -11,30 +11,19 @@ import stat
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import ROOT, make_model, make_tokenizer
+from conftest import ROOT, make_model, make_tokenizer, write_local_setup
 from llmprune.cli import build_parser, main
 from llmprune.config import CalibConfig, EvalConfig, PruneConfig
 from llmprune.errors import LlmpruneError
 from llmprune.io import check_output_file, check_save_dir, save_pruned, write_json_atomic
 
-WORDS = "the quick brown fox jumps over the lazy dog pruning removes weights from a network".split()
-
-
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    root = tmp_path_factory.mktemp("outputs")
-    model, tokenizer = make_model("llama"), make_tokenizer()
-    model.save_pretrained(root / "model")
-    tokenizer.save_pretrained(root / "model")
-    docs = [" ".join(WORDS[(i * 5 + j) % len(WORDS)] for j in range(100 + 10 * i)) for i in range(6)]
-    (root / "calib.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
-    (root / "eval.txt").write_text(" ".join(docs))
-    return root
+    return write_local_setup(tmp_path_factory.mktemp("outputs"), docs=6)
 
 
 def _prune(root, *extra):

@@ -63,6 +63,14 @@ def test_every_layer_gets_the_requested_sparsity(tiny_model_any, method, pattern
     expected_total = 0.6 if pattern == "unstructured" else 1 - int(pattern[0]) / int(pattern[2])
     assert report.overall_sparsity == pytest.approx(expected_total, abs=0.01)
     assert len(report.block_seconds) == len(get_blocks(model))
+    phases = report.phase_seconds
+    assert set(phases) == {"stats", "prune", "propagate"}
+    assert all(len(v) == len(report.block_seconds) for v in phases.values())
+    for i, block_total in enumerate(report.block_seconds):
+        parts = [phases[k][i] for k in phases]
+        assert all(p >= 0 for p in parts) and sum(parts) <= block_total + 1e-6
+    assert phases["prune"][0] > 0 and phases["propagate"][-1] == 0  # the last block feeds nothing
+    assert (phases["stats"][0] > 0) == (method != "magnitude")
 
 
 def test_pruned_outputs_feed_the_next_block(monkeypatch):

@@ -268,3 +268,19 @@ def test_out_that_cannot_be_made_is_refused_first(tmp_path, data, tokenizer):
     with pytest.raises(LlmpruneError, match="not a folder"):
         run_recipe(write_recipe(tmp_path, data, TWO_RUNS), tmp_path / "file" / "out", loader=loader, progress=False)
     assert loader.calls == []
+
+
+def test_results_written_before_a_new_config_option_still_match(tmp_path, data, tokenizer):
+    """A PruneConfig field added later (its default applies) must not make every earlier result stale."""
+    out = tmp_path / "out"
+    recipe = write_recipe(tmp_path, data, TWO_RUNS)
+    run_recipe(recipe, out, loader=Loader(tokenizer), progress=False)
+    for path in [out / "recipe.json", *out.glob("magnitude*.json")]:  # as an older llmprune wrote them
+        record = json.loads(path.read_text())
+        configs = [run["prune"] for run in record["runs"]] if "runs" in record else [record["config"]]
+        for config in configs:
+            config.pop("true_sequential")
+        path.write_text(json.dumps(record))
+    loader = Loader(tokenizer)
+    run_recipe(recipe, out, loader=loader, progress=False)
+    assert loader.calls == []  # nothing re-ran

@@ -16,8 +16,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from llmprune.io import write_atomic
-from llmprune.report.tables import (KNOBS, METHOD_LABELS, knob_order, method_rank,
-                                    varies_within_method)
+from llmprune.report.tables import (KNOBS, knob_order, method_key, method_label, varies_within_method)
 from llmprune.results import MISSING, Result
 
 
@@ -59,9 +58,9 @@ def _series(results: list[Result], layout_knobs: list[str], x: Callable[[Result]
         y = r.ppl.get(dataset)
         if not _finite(y):
             continue
-        key = (method_rank(r.method),) + tuple(knob_order(k, r.knob(k)) for k in layout_knobs)
+        key = (method_key(r),) + tuple(knob_order(k, r.knob(k)) for k in layout_knobs)
         extra = [f"{k}={r.knob_label(k)}" for k in layout_knobs if r.knob(k) is not None]
-        label = METHOD_LABELS.get(r.method, r.method) + (f" ({', '.join(extra)})" if extra else "")
+        label = method_label(r) + (f" ({', '.join(extra)})" if extra else "")
         points = lines.setdefault(key, (label, []))[1]
         if all(px != x(r) for px, _ in points):
             points.append((x(r), y))
@@ -142,9 +141,9 @@ def plot_group_metric(results: list[Result], dataset: str, title: str, path: Pat
     groups = sorted({r.group for r in pruned}, key=lambda g: knob_order("group", g))
     bars: dict[tuple, tuple[str, dict]] = {}
     for r in pruned:
-        key = (method_rank(r.method), knob_order("metric", r.metric)) + tuple(knob_order(k, r.knob(k)) for k in others)
+        key = (method_key(r), knob_order("metric", r.metric)) + tuple(knob_order(k, r.knob(k)) for k in others)
         extra = [f"{k}={r.knob_label(k)}" for k in others if r.knob(k) is not None]
-        label = f"{METHOD_LABELS.get(r.method, r.method)}, metric {r.knob_label('metric')}"
+        label = f"{method_label(r)}, metric {r.knob_label('metric')}"
         label += f" ({', '.join(extra)})" if extra else ""
         bars.setdefault(key, (label, {}))[1].setdefault(r.group, r.ppl[dataset])
     fig, ax = _new_figure()
@@ -161,6 +160,25 @@ def plot_group_metric(results: list[Result], dataset: str, title: str, path: Pat
     return _finish(fig, ax, path, "comparison group", f"{dataset} perplexity", title, grid_axis="y")
 
 
+def plot_block_sparsity(results: list[Result], dataset: str, title: str, path: Path) -> Path | None:
+    """Measured sparsity per decoder block, one line per run with a non-uniform allocation, and
+    the uniform runs' target as a dashed line for each setting."""
+    allocated = [r for r in results if not r.dense and r.block_sparsity and
+                 (len(set(round(s, 4) for s in r.block_sparsity)) > 1 and r.variant and r.variant[0] in ("owl", "depth"))]
+    if not allocated:
+        return None
+    fig, ax = _new_figure()
+    for r in sorted(allocated, key=lambda r: (r.setting, method_key(r))):
+        ax.plot(range(len(r.block_sparsity)), [100 * s for s in r.block_sparsity], marker=".",
+                label=f"{method_label(r)} {r.setting_label}")
+    for setting, label in sorted({(r.setting, r.setting_label) for r in allocated}):
+        target = next(r.sparsity for r in allocated if r.setting == setting)
+        ax.axhline(100 * target, color="gray", linestyle="--", linewidth=0.8)
+    return _finish(fig, ax, path, "decoder block", "sparsity (%)",
+                   title.replace("Perplexity on", "Sparsity per block; runs evaluated on"))
+
+
 # (file-name prefix, plot function) in the order the report lists them
 PLOTS = (("ppl_vs_sparsity", plot_sparsity), ("ppl_by_pattern", plot_pattern),
-         ("ppl_vs_nsamples", plot_nsamples), ("ppl_by_group_metric", plot_group_metric))
+         ("ppl_vs_nsamples", plot_nsamples), ("ppl_by_group_metric", plot_group_metric),
+         ("sparsity_per_block", plot_block_sparsity))

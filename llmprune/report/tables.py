@@ -16,8 +16,12 @@ from typing import Any, Callable, Iterable
 
 from llmprune.results import MISSING, Result, percent, task_order
 
-METHOD_ORDER = ("dense", "magnitude", "sparsegpt", "wanda")
-METHOD_LABELS = {"dense": "Dense", "magnitude": "Magnitude", "sparsegpt": "SparseGPT", "wanda": "Wanda"}
+METHOD_ORDER = ("dense", "magnitude", "sparsegpt", "wanda", "ria")
+METHOD_LABELS = {"dense": "Dense", "magnitude": "Magnitude", "sparsegpt": "SparseGPT", "wanda": "Wanda", "ria": "RIA"}
+# allocations are a prefix (OWL-Wanda), the other steps a suffix (Wanda+DSnoT), in run order
+VARIANT_PREFIX = {"owl": "OWL-", "depth": "Depth-"}
+VARIANT_SUFFIX = {"permute": "+permute", "dsnot": "+DSnoT", "reconstruct": "+reconstruct"}
+VARIANT_ORDER = ("owl", "depth", "permute", "dsnot", "reconstruct")
 # settings besides method and pattern/sparsity that an ablation may vary, in display order
 KNOBS = ("group", "metric", "nsamples", "seed", "calib")
 KNOB_TITLES = {"setting": "sparsity", "group": "group", "metric": "metric", "nsamples": "nsamples",
@@ -34,6 +38,20 @@ def method_rank(method: str) -> tuple:
     return (METHOD_ORDER.index(method), "") if method in METHOD_ORDER else (len(METHOD_ORDER), method)
 
 
+def method_key(r: Result) -> tuple:
+    """Sort key of a row's method with its variant: plain method first, then its variants."""
+    steps = tuple(VARIANT_ORDER.index(v) if v in VARIANT_ORDER else len(VARIANT_ORDER) for v in r.variant)
+    return method_rank(r.method) + (len(r.variant), steps, r.variant)
+
+
+def method_label(r: Result) -> str:
+    """"OWL-Wanda+DSnoT+reconstruct": the method's label with its allocation and steps."""
+    label = METHOD_LABELS.get(r.method, r.method)
+    prefix = "".join(VARIANT_PREFIX.get(v, "") for v in r.variant)
+    suffix = "".join(VARIANT_SUFFIX.get(v, "" if v in VARIANT_PREFIX else f"+{v}") for v in r.variant)
+    return prefix + label + suffix
+
+
 def none_last(value: Any) -> tuple:
     return (value is None, value if value is not None else 0)
 
@@ -45,7 +63,7 @@ def knob_order(knob: str, value: Any) -> tuple:
 
 
 def sort_key(r: Result) -> tuple:
-    return (r.model, method_rank(r.method), r.setting, knob_order("group", r.group), knob_order("metric", r.metric),
+    return (r.model, method_key(r), r.setting, knob_order("group", r.group), knob_order("metric", r.metric),
             none_last(r.nsamples), none_last(r.seed), none_last(r.calib), none_last(r.eval_seqlen), r.name, r.file)
 
 
@@ -54,7 +72,7 @@ def varies_within_method(results: list[Result], knob: str) -> bool:
     for r in results:
         value = r.knob(knob)
         if value is not None:
-            by_method.setdefault(r.method, set()).add(value)
+            by_method.setdefault(method_label(r), set()).add(value)
     return any(len(values) > 1 for values in by_method.values())
 
 
@@ -70,10 +88,10 @@ class Layout:
     def row_key(self, r: Result) -> tuple:
         if r.dense:
             return ((), )
-        return (method_rank(r.method), tuple(knob_order(k, r.knob(k)) for k in self.row_knobs))
+        return (method_key(r), tuple(knob_order(k, r.knob(k)) for k in self.row_knobs))
 
     def row_label(self, r: Result) -> str:
-        label = METHOD_LABELS.get(r.method, r.method)
+        label = method_label(r)
         if r.dense:
             return label
         extra = [f"{k}={r.knob_label(k)}" for k in self.row_knobs if r.knob(k) is not None]
@@ -195,7 +213,7 @@ def summary_csv(results: list[Result]) -> str:
     datasets = sorted({d for r in results for d in r.ppl})
     tasks = task_order({t for r in results for t in r.acc})
     header = (["name", "recipe", "model", "method", "sparsity", "pattern", "group", "metric", "nsamples", "seed",
-               "calib_dataset", "eval_seqlen"] + [f"ppl_{d}" for d in datasets] + [f"acc_{t}" for t in tasks]
+               "calib_dataset", "eval_seqlen", "variant"] + [f"ppl_{d}" for d in datasets] + [f"acc_{t}" for t in tasks]
               + ["mean_acc", "prune_seconds", "actual_sparsity", "file"])
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
@@ -203,7 +221,7 @@ def summary_csv(results: list[Result]) -> str:
     for r in results:
         writer.writerow([r.name, r.recipe or "", r.model, r.method, _number(r.sparsity), r.pattern,
                          r.group or "", r.metric or "", _number(r.nsamples), _number(r.seed), r.calib or "",
-                         _number(r.eval_seqlen)]
+                         _number(r.eval_seqlen), "+".join(r.variant)]
                         + [_number(r.ppl.get(d)) for d in datasets] + [_number(r.acc.get(t)) for t in tasks]
                         + [_number(r.mean_acc), _number(r.prune_seconds), _number(r.actual_sparsity), r.file])
     return buffer.getvalue()
@@ -217,7 +235,7 @@ def run_table(results: list[Result]) -> list[str]:
     header += [f"ppl {d}" for d in datasets] + (["mean acc (%)"] if with_acc else []) + ["prune s"]
     rows = []
     for r in results:
-        row = [r.name, r.model, r.method, percent(r.sparsity), r.pattern, r.group or MISSING, r.metric or MISSING,
+        row = [r.name, r.model, "+".join((r.method,) + r.variant), percent(r.sparsity), r.pattern, r.group or MISSING, r.metric or MISSING,
                MISSING if r.nsamples is None else str(r.nsamples)]
         row += [_fmt(r.ppl.get(d)) for d in datasets]
         row += [_fmt(r.mean_acc, 2, 100.0)] if with_acc else []
@@ -239,7 +257,7 @@ def zeroshot_sections(results: list[Result]) -> list[str]:
         lines += [f"## Mean zero-shot accuracy (%): {model}", "", f"Tasks: {where}.", ""]
         lines += pivot(rows, lambda r: r.mean_acc, 2, 100.0) + [""]
         lines += [f"### Zero-shot accuracy per task (%): {model}", ""]
-        body = [[r.name, METHOD_LABELS.get(r.method, r.method), MISSING if r.dense else r.setting_label]
+        body = [[r.name, method_label(r), MISSING if r.dense else r.setting_label]
                 + [_fmt(r.acc.get(t), 2, 100.0) for t in tasks] + [_fmt(r.mean_acc, 2, 100.0)] for r in rows]
         lines += _markdown(["name", "method", "sparsity"] + list(tasks) + ["mean"], body, ["l"] * 3 + ["r"] * (len(tasks) + 1))
         lines.append("")

@@ -56,21 +56,59 @@ def _inverse_cholesky(h: torch.Tensor, damp: float) -> torch.Tensor | None:
     return upper
 
 
+def _damped_inverse(H: torch.Tensor, percdamp: float) -> tuple[torch.Tensor, float, int]:
+    """chol(H^-1) (upper) with ``percdamp * mean(diag H)`` damping, raised x10 on failure."""
+    mean_diag = torch.diagonal(H).mean().item()
+    damp_frac, Hinv = percdamp, None
+    for retries in range(MAX_RETRIES + 1):
+        Hinv = _inverse_cholesky(H, damp_frac * mean_diag)  # (in, in) upper
+        if Hinv is not None:
+            return Hinv, damp_frac, retries
+        if retries < MAX_RETRIES:
+            damp_frac = damp_frac * 10 if damp_frac > 0 else 0.01
+    raise LlmpruneError(
+        f"SparseGPT Cholesky failed even with percdamp {damp_frac:g}: the Hessian is not positive "
+        "definite; use more calibration samples or a larger percdamp"
+    )
+
+
+def saliency(weight: torch.Tensor, hessian: torch.Tensor, percdamp: float = 0.01) -> torch.Tensor:
+    """SparseGPT's criterion on the dense weights, w^2 / [chol(H^-1)]_jj^2 (out, in), dead inputs
+    zeroed as in the sweep: what DSnoT's official code ranks by for ``--initial_method sparsegpt``."""
+    W = weight.detach().float().clone()
+    H = hessian.detach().to(device=W.device, dtype=torch.float32).clone()
+    dead = torch.diagonal(H) == 0
+    H[dead, dead] = 1
+    W[:, dead] = 0
+    d = torch.diagonal(_damped_inverse(H, percdamp)[0])  # (in,)
+    return W ** 2 / d.unsqueeze(0) ** 2
+
+
 def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, sparsity: float,
                     n: int | None = None, m: int | None = None, percdamp: float = 0.01,
-                    blocksize: int = 128) -> tuple[torch.Tensor, torch.Tensor, dict]:
+                    blocksize: int = 128, fixed_mask: torch.Tensor | None = None,
+                    ) -> tuple[torch.Tensor, torch.Tensor, dict]:
     """Prune ``weight`` (out, in) given ``hessian`` (in, in) = 2/tokens * sum x x^T.
 
     ``n``/``m``: N:M pattern (N kept of every M), or None for unstructured at ``sparsity``.
     Returns (new weight float32 (out, in), mask bool (out, in) with True = pruned, info) where
     info has "loss" (sum of OBS losses), "percdamp_used", "retries", "dead" (dead inputs).
     The mask includes dead input columns, which are zeroed regardless of the pattern.
+
+    ``fixed_mask`` (out, in) bool, True = pruned: sweep with this mask instead of choosing one
+    (``sparsity``/``n``/``m`` are then ignored): the mask-fixed reconstruction of
+    ``solvers/reconstruct.py``. Dead input columns then keep their weights where the mask keeps
+    them (their input is always zero, so no value of theirs changes the error).
     """
+    if fixed_mask is not None:
+        m = n = None
     if weight.dim() != 2:
         raise ValueError(f"weight must be 2-D (out, in), got shape {tuple(weight.shape)}")
     rows, cols = weight.shape
     if hessian.shape != (cols, cols):
         raise ValueError(f"hessian has shape {tuple(hessian.shape)}, expected ({cols}, {cols})")
+    if fixed_mask is not None and fixed_mask.shape != weight.shape:
+        raise ValueError(f"fixed_mask has shape {tuple(fixed_mask.shape)}, expected {tuple(weight.shape)}")
     structured = m is not None
     if structured:
         if n is None or not 1 <= n < m:
@@ -92,25 +130,13 @@ def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, sparsity: float
                             "overflowed; calibrate in float32 or with fewer/shorter samples")
 
     dead = torch.diagonal(H) == 0  # (in,) inputs that were always zero
-    if not structured and sparsity <= 0:
+    if fixed_mask is None and not structured and sparsity <= 0:
         return W, torch.zeros(rows, cols, dtype=torch.bool, device=device), {
             "loss": 0.0, "percdamp_used": percdamp, "retries": 0, "dead": int(dead.sum().item())}
     H[dead, dead] = 1
     W[:, dead] = 0
 
-    mean_diag = torch.diagonal(H).mean().item()
-    damp_frac, Hinv = percdamp, None
-    for retries in range(MAX_RETRIES + 1):
-        Hinv = _inverse_cholesky(H, damp_frac * mean_diag)  # (in, in) upper
-        if Hinv is not None:
-            break
-        if retries < MAX_RETRIES:
-            damp_frac = damp_frac * 10 if damp_frac > 0 else 0.01
-    if Hinv is None:
-        raise LlmpruneError(
-            f"SparseGPT Cholesky failed even with percdamp {damp_frac:g}: the Hessian is not positive "
-            "definite; use more calibration samples or a larger percdamp"
-        )
+    Hinv, damp_frac, retries = _damped_inverse(H, percdamp)
 
     mask = torch.zeros(rows, cols, dtype=torch.bool, device=device)  # (out, in)
     losses = torch.zeros(rows, device=device)  # (out,)
@@ -124,7 +150,9 @@ def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, sparsity: float
         Hinv1 = Hinv[i1:i2, i1:i2]  # (count, count)
         d_block = torch.diagonal(Hinv1)  # (count,)
 
-        if structured:
+        if fixed_mask is not None:
+            mask1 = fixed_mask[:, i1:i2].to(device=device, dtype=torch.bool)
+        elif structured:
             mask1 = torch.zeros_like(W1, dtype=torch.bool)
         else:
             saliency = W1 ** 2 / d_block.unsqueeze(0) ** 2  # (out, count)
@@ -155,7 +183,10 @@ def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, sparsity: float
         losses += Losses1.sum(dim=1) / 2
         W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
 
-    mask |= dead.unsqueeze(0)
+    if fixed_mask is None:
+        mask |= dead.unsqueeze(0)
+    elif bool(dead.any()):
+        W[:, dead] = weight.detach().float()[:, dead].masked_fill(mask[:, dead], 0.0)
     info = {"loss": float(losses.sum().item()), "percdamp_used": damp_frac, "retries": retries,
             "dead": int(dead.sum().item())}
     if not math.isfinite(info["loss"]):

@@ -1,0 +1,175 @@
+"""Mask refinement after a method has chosen its mask.
+
+dsnot  Dynamic Sparse No Training: Zhang et al., "Dynamic Sparse No Training: Training-Free
+       Fine-tuning for Sparse LLMs", ICLR 2024, arXiv:2310.08915; official code zyxxmu/DSnoT
+       ``lib/prune.py`` ``prune_DSnoT``. Training-free prune-and-grow: per output row, swap a
+       pruned weight back in for a kept one whenever that shrinks the row's expected
+       reconstruction error
+
+           e_r = sum over pruned j of W_rj * xbar_j          xbar_j = mean over windows of sum_t x_tj
+
+       (the official ``sum_metric_row``: per-window token sums averaged over the windows; the
+       update threshold is in these units). Each cycle, every row still updating
+         * grows the pruned weight at the end of its list sorted by W_rj xbar_j / var_j ** p
+           (p = 1; var_j is the mean over windows of the per-window population variance of x_j):
+           the largest when e_r > 0, the most negative otherwise;
+         * prunes, unstructured: the kept weight of the opposite sign of W_rj xbar_j with the
+           lowest Wanda score |W_rj| ||X_j|| (negative contributions when e_r > 0, positive
+           ones when e_r < 0); N:M: the kept weight with the lowest score of the *initial*
+           method (``score``) in the grown weight's group of M, so every group keeps N;
+         * stops for good once |e_r| <= threshold (0.1), or, for N:M, once a swap would flip
+           the sign of e_r (the official unstructured path skips that test: its
+           ``--without_same_sign`` defaults to True); at most ``cycles`` (50) cycles.
+       Counts per row (and N:M groups) stay exact: every swap prunes one and grows one.
+       The official default ``--skip_layer mlp`` refines attention layers only (``skip``).
+       The official ``--pow_of_var_pruning`` is parsed but never used; there is no such knob
+       here. Edge cases handled differently (never reached in 50 cycles on real layer widths):
+       when a row's candidate list is used up, or an N:M group has no kept weight left that DSnoT
+       did not touch, that row skips the cycle (the official code would index past its list).
+
+Pure math: tensors in, tensors out.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+import torch
+
+from llmprune.errors import LlmpruneError
+
+SKIPS = ("mlp", "self_attn", "none")
+
+
+def _regrow_order(contribution: torch.Tensor, mask: torch.Tensor, var: torch.Tensor,
+                  var_power: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Official growing list: e_r per row, and the columns sorted by W xbar / var**p with
+    kept weights at 0 (they sit in the middle; only pruned ones are taken)."""
+    metric = contribution.masked_fill(~mask, 0.0)  # (out, in): pruned weights' contributions
+    error = metric.sum(dim=1)  # (out,)
+    if var_power:
+        metric = metric / var.pow(var_power).unsqueeze(0)
+    return error, torch.sort(metric, dim=1, stable=True).indices
+
+
+def _prune_order(contribution: torch.Tensor, mask: torch.Tensor, wanda: torch.Tensor):
+    """Official pruning list for unstructured: kept weights by Wanda score ascending, those with
+    negative contribution first (in that order), positive ones last (in reverse). Returns the
+    list and, per row, the bounds [0, neg) and [pos_start, kept) of the two sides."""
+    out_f, in_f = mask.shape
+    order = torch.sort(wanda.masked_fill(mask, float("inf")), dim=1, stable=True).indices  # kept first
+    c = contribution.gather(1, order)
+    kept = (~mask).gather(1, order)
+    group = torch.full_like(order, 3)
+    group[kept & (c < 0)] = 0
+    group[kept & (c == 0)] = 1
+    group[kept & (c > 0)] = 2
+    rank = torch.arange(in_f, device=mask.device).expand(out_f, in_f)
+    key = group * in_f + torch.where(group == 2, in_f - 1 - rank, rank)
+    listing = order.gather(1, torch.sort(key, dim=1, stable=True).indices)
+    negatives = (group == 0).sum(dim=1)
+    kept_count = kept.sum(dim=1)
+    return listing, negatives, kept_count - (group == 2).sum(dim=1), kept_count
+
+
+def dsnot(weight: torch.Tensor, mask: torch.Tensor, x_mean: torch.Tensor, var: torch.Tensor,
+          wanda: torch.Tensor, score: torch.Tensor | None = None, n: int | None = None, m: int | None = None,
+          cycles: int = 50, threshold: float = 0.1, var_power: float = 1.0,
+          same_sign: bool | None = None) -> tuple[torch.Tensor, dict]:
+    """DSnoT on one layer. ``weight`` (out, in) dense; ``mask`` (out, in) True = pruned (the
+    initial mask); ``x_mean`` (in,) per-window input sums averaged over windows; ``var`` (in,);
+    ``wanda`` (out, in) Wanda scores (unstructured pruning order); ``score`` (out, in) the
+    initial method's scores, higher = keep (N:M: which weight of a group to prune); ``n``/``m``
+    the N:M pattern (N kept) or None. ``same_sign`` None: the official choice (N:M yes,
+    unstructured no). Returns (new mask, info)."""
+    w = weight.detach().float()
+    mask = mask.clone()
+    out_f, in_f = w.shape
+    structured = m is not None
+    if same_sign is None:
+        same_sign = structured
+    contribution = w * x_mean.float().unsqueeze(0)  # (out, in) W_rj * xbar_j
+    error, regrow = _regrow_order(contribution, mask, var.float(), var_power)
+    start_error = error.clone()
+    sign0 = torch.sign(error)
+    rows = torch.arange(out_f, device=w.device)
+    grow_ptr = torch.stack([torch.zeros_like(rows), torch.full_like(rows, in_f - 1)], dim=1)  # (out, 2)
+    step = torch.tensor([1, -1], device=w.device)
+    if structured:
+        if score is None:
+            raise ValueError("DSnoT for N:M needs the initial method's scores")
+        group_score = score.detach().float().masked_fill(mask, float("inf"))  # (out, in)
+        offsets = torch.arange(m, device=w.device)
+    else:
+        listing, negatives, pos_start, kept_count = _prune_order(contribution, mask, wanda.detach().float())
+        prune_ptr = torch.stack([torch.zeros_like(rows), kept_count - 1], dim=1)
+    update = torch.ones(out_f, dtype=torch.bool, device=w.device)
+    swaps = torch.zeros(out_f, dtype=torch.long, device=w.device)
+    used = 0
+    for _ in range(cycles):
+        if not bool(update.any()):
+            break
+        used += 1
+        side = (error > 0).long()  # grow from the end (largest) when the error is positive
+        at = grow_ptr[rows, side]
+        valid = (at >= 0) & (at < in_f)
+        grow = regrow[rows, at.clamp(0, in_f - 1)]
+        valid &= mask[rows, grow]  # the list reached kept weights: used up
+        grow_ptr[rows, side] += step[side]
+        if structured:
+            first = grow - grow % m
+            cols = first.unsqueeze(1) + offsets  # (out, m) the grown weight's group
+            best, j = group_score.gather(1, cols).min(dim=1)
+            cut = first + j
+            valid &= torch.isfinite(best)
+            group_score[rows[valid], cut[valid]] = float("inf")
+        else:
+            pside = (error < 0).long()  # prune a positive contribution when the error is negative
+            at_p = prune_ptr[rows, pside]
+            valid &= torch.where(pside == 1, at_p >= pos_start, at_p < negatives)
+            cut = listing[rows, at_p.clamp(0, in_f - 1)]
+            prune_ptr[rows, pside] += step[pside]
+        delta = contribution[rows, cut] - contribution[rows, grow]
+        update &= error.abs() > threshold
+        if same_sign:
+            update &= torch.sign(error + delta) == sign0
+        do = update & valid
+        r = rows[do]
+        mask[r, cut[do]] = True
+        mask[r, grow[do]] = False
+        error = error + torch.where(do, delta, torch.zeros_like(delta))
+        swaps += do.long()
+    info = {"cycles": used, "swaps": int(swaps.sum().item()),
+            "error_before": float(start_error.abs().sum().item()), "error_after": float(error.abs().sum().item())}
+    return mask, info
+
+
+# ---- registry ----------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Refiner:
+    name: str
+    needs: frozenset[str]  # calibration statistics (see methods.STAT_KINDS)
+    doc: str
+
+
+REFINERS: dict[str, Refiner] = {
+    "dsnot": Refiner("dsnot", frozenset({"norms", "moments"}), "DSnoT training-free prune-and-grow"),
+}
+
+
+def get_refiner(name: str) -> Refiner:
+    spec = REFINERS.get(str(name).lower())
+    if spec is None:
+        raise LlmpruneError(f"unknown refinement {name!r}: use one of {', '.join(REFINERS)}")
+    return spec
+
+
+def skipped(layer: str, skip: str) -> bool:
+    """Whether DSnoT leaves layer ``layers.{i}.{part}.{proj}`` alone under ``skip``
+    (the official ``--skip_layer``: mlp, self_attn or no_skip)."""
+    if skip not in SKIPS:
+        raise LlmpruneError(f"unknown dsnot_skip {skip!r}: use one of {', '.join(SKIPS)}")
+    parts = layer.split(".")
+    part = parts[2] if len(parts) > 2 and parts[0] == "layers" else parts[0]
+    return skip != "none" and part == skip
+
