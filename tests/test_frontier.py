@@ -21,7 +21,6 @@ from llmprune.errors import LlmpruneError
 from llmprune.masks import channel_reallocation, nm_mask, permuted_nm_mask
 from llmprune.methods import LayerStats, get_method, needs_for, prune_weight, validate_config
 from llmprune.pipeline import prune
-from llmprune.refine import dsnot
 from llmprune.scores import ria_score
 from llmprune.solvers.reconstruct import reconstruct
 from llmprune.solvers.sparsegpt import sparsegpt_prune
@@ -316,3 +315,31 @@ def test_validate_config_accepts_the_defined_combinations():
         validate_config(PruneConfig(**kw))
     with pytest.raises(LlmpruneError):
         validate_config(PruneConfig(method="wanda", sparsity=0.6, allocation="depth", depth_delta=0.41))
+
+
+# ---- report ------------------------------------------------------------------------------------
+
+def test_report_labels_variants_and_plots_sparsity_per_block(tmp_path):
+    import json
+
+    from llmprune.report import write_report
+    from llmprune.results import RESULT_SCHEMA
+
+    def record(name, method, config, blocks):
+        layers = [{"name": f"layers.{i}.mlp.down_proj", "zeros": int(s * 100), "numel": 100} for i, s in enumerate(blocks)]
+        return {"schema": RESULT_SCHEMA, "name": name, "model": "tiny", "method": method, "sparsity": 0.7,
+                "pattern": "unstructured", "config": config, "eval": {"seqlen": 32},
+                "perplexity": {"ptb": {"ppl": 10.0 + len(name)}}, "prune": {"layers": layers}}
+
+    runs = [record("wanda", "wanda", {}, [0.7, 0.7, 0.7]),
+            record("owl", "wanda", {"allocation": "owl"}, [0.6, 0.7, 0.8]),
+            record("combo", "wanda", {"allocation": "owl", "refine": "dsnot", "reconstruct": True}, [0.65, 0.7, 0.75]),
+            record("ria", "ria", {"permute": False}, [0.7, 0.7, 0.7])]
+    for r in runs:
+        (tmp_path / f"{r['name']}.json").write_text(json.dumps(r))
+    written = write_report(tmp_path)
+    md = (tmp_path / "summary.md").read_text()
+    for label in ("| Wanda |", "| OWL-Wanda |", "| OWL-Wanda+DSnoT+reconstruct |", "| RIA |"):
+        assert label in md
+    assert any(name.startswith("sparsity_per_block") for name in written)
+    assert "owl" in (tmp_path / "summary.csv").read_text()
