@@ -24,7 +24,7 @@ pattern keeps N of every M consecutive input weights of each row (the group is t
 otherwise ``config.sparsity`` is applied per group with exact counts. Sparsity 0 prunes nothing.
 
 Differences from the reference codes that can move a perplexity comparison slightly:
-  * counts are exact, ``floor(s * group)``; reference magnitude and SparseGPT prune
+  * counts are exact, ``floor(s * group)``; reference magnitude, RIA and SparseGPT prune
     ``score <= sorted[int(s * numel)]``: one more weight per matrix / per 128-column block, plus
     every tie with the threshold (fp16 weights tie often). Reference Wanda per-row is exact, as
     here (stable sort, lower index first among ties);
@@ -46,9 +46,9 @@ import torch
 from llmprune.allocation import check_spread, get_allocation
 from llmprune.config import GROUPS, METRICS, PruneConfig
 from llmprune.errors import LlmpruneError
-from llmprune.refine import dsnot, get_refiner, skipped
 from llmprune.masks import (alpha_variant_search, channel_reallocation, nm_mask, permuted_nm_mask,
                             unstructured_mask)
+from llmprune.refine import dsnot, get_refiner, skipped
 from llmprune.results import effective_group_metric
 from llmprune.scores import ACTIVATION_METRICS, ria_score, score
 from llmprune.solvers.reconstruct import reconstruct
