@@ -28,24 +28,27 @@ def main(paths: list[str]) -> None:
         data = json.loads(Path(path).read_text())
         rows = data["rows"]
         print(f"## `{Path(path).name}`\n")
-        if rows and "ppl_batch8" in rows[0]:
-            print("Noise floor: the same llmprune procedure, calibration windows batched 8 and 1 at a time "
-                  "(only the order of float sums differs).\n")
-            print("| method | ppl, batch 8 | ppl, batch 1 | difference | lowest per-layer mask agreement |")
-            print("| :--- | ---: | ---: | ---: | ---: |")
+        if rows and ("ppl_by_batch" in rows[0] or "ppl_batch8" in rows[0]):
+            print("Noise floor: the same llmprune procedure with the calibration windows batched 8, 4, 2 and 1 at "
+                  "a time (1 is the reference's loop): only the order of float sums differs.\n")
+            print("| method | perplexity by calibration batch | spread (max / min − 1) | lowest per-layer mask agreement |")
+            print("| :--- | :--- | ---: | ---: |")
             for r in rows:
-                print(f"| {r['method']} | {r['ppl_batch8']:.2f} | {r['ppl_batch1']:.2f} | {_pct(r['rel_diff'])} | "
+                by = r.get("ppl_by_batch") or {"8": r["ppl_batch8"], "1": r["ppl_batch1"]}
+                spread = r.get("spread", abs(r.get("rel_diff", 0.0)))
+                print(f"| {r['method']} | {', '.join(f'{b}: {v:.2f}' for b, v in by.items())} | {spread:.2%} | "
                       f"{_frac(r['mask_agreement_min'])} |")
             print()
             continue
         print("| method | reference ppl | llmprune ppl | difference | whole-model mask agreement (lowest layer) "
-              "| block check: lowest layer | block check: mean | sparsity ref / ours |")
-        print("| :--- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+              "| block check: lowest layer | block check: mean | sparsity ref / ours | llmprune calibration batch |")
+        print("| :--- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
         for r in rows:
             ref, ours = r.get("reference_ppl"), r.get("llmprune_ppl")
             print(f"| {r['method']} | {'–' if ref is None else f'{ref:.2f}'} | {'–' if ours is None else f'{ours:.2f}'} | "
                   f"{_pct(r.get('rel_diff'))} | {_frac(r['mask_agreement_min'])} | {_frac(r.get('block_check_min'))} | "
-                  f"{_frac(r.get('block_check_mean'))} | {100 * r['reference_zeros']:.3f}% / {100 * r['llmprune_zeros']:.3f}% |")
+                  f"{_frac(r.get('block_check_mean'))} | {100 * r['reference_zeros']:.3f}% / {100 * r['llmprune_zeros']:.3f}% | "
+                  f"{r.get('llmprune_calib_batch', 8)} |")  # rows without the field predate the batch-1 default
         print()
         for r in rows:
             if "max_block_sparsity_diff" in r:

@@ -14,6 +14,18 @@ The floor is two passes (statistics, then propagation), so about 2x; the statist
 before the last Linear of each block (down_proj), so it can cost less than a block forward.
 
     python benchmarks/prune_speed.py --nsamples 8 --seqlen 2048 --data-dir ../shared/data
+
+``--random-weights``: no download and no data. A LLaMA-shaped model with random weights
+(``--shape llama-7b``: hidden 4096, intermediate 11008, 32 heads; ``tiny`` for a CPU smoke test)
+and ``--layers`` decoder blocks, calibrated on random token ids (128 x 2048 unless
+``--nsamples``/``--seqlen`` say otherwise). Per decoder block it prints the plain block forward
+and, for Wanda, Wanda 2:4 and SparseGPT, llmprune's seconds next to the literal reference
+procedure's (``benchmarks/reference_protocol.py``: one sample at a time, the official
+``add_batch`` statistics, masks and ``fasterprune``), with the ratios reference / ours and
+SparseGPT / Wanda:
+
+    python benchmarks/prune_speed.py --random-weights --shape llama-7b --layers 8 --device cuda
+    python benchmarks/prune_speed.py --random-weights --shape tiny --layers 2 --nsamples 2 --seqlen 128 --device cpu
 """
 
 from __future__ import annotations
@@ -30,6 +42,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from llmprune.config import CalibConfig, PruneConfig  # noqa: E402
 from llmprune.data import calibration_windows  # noqa: E402
@@ -90,6 +103,118 @@ def stack_forward(model, windows: torch.Tensor, batch_size: int, device: torch.d
     return time.perf_counter() - start
 
 
+# --random-weights shapes (LlamaConfig fields); llama-7b is LLaMA-7B's width, tiny runs on a CPU
+SHAPES = {
+    "llama-7b": dict(hidden_size=4096, intermediate_size=11008, num_attention_heads=32, num_key_value_heads=32,
+                     vocab_size=32000),
+    "tiny": dict(hidden_size=256, intermediate_size=688, num_attention_heads=4, num_key_value_heads=4,
+                 vocab_size=32000),
+}
+RANDOM_METHODS = "wanda,wanda@2:4,sparsegpt"
+
+
+def random_model(shape: str, layers: int, seqlen: int, device: torch.device):
+    """A float32 LlamaForCausalLM of ``shape`` with ``layers`` blocks and random weights, built on
+    ``device`` directly (a 7B-width model would take minutes to initialise on a CPU)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(**SHAPES[shape], num_hidden_layers=layers, max_position_embeddings=max(seqlen, 2048))
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = LlamaForCausalLM(config)
+    return model.float().eval()
+
+
+class _Timed:
+    """Seconds spent in the reference's ``name`` (a function of reference_protocol, replaced by a
+    timing wrapper while the body runs, so reference_prune runs unchanged)."""
+
+    def __init__(self, module, name: str, device: torch.device):
+        self.module, self.name, self.device, self.seconds = module, name, device, 0.0
+
+    def __enter__(self):
+        inner = self.original = getattr(self.module, self.name)
+
+        def timed(*args, **kwargs):
+            _sync(self.device)
+            start = time.perf_counter()
+            try:
+                return inner(*args, **kwargs)
+            finally:
+                _sync(self.device)
+                self.seconds += time.perf_counter() - start
+
+        setattr(self.module, self.name, timed)
+        return self
+
+    def __exit__(self, *exc):
+        setattr(self.module, self.name, self.original)
+
+
+def random_weights_main(args) -> None:
+    """Per-block seconds of llmprune against the reference procedure on a random-weight model."""
+    import reference_protocol as ref
+
+    device = torch.device(args.device)
+    nsamples, seqlen = args.nsamples or 128, args.seqlen or 2048
+    base = random_model(args.shape, args.layers, seqlen, device)
+    windows = torch.randint(0, base.config.vocab_size, (nsamples, seqlen), generator=torch.Generator().manual_seed(0))
+    dims = SHAPES[args.shape]
+    print(f"random-weight {args.shape} (hidden {dims['hidden_size']}, intermediate {dims['intermediate_size']}, "
+          f"{dims['num_attention_heads']} heads, {args.layers} blocks, float32) on {device}: {nsamples} x {seqlen} = "
+          f"{windows.numel()} random calibration tokens, pruner batch {args.batch_size}, reference batch 1, "
+          f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+
+    stack_forward(base, windows[:1], 1, device)  # warm-up
+    timings = {b: stack_forward(base, windows, b, device) / args.layers for b in sorted({1, 4, args.batch_size})}
+    best = min(timings, key=timings.get)
+    forward = timings[best]
+    print(f"block forward: {forward:.3f} s per block (batch {best}; "
+          + ", ".join(f"batch {b}: {t:.3f} s" for b, t in timings.items()) + ")")
+
+    print(f"{'per block, s':<14} {'ours':>7} {'stats':>7} {'prune':>7} {'propagate':>9}   {'reference':>9} {'solve':>7}"
+          f"   {'reference / ours':>16} {'solve':>7}   {'ours x forward':>14}")
+    rows = {}
+    for spec in (args.methods or RANDOM_METHODS).split(","):
+        method, _, pattern = spec.partition("@")
+        n, m = (int(x) for x in pattern.split(":")) if pattern else (0, 0)
+        model = copy.deepcopy(base)
+        config = PruneConfig(method=method, sparsity=None if pattern else 0.5, pattern=pattern or "unstructured",
+                             calib=CalibConfig(nsamples=nsamples, seqlen=seqlen, batch_size=args.batch_size))
+        _sync(device)
+        t0 = time.perf_counter()
+        report = prune(model, None, config, windows=windows, progress=False, device=device)
+        _sync(device)
+        ours = (time.perf_counter() - t0) / args.layers
+        phases = {k: sum(v) / len(v) for k, v in report.phase_seconds.items() if v}
+        propagated = [v for v in report.phase_seconds.get("propagate", []) if v > 0]  # the last block has none
+        phases["propagate"] = sum(propagated) / len(propagated) if propagated else 0.0
+        del model
+        gc.collect()
+
+        model = copy.deepcopy(base)
+        solver = "_ref_sparsegpt" if method == "sparsegpt" else "_ref_wanda_mask"
+        with _Timed(ref, solver, device) as solve:
+            _sync(device)
+            t0 = time.perf_counter()
+            # the reference's prune_n counts zeros: N:M keeps N, so it prunes M - N
+            ref.reference_prune(model, windows.to(device), method, 0.5, m - n if pattern else 0, m)
+            _sync(device)
+            reference = (time.perf_counter() - t0) / args.layers
+        del model
+        gc.collect()
+
+        label = f"{method} {pattern or '50%'}"
+        rows[label] = (phases["prune"], ours, solve.seconds / args.layers, reference)
+        print(f"{label:<14} {ours:7.3f} {phases['stats']:7.3f} {phases['prune']:7.3f} {phases['propagate']:9.3f}   "
+              f"{reference:9.3f} {solve.seconds / args.layers:7.3f}   {reference / ours:15.2f}x "
+              f"{solve.seconds / args.layers / phases['prune']:6.2f}x   {ours / forward:13.2f}x", flush=True)
+    if "sparsegpt 50%" in rows and "wanda 50%" in rows:
+        (sp, st, rsp, rst), (wp, wt, rwp, rwt) = rows["sparsegpt 50%"], rows["wanda 50%"]
+        print(f"sparsegpt / wanda per block: ours {st / wt:.2f}x (prune step {sp / wp:.1f}x), "
+              f"reference {rst / rwt:.2f}x (solve {rsp / rwp:.1f}x)")
+
+
 STEPS = {"owl": {"allocation": "owl"}, "depth": {"allocation": "depth"}, "dsnot": {"refine": "dsnot"},
          "reconstruct": {"reconstruct": True}, "permute": {"permute": True}}
 
@@ -97,17 +222,38 @@ STEPS = {"owl": {"allocation": "owl"}, "depth": {"allocation": "depth"}, "dsnot"
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--nsamples", type=int, default=8)
-    parser.add_argument("--seqlen", type=int, default=2048)
+    parser.add_argument("--nsamples", type=int, default=None, help="default 8 (--random-weights: 128)")
+    parser.add_argument("--seqlen", type=int, default=None, help="default 2048")
     parser.add_argument("--batch-size", type=int, default=CalibConfig().batch_size,
                         help="the pruner's calibration batch")
     parser.add_argument("--calib", default="c4")
     parser.add_argument("--data-dir", default=None)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--methods", default="wanda,sparsegpt,ria,wanda+owl,wanda+dsnot,wanda+reconstruct",
+    parser.add_argument("--methods", default=None,
                         help="comma separated; 'name@N:M' prunes with that pattern, e.g. wanda@2:4; "
-                             "'+owl', '+depth', '+dsnot', '+reconstruct', '+permute' add those steps")
+                             "'+owl', '+depth', '+dsnot', '+reconstruct', '+permute' add those steps "
+                             "(default: wanda,sparsegpt,ria,wanda+owl,wanda+dsnot,wanda+reconstruct; "
+                             f"--random-weights: {RANDOM_METHODS}; wanda and sparsegpt only)")
+    parser.add_argument("--random-weights", action="store_true",
+                        help="a random-weight LLaMA-shaped model and random tokens instead of --model and --calib")
+    parser.add_argument("--shape", choices=sorted(SHAPES), default=None,
+                        help="with --random-weights: the model's width (default llama-7b)")
+    parser.add_argument("--layers", type=int, default=None, help="with --random-weights: decoder blocks (default 8)")
     args = parser.parse_args()
+    if args.random_weights:
+        args.shape, args.layers = args.shape or "llama-7b", args.layers or 8
+        specs = (args.methods or RANDOM_METHODS).split(",")
+        bad = [s for s in specs if s.partition("@")[0] not in ("wanda", "sparsegpt")]
+        if bad:
+            parser.error(f"--random-weights times the reference procedure next to ours, for wanda and sparsegpt "
+                         f"only: drop {', '.join(bad)}")
+        random_weights_main(args)
+        return
+    if args.shape is not None or args.layers is not None:
+        parser.error("--shape and --layers need --random-weights")
+    args.nsamples = 8 if args.nsamples is None else args.nsamples
+    args.seqlen = 2048 if args.seqlen is None else args.seqlen
+    args.methods = args.methods or "wanda,sparsegpt,ria,wanda+owl,wanda+dsnot,wanda+reconstruct"
     device = torch.device(args.device)
 
     base, tokenizer = load_model(args.model, dtype="float32", device=device, seqlen=args.seqlen)

@@ -58,7 +58,7 @@ def measure(args, log: list[str]) -> None:
         pruned = work / f"wanda-{slug}"
         if not (pruned / "llmprune.json").exists():
             _run(["prune", "--model", "smollm2-135m", "--method", "wanda", "--pattern", pattern, "--calib", "c4",
-                  "--nsamples", "8", "--seqlen", "2048", "--seed", "0", "--eval", "", *data, "--no-progress",
+                  "--nsamples", "8", "--seqlen", "2048", "--seed", "0", "--calib-batch-size", "8", "--eval", "", *data, "--no-progress",
                   "--save", str(pruned), "--overwrite"], log)
         for method in [] if args.prune_only else args.methods:
             result = out / f"wanda-{slug}-{method}.json"

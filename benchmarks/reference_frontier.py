@@ -304,8 +304,10 @@ def main() -> None:
     parser.add_argument("--owl-lambda", type=float, default=0.08)
     parser.add_argument("--no-ppl", action="store_true", help="block-level check and mask agreement only")
     parser.add_argument("--noise-floor", action="store_true",
-                        help="instead: llmprune twice, calibration batch 8 and batch 1 (the reference's), same "
-                             "algorithm, only the float summation order differs; prints both perplexities")
+                        help="instead: llmprune at several calibration batch sizes (--noise-batches; 1 is the "
+                             "reference's), same algorithm, only the float summation order differs")
+    parser.add_argument("--noise-batches", default="8,4,2,1",
+                        help="calibration batch sizes of the noise-floor run; the first is the one masks are compared to")
     add_protocol_args(parser, nsamples=8, max_windows=8)
     args = parser.parse_args()
     base, tokenizer, windows, tokens = load_protocol(args)
@@ -313,7 +315,7 @@ def main() -> None:
     if args.json and Path(args.json).is_file():  # resumable: keep the rows already measured
         previous = {r["method"]: r for r in json.loads(Path(args.json).read_text()).get("rows", [])}
     if args.noise_floor:
-        return noise_floor(args, base, tokenizer, windows, tokens)
+        return noise_floor(args, base, tokenizer, windows, tokens, previous)
     rows = []
     for text in args.methods.split(","):
         if text in previous:
@@ -351,7 +353,8 @@ def main() -> None:
                "block_check_min": min((b["min"] for b in per_block), default=None),
                "block_check_mean": (sum(b["mean"] for b in per_block) / len(per_block)) if per_block else None,
                "block_check": per_block,
-               "llmprune_zeros": _zeros_share(ours), "reference_zeros": _zeros_share(ref)}
+               "llmprune_zeros": _zeros_share(ours), "reference_zeros": _zeros_share(ref),
+               "llmprune_calib_batch": config.calib.batch_size}
         if spec.owl:
             ours_d = [100 * d for d in alloc.get("outlier_ratio", [])]
             row.update(reference_outlier_ratio_percent=extra["outlier_ratio_percent"], llmprune_outlier_ratio_percent=ours_d,
@@ -373,28 +376,44 @@ def main() -> None:
             Path(args.json).write_text(json.dumps({"args": vars(args), "rows": rows}, indent=1) + "\n")
 
 
-def noise_floor(args, base, tokenizer, windows, tokens) -> None:
+def noise_floor(args, base, tokenizer, windows, tokens, previous: dict) -> None:
     """How far perplexity moves when only the order of float sums changes: the same llmprune
-    procedure with the windows batched 8 and 1 at a time through each block."""
+    procedure with the windows batched ``--noise-batches`` at a time through each block (batch
+    1 is the reference's loop). Several batch sizes give a spread, not one pair; batch sizes
+    already measured for a method (``previous``) are kept."""
+    batches = [int(b) for b in args.noise_batches.split(",")]
     rows = []
     for text in args.methods.split(","):
-        spec, ppl, models = parse_spec(text), {}, {}
-        for batch in (8, 1):
+        spec, old = parse_spec(text), previous.get(text, {})
+        ppl = {int(b): v for b, v in old.get("ppl_by_batch", {}).items()}
+        for key in ("ppl_batch8", "ppl_batch1"):  # rows written before the spread was measured
+            if key in old:
+                ppl.setdefault(int(key[len("ppl_batch"):]), old[key])
+        models = {}
+        for batch in batches:
+            if batch in ppl and batch != batches[0]:
+                continue
             config = spec.config(args)
             config = PruneConfig(**{**{f: getattr(config, f) for f in config.__dataclass_fields__},
                                     "calib": CalibConfig(dataset=args.calib, nsamples=args.nsamples, seqlen=args.seqlen,
                                                          seed=args.seed, batch_size=batch)})
             models[batch] = copy.deepcopy(base)
             prune(models[batch], tokenizer, config, windows=windows, progress=False)
-            ppl[batch] = reference_ppl(models[batch], tokens, args.seqlen, args.max_windows)
-        agree = _agreement(models[8].model.layers, models[1].model.layers)
-        row = {"method": text, "ppl_batch8": ppl[8], "ppl_batch1": ppl[1], "rel_diff": (ppl[1] - ppl[8]) / ppl[8],
-               "mask_agreement_min": min(agree)}
+            if batch not in ppl:
+                ppl[batch] = reference_ppl(models[batch], tokens, args.seqlen, args.max_windows)
+            print(f"{text:<18} llmprune calibration batch {batch}: ppl {ppl[batch]:9.3f}", flush=True)
+        first = models.pop(batches[0])
+        agree = [min(_agreement(first.model.layers, other.model.layers)) for other in models.values()]
+        values = [ppl[b] for b in sorted(ppl)]
+        row = {"method": text, "ppl_by_batch": {str(b): ppl[b] for b in sorted(ppl)},
+               "spread": (max(values) - min(values)) / min(values),
+               "mask_agreement_min": min(agree + [old.get("mask_agreement_min", 1.0)])}
         rows.append(row)
-        print(f"{text:<18} llmprune batch 8 {ppl[8]:9.3f}  batch 1 {ppl[1]:9.3f}  diff {row['rel_diff']:+.3%}  "
-              f"mask agreement min {row['mask_agreement_min']:.5f}", flush=True)
+        print(f"{text:<18} spread {row['spread']:.3%} over batches {sorted(ppl)}, lowest mask agreement "
+              f"{row['mask_agreement_min']:.5f}", flush=True)
         if args.json:
             Path(args.json).write_text(json.dumps({"args": vars(args), "rows": rows}, indent=1) + "\n")
+        del first, models
 
 
 def _zeros_share(model) -> float:

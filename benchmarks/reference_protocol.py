@@ -83,9 +83,9 @@ class _Wrapped:
 
     def __init__(self, layer: nn.Linear, hessian: bool):
         self.layer, self.nsamples = layer, 0
-        cols = layer.in_features
-        self.scaler_row = torch.zeros(cols)
-        self.H = torch.zeros(cols, cols) if hessian else None
+        cols, dev = layer.in_features, layer.weight.device  # the reference's WrappedGPT: on the layer's device
+        self.scaler_row = torch.zeros(cols, device=dev)
+        self.H = torch.zeros(cols, cols, device=dev) if hessian else None
 
     def add_batch(self, inp):
         inp = inp.reshape(-1, inp.shape[-1]).t().float()  # (cols, tokens) of one sample

@@ -202,6 +202,9 @@ class StatsCollector:
     an expert Linear); a fused expert's statistics come from one hook on its experts module
     that splits the input by routing (:class:`_RoutedInputs`), so each expert counts only its
     tokens, and an expert no token reaches ends with ``tokens == 0``.
+
+    ``moments``: True for every group, or the lead names of the groups that need them (DSnoT's
+    per-window variance costs about as much as the norms; the layers it skips never read it).
     """
 
     def __init__(
@@ -211,7 +214,7 @@ class StatsCollector:
         norms: bool,
         hessian: bool,
         stop_early: bool = False,
-        moments: bool = False,
+        moments: bool | frozenset[str] = False,
     ):
         missing = [name for group in groups for name in group if name not in layers]
         if missing or not all(groups):
@@ -230,7 +233,8 @@ class StatsCollector:
             for group in self.groups:
                 lead = group[0]
                 layer = self.layers[lead]
-                acc = _Accumulator(layer.in_features, layer.weight.device, self.norms, self.hessian, self.moments)
+                moments = self.moments if isinstance(self.moments, bool) else lead in self.moments
+                acc = _Accumulator(layer.in_features, layer.weight.device, self.norms, self.hessian, moments)
                 self._acc[lead] = acc
                 stop = self.stop_early and lead == last
                 fused = getattr(layer, "fused", None)

@@ -133,6 +133,10 @@ def build_parser() -> argparse.ArgumentParser:
     _field(pr, PruneConfig, "quantize", "--quantize", type=str)
     _field(pr, ExportConfig, "save_format", "--save-format")
     _field(pr, ExportConfig, "save_dtype", "--save-dtype", type=str)
+    # issue 11, out-of-core pruning: where the blocks and the calibration activations wait
+    _field(pr, PruneConfig, "offload", "--offload", type=str, metavar="cpu|disk", default_label="none")
+    _field(pr, PruneConfig, "offload_dir", "--offload-dir", type=str, metavar="DIR", default_label="none")
+    _field(pr, PruneConfig, "activations", "--activations", type=str, metavar="cpu", default_label="the compute device")
     pr.add_argument("--skip-dense", action="store_true", help="do not evaluate the dense model first")
     pr.add_argument("--save", default=None, metavar="DIR", help="save the pruned model as an HF checkpoint")
     pr.add_argument("--overwrite", action="store_true",
@@ -314,11 +318,23 @@ def cmd_eval(args) -> int:
 
 # issue 9's structured methods and quantization: flags named as the PruneConfig fields
 _DEPLOY_FIELDS = ("structure", "channel_multiple", "quantize")
+# issue 11's placement of the blocks and activations: flags named as the PruneConfig fields
+_OFFLOAD_FIELDS = ("offload", "offload_dir", "activations")
+
+
+def _whole_model(store, eval_config: EvalConfig):
+    """Around an evaluation of an offloaded model: the whole model on the compute device (it
+    must fit), unless there is nothing to evaluate."""
+    import contextlib
+
+    if store is None or not (eval_config.datasets or eval_config.zeroshot):
+        return contextlib.nullcontext()
+    return store.whole()
+
+
 def cmd_prune(args) -> int:
-    from llmprune.evaluation import check_eval_memory, evaluate
-    from llmprune.methods import get_method, needs_for, validate_config
-    from llmprune.pipeline import check_calibration_memory, plan_layers, prune
-    from llmprune.results import result_record
+    from llmprune.methods import needs_for, validate_config
+    from llmprune.offload import check_offload, load_for_offload
 
     data_dir = _data_dir(args.data_dir)
     calib = CalibConfig(dataset=args.calib, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed,
@@ -328,14 +344,37 @@ def cmd_prune(args) -> int:
                          include=args.include, exclude=args.exclude, skip_attention=args.skip_attention,
                          skip_mlp=args.skip_mlp, percdamp=args.percdamp,
                          blocksize=args.blocksize, calib=calib,
-                         **{name: getattr(args, name) for name in _STEP_FIELDS + _DEPLOY_FIELDS})
+                         **{name: getattr(args, name) for name in _STEP_FIELDS + _DEPLOY_FIELDS + _OFFLOAD_FIELDS})
     validate_config(config)
     export = _export_config(args, args.save, "--save", config.quantize)
+    check_offload(config, args.device_map, export.save_format)
     eval_config = _eval_config(args, args.eval if args.eval is not None else ("ptb",))
     _check_inputs(eval_config, data_dir, args, calib=config.calib.dataset if needs_for(config) else None)
     progress = not args.no_progress
-    model, tokenizer = _load(args)
-    device = None if args.device_map else args.device  # device map: each block computes where it lives
+    if config.offload is None:
+        model, tokenizer = _load(args)
+        store = None
+        device = None if args.device_map else args.device  # device map: each block computes where it lives
+    else:  # the blocks wait in CPU memory or on disk; each computes on the device in its turn
+        model, tokenizer, store = load_for_offload(args.model, config.offload, dtype=args.dtype, device=args.device,
+                                                   folder=config.offload_dir, seqlen=args.seqlen)
+        device = store.compute
+    try:
+        return _prune_loaded(args, config, export, eval_config, data_dir, progress, model, tokenizer, device, store)
+    finally:
+        if store is not None:
+            store.close()
+
+
+def _prune_loaded(args, config: PruneConfig, export: ExportConfig, eval_config: EvalConfig, data_dir, progress: bool,
+                  model, tokenizer, device, store) -> int:
+    """``llmprune prune`` once the model is loaded: shape checks, dense evaluation, pruning,
+    evaluation, outputs."""
+    from llmprune.evaluation import check_eval_memory, evaluate
+    from llmprune.methods import get_method
+    from llmprune.pipeline import check_calibration_memory, plan_layers, prune
+    from llmprune.results import record_pattern, result_record
+
     # checks that need only the model's shapes, before any evaluation or calibration
     plan_layers(model, config)
     if get_method(config.method).structured is not None:  # counts per block, KV groups left, config expressible
@@ -347,10 +386,13 @@ def cmd_prune(args) -> int:
 
     dense_ppl, dense_zs = {}, None
     if not args.skip_dense:
-        _, dense_ppl, dense_zs = evaluate(model, tokenizer, eval_config, data_dir, progress)
-    report = prune(model, tokenizer, config, data_dir=data_dir, progress=progress, device=device, model_name=args.model)
+        with _whole_model(store, eval_config):
+            _, dense_ppl, dense_zs = evaluate(model, tokenizer, eval_config, data_dir, progress)
+    report = prune(model, tokenizer, config, data_dir=data_dir, progress=progress, device=device, model_name=args.model,
+                   store=store)
     print(report.table())
-    eval_config, ppl, zs = evaluate(model, tokenizer, eval_config, data_dir, progress)
+    with _whole_model(store, eval_config):
+        eval_config, ppl, zs = evaluate(model, tokenizer, eval_config, data_dir, progress)
 
     label = f"{config.method} {config.pattern if config.pattern.structured else f'{config.sparsity:.0%}'}"
     rows = [(args.model + " dense", n, r) for n, r in dense_ppl.items()] + [(label, n, r) for n, r in ppl.items()]
@@ -366,7 +408,7 @@ def cmd_prune(args) -> int:
         print(f"{label}:\n" + zs.markdown_table())
     dense = {"perplexity": {k: v.to_dict() for k, v in dense_ppl.items()},
              "zeroshot": dense_zs.to_dict() if dense_zs is not None else None}
-    record = result_record(name=f"{config.method}-{config.pattern}-{config.sparsity:g}", model=args.model,
+    record = result_record(name=f"{config.method}-{record_pattern(config)}-{config.sparsity:g}", model=args.model,
                            config=config, eval_config=eval_config, perplexity=ppl, zeroshot=zs,
                            prune_report=report, dense=dense)
     writers = []
@@ -374,6 +416,11 @@ def cmd_prune(args) -> int:
         writers.append((args.json, _json_writer(args.json, record)))
     if args.save:
         def save():
+            if store is not None and store.mode == "disk":  # from the block files, one block in memory at a time
+                from llmprune.offload import save_offloaded
+
+                where = save_offloaded(model, store, tokenizer, args.save, record, args.overwrite)
+                return f"saved the pruned model to {where} (written one block at a time)"
             return _save(model, tokenizer, args.save, record, args.overwrite, export, config.quantize)
 
         writers.append((f"the checkpoint {args.save}", save))

@@ -36,12 +36,13 @@ def _submitit():
 
 
 def check_executor(executor: str, slurm_options_given: bool = False) -> None:
-    """A known executor whose package is installed; SLURM options only with a submitit executor."""
+    """A known executor whose package is installed; SLURM options only with ``slurm``."""
     if executor not in EXECUTORS:
         raise LlmpruneError(f"unknown executor {executor!r}: use one of {', '.join(EXECUTORS)}")
+    if slurm_options_given and executor != "slurm":  # submitit-local would ignore them silently
+        raise LlmpruneError(f"SLURM options (--partition, --gpus-per-job, --time, ...) need --executor slurm, "
+                            f"not {executor}")
     if executor == "local":
-        if slurm_options_given:
-            raise LlmpruneError("SLURM options (--partition, --gpus-per-job, --time, ...) need --executor slurm")
         return
     _submitit()
     if executor == "slurm" and shutil.which("sbatch") is None:

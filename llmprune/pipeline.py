@@ -7,10 +7,12 @@
 3. per block, *propagate*: the pruned block runs again, hooks off, and its outputs become the
    next block's inputs.
 
-Only the current block needs to be on the compute device. Calibration windows go through a
-block in batches. Everything that can be checked from the config and the model's shapes
-(method options, include/exclude, N:M divisibility, sequence length, memory) is checked before
-the first window is drawn.
+Only the current block needs to be on the compute device; with ``config.offload`` the others
+wait in CPU memory or on disk (offload.py), and with ``config.activations == "cpu"`` the
+calibration activations wait in CPU memory too, one batch at a time on the device. Calibration
+windows go through a block in batches. Everything that can be checked from the config and the
+model's shapes (method options, include/exclude, N:M divisibility, sequence length, memory) is
+checked before the first window is drawn.
 
 With ``true_sequential`` a block is pruned stage by stage (q/k/v, then o, then gate/up, then
 down), each stage's statistics collected from inputs that already pass through the pruned
@@ -36,6 +38,8 @@ from llmprune.errors import LlmpruneError
 from llmprune.methods import LayerStats, block_needs, get_method, needs_for, prune_weight, validate_config
 from llmprune.models import (EXPERT_INDEX, block_passes, block_stages, get_blocks, resolve_seqlen,
                              select_layers)
+from llmprune.offload import Resident, placement
+from llmprune.refine import skipped
 from llmprune.scores import score
 
 
@@ -71,6 +75,8 @@ class PruneReport:
     # structured methods (structured.py): the plan and the parameters before/after; --quantize: what it did
     structured: dict | None = None
     quantization: dict | None = None
+    # --offload (offload.py): the store's mode, block loads and writes, peak blocks materialised at once
+    offload: dict | None = None
 
     @property
     def overall_sparsity(self) -> float:
@@ -108,6 +114,12 @@ class PruneReport:
         blocks = len(self.block_seconds)
         per_block = sum(self.block_seconds) / blocks if blocks else 0.0
         lines.append(f"pruned in {self.seconds:.1f} s ({blocks} blocks, {per_block:.2f} s per block)")
+        if self.offload:
+            o = self.offload
+            lines.append(f"offload {o['mode']} (compute on {o['compute']}): {o['loads']} block loads, {o['writes']} "
+                         f"write-backs, at most {o['peak_blocks']} block(s) materialised at once"
+                         + (f"; {o['bytes_read'] / 2**20:.1f} MiB read, {o['bytes_written'] / 2**20:.1f} MiB written"
+                            if o["mode"] == "disk" else ""))
         experts = self.expert_tokens()
         if experts:
             counts = sorted(experts.values())
@@ -170,7 +182,8 @@ def check_calibration_memory(model: nn.Module, config: PruneConfig, device=None)
     """Refuse calibration sizes whose activations cannot fit, naming the limit.
 
     The pipeline keeps every window's hidden states twice (a block's inputs and the outputs it
-    writes) and one batch's intermediate activations; that must fit in the memory free now.
+    writes) and one batch's intermediate activations; that must fit in the memory free now. With
+    ``activations == "cpu"`` the hidden states must fit in CPU memory and one batch on the device.
     """
     if not needs_for(config):
         return
@@ -186,6 +199,15 @@ def check_calibration_memory(model: nn.Module, config: PruneConfig, device=None)
     batch = min(calib.batch_size, calib.nsamples) * seqlen * (6 * hidden + 3 * inner) * 4
     need = calib.nsamples * per_window + batch
     dev = torch.device(device) if device is not None else block_device(get_blocks(model)[0])
+    if config.activations == "cpu" and dev.type != "cpu":  # the windows wait in RAM, one batch on the device
+        free = available_bytes(torch.device("cpu"))
+        if free is not None and calib.nsamples * per_window > free:
+            raise LlmpruneError(
+                f"calibration with nsamples {calib.nsamples} x seqlen {seqlen} needs about "
+                f"{calib.nsamples * per_window / 2**30:.1f} GiB of CPU memory for the activations (--activations "
+                f"cpu), but {free / 2**30:.1f} GiB are free: use --nsamples {int(free // per_window)} or fewer, "
+                "or a shorter --seqlen")
+        need = batch + min(calib.batch_size, calib.nsamples) * per_window
     free = available_bytes(dev)
     if free is not None and need > free:
         fits = max(int((free - batch) // per_window), 0)
@@ -258,12 +280,14 @@ class PhaseTimer:
 
 def calibrate_and_prune(block: nn.Module, index: int, plan: BlockPlan, hidden: torch.Tensor, kwargs: dict,
                         config: PruneConfig, method, needs: frozenset[str],
-                        timer: PhaseTimer | None = None) -> list[LayerReport]:
+                        timer: PhaseTimer | None = None, device: torch.device | None = None) -> list[LayerReport]:
     """Statistics pass(es) with hooks on the block's dense weights, then the method on each layer.
 
     One pass for all stages, or with ``true_sequential`` one pass per stage, each from inputs
-    that already go through the stages pruned before it.
+    that already go through the stages pruned before it. ``device``: where the block computes,
+    when ``hidden`` waits elsewhere (``activations="cpu"``): each batch is moved there.
     """
+    dev = device if device is not None else hidden.device
     if timer is None:  # called on its own: time into a throwaway timer
         timer = PhaseTimer()
         timer.new_block()
@@ -272,11 +296,11 @@ def calibrate_and_prune(block: nn.Module, index: int, plan: BlockPlan, hidden: t
     passes = sequential if config.true_sequential else [plan.stages]
     for groups in passes:
         collector = StatsCollector(plan.layers, groups, norms="norms" in needs, hessian="hessian" in needs,
-                                   stop_early=True, moments="moments" in needs)
-        with timer("stats", hidden.device), collector:
+                                   stop_early=True, moments=_moment_groups(groups, index, config, needs))
+        with timer("stats", dev), collector:
             for batch in _batches(hidden, config.calib.batch_size):
-                collector.run(block, hidden[batch], **kwargs)
-        with timer("prune", hidden.device):
+                collector.run(block, hidden[batch].to(dev), **kwargs)
+        with timer("prune", dev):
             for group, stats in collector.pop_stats():
                 _check_finite(stats, index, group)
                 for name in group:
@@ -284,11 +308,22 @@ def calibrate_and_prune(block: nn.Module, index: int, plan: BlockPlan, hidden: t
     return reports
 
 
-def propagate(block: nn.Module, hidden: torch.Tensor, kwargs: dict, batch_size: int) -> torch.Tensor:
-    """The pruned block's outputs for every window (hooks off): the next block's inputs."""
+def _moment_groups(groups, index: int, config: PruneConfig, needs: frozenset[str]) -> frozenset[str]:
+    """Lead names of the groups whose input DSnoT's moments are collected for: those with a layer
+    it refines (by default it skips the MLP, whose 1536-wide inputs cost the most)."""
+    if "moments" not in needs:
+        return frozenset()
+    return frozenset(g[0] for g in groups if not all(skipped(f"layers.{index}.{n}", config.dsnot_skip) for n in g))
+
+
+def propagate(block: nn.Module, hidden: torch.Tensor, kwargs: dict, batch_size: int,
+              device: torch.device | None = None) -> torch.Tensor:
+    """The pruned block's outputs for every window (hooks off): the next block's inputs, where
+    ``hidden`` is. ``device``: where the block computes, when that is elsewhere."""
+    dev = device if device is not None else hidden.device
     out = torch.empty_like(hidden)
     for batch in _batches(hidden, batch_size):
-        out[batch] = block_output(block(hidden[batch], **kwargs))
+        out[batch] = block_output(block(hidden[batch].to(dev), **kwargs)).to(out.device)
     return out
 
 
@@ -313,36 +348,24 @@ def _calibration_inputs(model, tokenizer, config: PruneConfig, data_dir, windows
     return inputs, description
 
 
-@contextlib.contextmanager
-def _on(block: nn.Module, compute: torch.device | None):
-    """Run the body with ``block`` on ``compute`` (if given), and put it back afterwards."""
-    home = block_device(block)
-    moved = compute is not None and home != compute and home.type != "meta"
-    if moved:
-        block.to(compute)
-    try:
-        yield
-    finally:
-        if moved:
-            block.to(home)
-
-
 @torch.no_grad()
 def outlier_ratios(blocks, plans: list[BlockPlan], inputs, config: PruneConfig,
-                   compute: torch.device | None) -> list[float | None]:
+                   compute: torch.device | None, place=None) -> list[float | None]:
     """OWL's dense statistics pass (official ``prune_wanda_outlier`` and siblings): the calibration
     windows (the first ``owl_nsamples``) run through the *unpruned* blocks; each block's Wanda
-    scores of all its selected Linears give its outlier ratio D (None for a block with none)."""
+    scores of all its selected Linears give its outlier ratio D (None for a block with none).
+    ``place``: where the blocks wait (offload.py); each is read, never written back."""
+    place = place if place is not None else Resident(blocks, compute)
     hidden = inputs.hidden[: config.owl_nsamples or inputs.hidden.shape[0]].clone()
     ratios: list[float | None] = []
-    for block, plan in zip(blocks, plans):
-        with _on(block, compute):
+    for i, plan in enumerate(plans):
+        with place.use(i, write=False) as block:
             dev = block_device(block)
-            h, kwargs = hidden.to(dev), kwargs_on(inputs.kwargs, dev)
+            kwargs = kwargs_on(inputs.kwargs, dev)
             collector = StatsCollector(plan.layers, plan.stages, norms=True, hessian=False)
             with collector:  # one full pass: statistics and the next block's dense inputs
-                for batch in _batches(h, config.calib.batch_size):
-                    hidden[batch] = block_output(block(h[batch], **kwargs)).to(hidden.device)
+                for batch in _batches(hidden, config.calib.batch_size):
+                    hidden[batch] = block_output(block(hidden[batch].to(dev), **kwargs)).to(hidden.device)
             scores = [score(plan.layers[name].weight, stats.sq_norm, stats.tokens, "wanda")
                       for group, stats in collector.pop_stats() for name in group]
             ratios.append(outlier_ratio(scores, config.owl_m) if scores else None)
@@ -350,14 +373,14 @@ def outlier_ratios(blocks, plans: list[BlockPlan], inputs, config: PruneConfig,
 
 
 def allocate(blocks, plans: list[BlockPlan], inputs, config: PruneConfig,
-             compute: torch.device | None) -> BlockTargets:
+             compute: torch.device | None, place=None) -> BlockTargets:
     """Per-block sparsity targets (allocation.py), with OWL's statistics pass when it needs one."""
     n, m = config.pattern.n, config.pattern.m
     spec = get_allocation(config.allocation)
     if not spec.needs_data:
         return block_targets(spec.name, len(blocks), config.sparsity, n, m, delta=config.depth_delta)
     t0 = time.perf_counter()
-    ratios = outlier_ratios(blocks, plans, inputs, config, compute)
+    ratios = outlier_ratios(blocks, plans, inputs, config, compute, place)
     used = [i for i, r in enumerate(ratios) if r is not None]
     part = block_targets(spec.name, len(used), config.sparsity, n, m, [ratios[i] for i in used], lam=config.owl_lambda)
     targets = BlockTargets(spec.name, [config.sparsity] * len(blocks), [n] * len(blocks) if m else None, ratios)
@@ -391,40 +414,57 @@ def prune(
     device: str | torch.device | None = None,
     windows: torch.Tensor | None = None,
     model_name: str | None = None,
+    store=None,
 ) -> PruneReport:
     """Prune ``model`` in place as ``config`` says and return what was done.
 
     ``windows`` (nsamples, seqlen) overrides the calibration data set in ``config.calib``.
     ``device``: where each block computes; by default the device the block already lives on.
+    ``store``: an :class:`llmprune.offload.BlockStore` holding the blocks (a model from
+    :func:`llmprune.offload.load_for_offload`); they stay in it, pruned. Without one,
+    ``config.offload`` makes a store for this call and puts the blocks back at the end.
     """
     method = get_method(config.method)
+    compute = torch.device(device) if device is not None else None
     if method.structured is not None:  # removes whole channels and heads: another algorithm, structured.py
         from llmprune.structured import prune_structured
 
-        return prune_structured(model, tokenizer, config, data_dir, progress, device, windows, model_name)
+        return prune_structured(model, tokenizer, config, data_dir, progress, device, windows, model_name, store)
     validate_config(config)
-    needs = needs_for(config)
     plans = plan_layers(model, config)
-    compute = torch.device(device) if device is not None else None
+    with placement(model, config, compute, store) as place:
+        return _prune_blocks(model, tokenizer, config, data_dir, progress, windows, model_name, method, plans, place)
+
+
+def _prune_blocks(model, tokenizer, config: PruneConfig, data_dir, progress: bool, windows, model_name,
+                  method, plans: list[BlockPlan], place) -> PruneReport:
+    """:func:`prune`'s sequence, each block used through ``place`` (offload.py): brought to the
+    compute device for its turn and, pruned, written back."""
+    needs = needs_for(config)
+    compute = place.compute
     blocks = get_blocks(model)
+    place.reset_counters()  # the report counts this call's moves only
+    # where the calibration activations wait: the CPU with --activations cpu, else the compute device
+    waiting = torch.device("cpu") if config.activations == "cpu" else compute
     start_time = time.perf_counter()
     inputs, calibration = None, None
     if needs:
         check_calibration_memory(model, config, compute)
-        inputs, calibration = _calibration_inputs(model, tokenizer, config, data_dir, windows, compute)
-    targets = allocate(blocks, plans, inputs, config, compute)
+        inputs, calibration = _calibration_inputs(model, tokenizer, config, data_dir, windows, waiting)
+    targets = allocate(blocks, plans, inputs, config, compute, place)
     needs = block_needs(config)  # what each block's own pass collects (OWL's pass is done above)
 
     reports: list[LayerReport] = []
     block_seconds: list[float] = []
+    quantized: list[dict] = []
     timer = PhaseTimer()
     bar = tqdm(total=len(blocks), desc=f"{config.method} {config.pattern} {config.sparsity:.0%}",
                unit="block", disable=not progress)
     try:
-        for i, block in enumerate(blocks):
+        for i in range(len(blocks)):
             t_block = time.perf_counter()
             timer.new_block()
-            with _on(block, compute):
+            with place.use(i) as block:
                 dev = block_device(block)
                 if not needs:
                     with timer("prune", dev):
@@ -432,13 +472,16 @@ def prune(
                             reports.append(_prune_layer(f"layers.{i}.{name}", module, None,
                                                         block_config(config, targets, i), method))
                 else:
-                    hidden, kwargs = inputs.hidden.to(dev), kwargs_on(inputs.kwargs, dev)
+                    hidden = inputs.hidden if config.activations == "cpu" else inputs.hidden.to(dev)
+                    kwargs = kwargs_on(inputs.kwargs, dev)
                     reports += calibrate_and_prune(block, i, plans[i], hidden, kwargs, block_config(config, targets, i),
-                                                   method, needs, timer)
+                                                   method, needs, timer, device=dev)
                     if i + 1 < len(blocks):
                         with timer("propagate", dev):
-                            inputs.hidden = propagate(block, hidden, kwargs, config.calib.batch_size)
+                            inputs.hidden = propagate(block, hidden, kwargs, config.calib.batch_size, device=dev)
                     del hidden
+                if config.quantize is not None:  # after propagation: the next block sees unquantized outputs
+                    quantized.append(_quantize(plans[i], i, config))
             block_seconds.append(time.perf_counter() - t_block)
             bar.update(1)
     finally:
@@ -447,14 +490,22 @@ def prune(
     name = model_name or getattr(getattr(model, "config", None), "_name_or_path", "") or type(model).__name__
     return PruneReport(config=config.to_dict(), model=str(name), layers=reports, block_seconds=block_seconds,
                        seconds=seconds, calibration=calibration, versions=_versions(), phase_seconds=timer.seconds,
-                       allocation=targets.to_dict(), quantization=_quantize(plans, config))
+                       allocation=targets.to_dict(), quantization=merge_quantization(quantized, config),
+                       offload=place.summary())
 
 
-def _quantize(plans: list[BlockPlan], config: PruneConfig) -> dict | None:
-    """``--quantize``: the pruned layers' weights, in memory (zeros stay zero)."""
-    if config.quantize is None:
-        return None
+def _quantize(plan: BlockPlan, index: int, config: PruneConfig) -> dict:
+    """``--quantize``: one block's pruned layers, in place (zeros stay zero)."""
     from llmprune.quantize import quantize_weights
 
-    return quantize_weights({f"layers.{i}.{name}": layer.weight.data for i, plan in enumerate(plans)
-                             for name, layer in plan.layers.items()}, config.quantize)
+    return quantize_weights({f"layers.{index}.{name}": layer.weight.data for name, layer in plan.layers.items()},
+                            config.quantize)
+
+
+def merge_quantization(parts: list[dict], config: PruneConfig) -> dict | None:
+    """The per-block quantization summaries as one (the summary of quantizing all layers at once)."""
+    if config.quantize is None:
+        return None
+    return {"type": config.quantize, "layers": sum(p["layers"] for p in parts),
+            "max_abs_error": max((p["max_abs_error"] for p in parts), default=0.0),
+            "zeros_before": sum(p["zeros_before"] for p in parts), "zeros_after": sum(p["zeros_after"] for p in parts)}

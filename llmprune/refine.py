@@ -23,9 +23,14 @@ dsnot  Dynamic Sparse No Training: Zhang et al., "Dynamic Sparse No Training: Tr
        Counts per row (and N:M groups) stay exact: every swap prunes one and grows one.
        The official default ``--skip_layer mlp`` refines attention layers only (``skip``).
        The official ``--pow_of_var_pruning`` is parsed but never used; there is no such knob
-       here. Edge cases handled differently (never reached in 50 cycles on real layer widths):
-       when a row's candidate list is used up, or an N:M group has no kept weight left that DSnoT
-       did not touch, that row skips the cycle (the official code would index past its list).
+       here. When a row has used up the kept weights of the sign it needs, the pointer walks on
+       into the other sign, as the official single list does (this happens on SmolLM2). Edge
+       cases handled differently, so that counts stay exact: a growing candidate that is already
+       kept (the list reached its kept entries, e.g. NaN from 0/0 on a dead input) or pointers
+       that meet make the row skip the cycle (the official code would prune one weight more);
+       kept weights with a zero contribution sit between the two signs (the official code puts
+       the row's lowest-Wanda kept weight there); an N:M group with no untouched kept weight
+       makes the row skip the cycle (the official ``topk`` would pick an arbitrary one).
 
 Pure math: tensors in, tensors out.
 """
@@ -53,8 +58,9 @@ def _regrow_order(contribution: torch.Tensor, mask: torch.Tensor, var: torch.Ten
 
 def _prune_order(contribution: torch.Tensor, mask: torch.Tensor, wanda: torch.Tensor):
     """Official pruning list for unstructured: kept weights by Wanda score ascending, those with
-    negative contribution first (in that order), positive ones last (in reverse). Returns the
-    list and, per row, the bounds [0, neg) and [pos_start, kept) of the two sides."""
+    negative contribution first (in that order), positive ones last (in reverse). The front
+    pointer walks forward, the back pointer backward; one that has used up its sign walks on
+    into the other (as the official single list does). Returns the list and the kept count."""
     out_f, in_f = mask.shape
     order = torch.sort(wanda.masked_fill(mask, float("inf")), dim=1, stable=True).indices  # kept first
     c = contribution.gather(1, order)
@@ -66,9 +72,7 @@ def _prune_order(contribution: torch.Tensor, mask: torch.Tensor, wanda: torch.Te
     rank = torch.arange(in_f, device=mask.device).expand(out_f, in_f)
     key = group * in_f + torch.where(group == 2, in_f - 1 - rank, rank)
     listing = order.gather(1, torch.sort(key, dim=1, stable=True).indices)
-    negatives = (group == 0).sum(dim=1)
-    kept_count = kept.sum(dim=1)
-    return listing, negatives, kept_count - (group == 2).sum(dim=1), kept_count
+    return listing, kept.sum(dim=1)
 
 
 def dsnot(weight: torch.Tensor, mask: torch.Tensor, x_mean: torch.Tensor, var: torch.Tensor,
@@ -100,7 +104,7 @@ def dsnot(weight: torch.Tensor, mask: torch.Tensor, x_mean: torch.Tensor, var: t
         group_score = score.detach().float().masked_fill(mask, float("inf"))  # (out, in)
         offsets = torch.arange(m, device=w.device)
     else:
-        listing, negatives, pos_start, kept_count = _prune_order(contribution, mask, wanda.detach().float())
+        listing, kept_count = _prune_order(contribution, mask, wanda.detach().float())
         prune_ptr = torch.stack([torch.zeros_like(rows), kept_count - 1], dim=1)
     update = torch.ones(out_f, dtype=torch.bool, device=w.device)
     swaps = torch.zeros(out_f, dtype=torch.long, device=w.device)
@@ -125,8 +129,9 @@ def dsnot(weight: torch.Tensor, mask: torch.Tensor, x_mean: torch.Tensor, var: t
         else:
             pside = (error < 0).long()  # prune a positive contribution when the error is negative
             at_p = prune_ptr[rows, pside]
-            valid &= torch.where(pside == 1, at_p >= pos_start, at_p < negatives)
+            valid &= (at_p >= 0) & (at_p < kept_count)
             cut = listing[rows, at_p.clamp(0, in_f - 1)]
+            valid &= ~mask[rows, cut]  # the pointers met: nothing left to prune
             prune_ptr[rows, pside] += step[pside]
         delta = contribution[rows, cut] - contribution[rows, grow]
         update &= error.abs() > threshold

@@ -96,7 +96,7 @@ def result_record(
     else:
         from llmprune.methods import needs_for
 
-        method, sparsity, pattern = config.method, config.sparsity, str(config.pattern)
+        method, sparsity, pattern = config.method, config.sparsity, record_pattern(config)
         group, metric = effective_group_metric(config)
         uses_data = bool(needs_for(config))
         nsamples = config.calib.nsamples if uses_data else None
@@ -193,7 +193,10 @@ class Result:
 
     @property
     def setting(self) -> tuple:
-        """Sort key of the pattern/sparsity column: unstructured by sparsity, then N:M."""
+        """Sort key of the pattern/sparsity column: unstructured by sparsity, then N:M, then
+        structured (whole channels and heads removed) by sparsity."""
+        if self.pattern == "structured":
+            return (2, round(self.sparsity, 9), 0, 0)
         if self.nm is None:
             return (0, round(self.sparsity, 9), 0, 0)
         n, m = self.nm
@@ -201,6 +204,8 @@ class Result:
 
     @property
     def setting_label(self) -> str:
+        if self.pattern == "structured":
+            return f"{percent(self.sparsity)} structured"
         return self.pattern if self.nm is not None else percent(self.sparsity)
 
     def knob(self, name: str) -> Any:
@@ -235,6 +240,14 @@ def _numbers(entries: dict | None, key: str) -> dict[str, float]:
         if number is not None:
             out[str(name)] = number
     return out
+
+
+def record_pattern(config) -> str:
+    """The pattern a result shows: ``structured`` for methods that remove whole channels and heads
+    (their config keeps the default ``unstructured``, which would misname them), else the config's."""
+    from llmprune.methods import get_method
+
+    return "structured" if get_method(config.method).structured is not None else str(config.pattern)
 
 
 def parse_result(record: dict, file: str) -> Result:

@@ -22,7 +22,7 @@ from typing import Any, Callable, Iterable
 
 import torch
 
-from llmprune.config import EvalConfig, PruneConfig, RecoverConfig, from_dict, to_dict
+from llmprune.config import PLACEMENT_FIELDS, EvalConfig, PruneConfig, RecoverConfig, from_dict, to_dict
 from llmprune.errors import LlmpruneError
 from llmprune.evaluation import evaluate
 from llmprune.recipes import RECIPE_SCHEMA, Recipe, Run, load_recipe, slugify
@@ -98,6 +98,14 @@ def _resolved(data: Any, cls: type) -> Any:
         return data
 
 
+def _unplaced(config: Any) -> Any:
+    """A prune config without where the work ran (--offload, --activations): pruning with the
+    blocks on disk gives the very same weights, so a result stays valid when only that changes."""
+    if not isinstance(config, dict):
+        return config
+    return {k: v for k, v in config.items() if k not in PLACEMENT_FIELDS}
+
+
 def _matches(record: Any, job: Job) -> bool:
     """Whether ``record`` is this job's finished result."""
     if not is_result(record):
@@ -105,7 +113,7 @@ def _matches(record: Any, job: Job) -> bool:
     if record.get("name") != job.name or record.get("model") != job.model:
         return False
     expected_config = None if job.prune is None else _normal(job.prune.to_dict())
-    if _resolved(record.get("config"), PruneConfig) != expected_config:
+    if _unplaced(_resolved(record.get("config"), PruneConfig)) != _unplaced(expected_config):
         return False
     if (job.prune is None) != (record.get("method") == DENSE):
         return False
@@ -152,7 +160,7 @@ def _comparable(recipe_dict: dict) -> dict:
     out = {k: v for k, v in recipe_dict.items() if k not in ("description", "slurm")}
     runs = out.get("runs")
     if isinstance(runs, list):
-        out["runs"] = [{**run, "prune": _resolved(run.get("prune"), PruneConfig),
+        out["runs"] = [{**run, "prune": _unplaced(_resolved(run.get("prune"), PruneConfig)),
                         "eval": _resolved(run.get("eval"), EvalConfig),
                         **({"recover": _resolved(run["recover"], RecoverConfig)} if "recover" in run else {})}
                        if isinstance(run, dict) else run for run in runs]
@@ -282,6 +290,8 @@ def _check_inputs(jobs: list[Job], data_dir, check_models: bool = True) -> None:
             checks.append(("model", job.model))
         if job.prune is not None and needs_for(job.prune):
             checks.append(("data", (job.prune.calib.dataset,), "calibration"))
+        if job.prune is not None and job.prune.offload == "disk":
+            checks.append(("offload", job.prune.offload_dir))
         if job.recover is not None:
             checks.append(("recover", job.recover, job.eval.datasets, job.prune))
         for check in checks:
@@ -296,6 +306,13 @@ def _check_inputs(jobs: list[Job], data_dir, check_models: bool = True) -> None:
             elif kind == "data":
                 for name in check[1]:
                     check_available(name, data_dir, split=check[2])
+            elif kind == "offload":
+                from llmprune.offload import check_offload_dir
+
+                try:
+                    check_offload_dir(check[1])
+                except LlmpruneError as exc:
+                    raise LlmpruneError(f"run {job.name!r}: {exc}") from None
             elif kind == "recover":
                 from llmprune.recover import check_inputs as check_recover
 

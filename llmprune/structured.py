@@ -422,32 +422,43 @@ def _check_expressible(model: nn.Module, plan: StructuredPlan) -> None:
 @torch.no_grad()
 def prune_structured(model: nn.Module, tokenizer, config: PruneConfig, data_dir=None, progress: bool = True,
                      device: str | torch.device | None = None, windows: torch.Tensor | None = None,
-                     model_name: str | None = None):
+                     model_name: str | None = None, store=None):
     """Remove channels (and KV groups) of every block as ``config`` says; returns a PruneReport.
 
     Per block: one pass with hooks on o_proj's and down_proj's inputs, the scores, the surgery,
     and (Wanda-sp) one pass of the pruned block for the next block's inputs; FLAP takes the next
     inputs from the dense pass itself. The model's config is updated at the end, so
-    ``save_pretrained`` writes a checkpoint that plain ``from_pretrained`` loads.
+    ``save_pretrained`` writes a checkpoint that plain ``from_pretrained`` loads. ``store`` and
+    ``config.offload``: where the blocks wait, as for :func:`llmprune.pipeline.prune`.
     """
+    from llmprune.offload import placement
+
+    with placement(model, config, torch.device(device) if device is not None else None, store) as place:
+        return _prune_structured(model, tokenizer, config, data_dir, progress, windows, model_name, place)
+
+
+def _prune_structured(model: nn.Module, tokenizer, config: PruneConfig, data_dir, progress: bool, windows,
+                      model_name, place):
     from tqdm.auto import tqdm
 
     from llmprune.calibration import block_device, input_moments, kwargs_on
     from llmprune.methods import get_method, validate_config
     from llmprune.models import get_blocks
-    from llmprune.pipeline import (LayerReport, PruneReport, _calibration_inputs, _on, _versions,
-                                   check_calibration_memory, propagate)
+    from llmprune.pipeline import (LayerReport, PruneReport, _calibration_inputs, _versions,
+                                   check_calibration_memory, merge_quantization, propagate)
 
     method = get_method(config.method)
     spec = method.structured
     validate_config(config)
     plan = plan_structured(model, config)
-    compute = torch.device(device) if device is not None else None
+    compute = place.compute
     blocks = get_blocks(model)
+    place.reset_counters()  # the report counts this call's moves only
     start = time.perf_counter()
     check_calibration_memory(model, config, compute)
-    inputs, calibration = _calibration_inputs(model, tokenizer, config, data_dir, windows, compute)
-    reports, block_seconds = [], []
+    waiting = torch.device("cpu") if config.activations == "cpu" else compute  # where the activations wait
+    inputs, calibration = _calibration_inputs(model, tokenizer, config, data_dir, windows, waiting)
+    reports, block_seconds, quantized = [], [], []
     params_before = sum(p.numel() for b in blocks for p in b.parameters())
     watch = {"attention": "o_proj", "mlp": "down_proj"}
     if plan.keep_groups == plan.kv_heads:
@@ -457,22 +468,23 @@ def prune_structured(model: nn.Module, tokenizer, config: PruneConfig, data_dir=
     bar = tqdm(total=len(blocks), desc=f"{config.method} {config.structure} {config.sparsity:.0%}", unit="block",
                disable=not progress)
     try:
-        for i, block in enumerate(blocks):
+        for i in range(len(blocks)):
             t0 = time.perf_counter()
-            with _on(block, compute):
+            with place.use(i) as block:
                 dev = block_device(block)
-                hidden, kwargs = inputs.hidden.to(dev), kwargs_on(inputs.kwargs, dev)
+                hidden = inputs.hidden if config.activations == "cpu" else inputs.hidden.to(dev)
+                kwargs = kwargs_on(inputs.kwargs, dev)
                 parts = block_parts(model, i)
                 before = {role: (tuple(layer.weight.shape), layer.weight.numel()) for role, layer in parts.linears.items()}
                 with input_moments({kind: parts.linears[role] for kind, role in watch.items()}) as moments:
-                    out = propagate(block, hidden, kwargs, config.calib.batch_size)  # dense outputs
+                    out = propagate(block, hidden, kwargs, config.calib.batch_size, dev)  # dense outputs
                 keep_channels, keep_groups, info = _choose(parts, plan, moments, method.prune, spec, config)
                 _shrink(parts, plan, keep_channels, keep_groups,
                         moments["mlp"].mean if spec.bias and "mlp" in moments else None,
                         moments["attention"].mean if spec.bias and "attention" in moments else None)
                 if i + 1 < len(blocks):
                     inputs.hidden = out if spec.dense_statistics else propagate(block, hidden, kwargs,
-                                                                              config.calib.batch_size)
+                                                                              config.calib.batch_size, dev)
                 del hidden, out
                 parts = block_parts(model, i)
                 for role, layer in parts.linears.items():
@@ -480,6 +492,11 @@ def prune_structured(model: nn.Module, tokenizer, config: PruneConfig, data_dir=
                     reports.append(LayerReport(f"layers.{i}.{parts.names[role]}", tuple(layer.weight.shape),
                                                numel - layer.weight.numel(), numel,
                                                {"original_shape": list(shape), **info.get(role, {})}))
+                if config.quantize is not None:  # the shrunk block, before it goes back to its store
+                    from llmprune.quantize import quantize_weights
+
+                    quantized.append(quantize_weights({f"layers.{i}.{parts.names[role]}": layer.weight.data
+                                                       for role, layer in parts.linears.items()}, config.quantize))
             block_seconds.append(time.perf_counter() - t0)
             bar.update(1)
     finally:
@@ -488,17 +505,11 @@ def prune_structured(model: nn.Module, tokenizer, config: PruneConfig, data_dir=
     params_after = sum(p.numel() for b in blocks for p in b.parameters())
     structured = {**plan.to_dict(), "block_params_before": params_before, "block_params_after": params_after,
                   "removed_fraction_achieved": 1 - params_after / params_before}
-    quantization = None
-    if config.quantize:
-        from llmprune.quantize import quantize_weights
-
-        weights = {f"layers.{i}.{parts.names[role]}": layer.weight.data for i in range(len(blocks))
-                   for parts in [block_parts(model, i)] for role, layer in parts.linears.items()}
-        quantization = quantize_weights(weights, config.quantize)
+    quantization = merge_quantization(quantized, config)
     name = model_name or getattr(model.config, "_name_or_path", "") or type(model).__name__
     return PruneReport(config=config.to_dict(), model=str(name), layers=reports, block_seconds=block_seconds,
                        seconds=time.perf_counter() - start, calibration=calibration, versions=_versions(),
-                       structured=structured, quantization=quantization)
+                       structured=structured, quantization=quantization, offload=place.summary())
 
 
 def _choose(parts: BlockParts, plan: StructuredPlan, moments: dict, score_fn, spec: StructuredSpec,

@@ -77,6 +77,7 @@ def test_slurm_block_does_not_make_the_results_another_recipes(sweep, tmp_path):
 
 @pytest.mark.parametrize("args, needle", [
     (["--partition", "gpu"], "need --executor slurm"),
+    (["--executor", "submitit-local", "--mem-gb", "8"], "need --executor slurm"),
     (["--executor", "slurm"], "sbatch"),
     (["--executor", "nope"], "invalid choice"),
 ])
@@ -100,6 +101,22 @@ def test_missing_submitit_names_the_install_command(monkeypatch):
     monkeypatch.setattr(builtins, "__import__", no_submitit)
     with pytest.raises(LlmpruneError, match="pip install submitit"):
         check_executor("submitit-local")
+
+
+def test_missing_submitit_is_one_line_through_the_cli(sweep, monkeypatch, capsys):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_submitit(name, *args, **kwargs):
+        if name == "submitit":
+            raise ImportError("No module named 'submitit'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_submitit)
+    assert main(["run", str(sweep[1]), "--executor", "slurm"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "`pip install submitit`" in err and len(err.splitlines()) == 1
 
 
 def test_bad_slurm_block_is_named(tmp_path, sweep):

@@ -86,6 +86,16 @@ def test_dense_and_data_free_records(tmp_path):
     assert parse_result(magnitude, "m.json").setting_label == "70%"
 
 
+def test_structured_records_are_not_named_unstructured():
+    # wanda-sp/flap keep the config's default pattern; the record and table say what they did
+    sp = result_record(name="sp", model="m", config=PruneConfig(method="wanda-sp", sparsity=0.3))
+    wanda = result_record(name="w", model="m", config=PruneConfig(method="wanda", sparsity=0.3))
+    assert (sp["pattern"], wanda["pattern"]) == ("structured", "unstructured")
+    a, b = parse_result(sp, "sp.json"), parse_result(wanda, "w.json")
+    assert (a.setting_label, b.setting_label) == ("30% structured", "30%")
+    assert a.nm is None and b.setting < a.setting  # its own column, after unstructured and N:M
+
+
 def test_embedded_dense_baseline():
     base = {"perplexity": {"ptb": {"ppl": 10.0}}, "zeroshot": None}
     record = _wanda_record(dense=base)
