@@ -111,8 +111,9 @@ def plot_and_summarise(args, log: list[str]) -> None:
         f"{args.minutes:g} minutes of its own CPU time (`--max-cpu-minutes`; 2 threads, so about half that in wall "
         f"time on an idle machine), {args.seqlen}-token C4-sample windows, batch {args.batch_size}, seed 1 (the "
         "pruning calibration used seed 0), constant learning rate after 5 warmup steps. PTB evaluation time is "
-        "not counted. The machine was shared with other jobs while this ran (load average 8 to 12 on 2 cores), "
-        "so the wall minutes are several times longer than on an idle CPU.",
+        "not counted. The budget is CPU time, which other jobs on the machine do not eat; wall minutes depend on "
+        "the load at the time (the Wanda 50% kd run shared the machine with other jobs, load average 8 to 12 on "
+        "2 cores; the others ran with at most one other job).",
         "",
         header,
         "|" + "---|" * (header.count("|") - 1),

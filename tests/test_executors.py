@@ -88,32 +88,27 @@ def test_bad_executor_input_is_one_line(sweep, args, needle, capsys, monkeypatch
     assert needle in err and len(err.splitlines()) == 1
 
 
-def test_missing_submitit_names_the_install_command(monkeypatch):
+@pytest.fixture
+def no_submitit(monkeypatch):
+    """``import submitit`` fails, as where it is not installed."""
     import builtins
 
     real_import = builtins.__import__
 
-    def no_submitit(name, *args, **kwargs):
+    def fake_import(name, *args, **kwargs):
         if name == "submitit":
             raise ImportError("No module named 'submitit'")
         return real_import(name, *args, **kwargs)
 
-    monkeypatch.setattr(builtins, "__import__", no_submitit)
+    monkeypatch.setattr(builtins, "__import__", fake_import)
+
+
+def test_missing_submitit_names_the_install_command(no_submitit):
     with pytest.raises(LlmpruneError, match="pip install submitit"):
         check_executor("submitit-local")
 
 
-def test_missing_submitit_is_one_line_through_the_cli(sweep, monkeypatch, capsys):
-    import builtins
-
-    real_import = builtins.__import__
-
-    def no_submitit(name, *args, **kwargs):
-        if name == "submitit":
-            raise ImportError("No module named 'submitit'")
-        return real_import(name, *args, **kwargs)
-
-    monkeypatch.setattr(builtins, "__import__", no_submitit)
+def test_missing_submitit_is_one_line_through_the_cli(sweep, no_submitit, capsys):
     assert main(["run", str(sweep[1]), "--executor", "slurm"]) == 2
     err = capsys.readouterr().err.strip()
     assert "`pip install submitit`" in err and len(err.splitlines()) == 1

@@ -244,39 +244,13 @@ def reference_sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, spars
                               n: int | None = None, m: int | None = None, percdamp: float = 0.01,
                               blocksize: int = 128, fixed_mask: torch.Tensor | None = None,
                               ) -> tuple[torch.Tensor, torch.Tensor, dict]:
-    """Prune ``weight`` (out, in) given ``hessian`` (in, in) = 2/tokens * sum x x^T.
-
-    ``n``/``m``: N:M pattern (N kept of every M), or None for unstructured at ``sparsity``.
-    Returns (new weight float32 (out, in), mask bool (out, in) with True = pruned, info) where
-    info has "loss" (sum of OBS losses), "percdamp_used", "retries", "dead" (dead inputs).
-    The mask includes dead input columns, which are zeroed regardless of the pattern.
-
-    ``fixed_mask`` (out, in) bool, True = pruned: sweep with this mask instead of choosing one
-    (``sparsity``/``n``/``m`` are then ignored): the mask-fixed reconstruction of
-    ``solvers/reconstruct.py``. Dead input columns then keep their weights where the mask keeps
-    them (their input is always zero, so no value of theirs changes the error).
-    """
+    """The solver as it was before the speed work, kept verbatim below its signature as the oracle:
+    the current one must give the same masks, weights and info, bit for bit."""
     if fixed_mask is not None:
         m = n = None
-    if weight.dim() != 2:
-        raise ValueError(f"weight must be 2-D (out, in), got shape {tuple(weight.shape)}")
+    # (input checks left out: the comparisons below only pass valid inputs)
     rows, cols = weight.shape
-    if hessian.shape != (cols, cols):
-        raise ValueError(f"hessian has shape {tuple(hessian.shape)}, expected ({cols}, {cols})")
-    if fixed_mask is not None and fixed_mask.shape != weight.shape:
-        raise ValueError(f"fixed_mask has shape {tuple(fixed_mask.shape)}, expected {tuple(weight.shape)}")
     structured = m is not None
-    if structured:
-        if n is None or not 1 <= n < m:
-            raise LlmpruneError(f"N:M pattern {n}:{m} is invalid: it keeps N of every M weights, "
-                                "so 1 <= N < M")
-        if cols % m:
-            raise LlmpruneError(f"in_features {cols} is not a multiple of M={m}: choose an M that "
-                                "divides it or exclude this layer")
-        if blocksize % m:
-            # An N:M group must not straddle two blocks: the block's updates would split it.
-            raise LlmpruneError(f"SparseGPT blocksize {blocksize} is not a multiple of M={m}: "
-                                "use a blocksize such as 128")
 
     device = weight.device
     W = weight.detach().to(torch.float32).clone()  # (out, in)
