@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -15,7 +16,10 @@ def _pct(x) -> str:
 
 
 def _frac(x) -> str:
-    return "–" if x is None else f"{100 * x:.3f}%"
+    """An agreement share, truncated (not rounded) so that only an exact match reads 100%."""
+    if x is None:
+        return "–"
+    return "100%" if x >= 1 else f"{math.floor(1e6 * x) / 1e4:.4f}%"
 
 
 def main(paths: list[str]) -> None:
@@ -58,6 +62,14 @@ def main(paths: list[str]) -> None:
                       f"{max(abs(a - b) for a, b in zip(d_ref, d_ours)):.2e}; block sparsities "
                       + " ".join(f"{x:.3f}" for x in r["reference_block_sparsity"])
                       + f", largest difference {r['max_block_sparsity_diff']:.1e}.\n")
+        for r in rows:
+            differ = sorted((a, b["block"], n) for b in r.get("block_check", [])
+                            for n, a in b["layers"].items() if a < 1)
+            if differ:
+                shown = ", ".join(f"block {blk} {n} {_frac(a)}" for a, blk, n in differ[:6])
+                more = f" and {len(differ) - 6} more" if len(differ) > 6 else ""
+                print(f"{r['method']}: {len(differ)} layer(s) differ in the block check, lowest first: "
+                      f"{shown}{more}.\n")
         worst = [(r["method"], b["block"], b["min"]) for r in rows for b in r.get("block_check", []) if b["min"] < 0.999]
         if worst:
             print("Blocks below 99.9% in the block check: "

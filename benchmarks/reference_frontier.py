@@ -321,6 +321,7 @@ def main() -> None:
         if text in previous:
             rows.append(previous[text])
             print(f"{text:<18} (kept from {args.json})", flush=True)
+            _write_rows(args, rows, previous)
             continue
         spec = parse_spec(text)
         config = spec.config(args)
@@ -372,8 +373,16 @@ def main() -> None:
         block = "" if row["block_check_min"] is None else f"  block check min {row['block_check_min']:.5f}"
         print(f"{text:<18} {ppl}whole-model mask agreement min {row['mask_agreement_min']:.5f}{block}  "
               f"prune s: ref {ref_seconds:.0f} / ours {report.seconds:.0f}", flush=True)
-        if args.json:
-            Path(args.json).write_text(json.dumps({"args": vars(args), "rows": rows}, indent=1) + "\n")
+        _write_rows(args, rows, previous)
+
+
+def _write_rows(args, rows: list[dict], previous: dict) -> None:
+    """The rows so far, then the file's earlier rows this run has not reached or does not
+    measure, after each method: a late failure or a shorter ``--methods`` loses nothing."""
+    if args.json:
+        done = {r["method"] for r in rows}
+        rows = rows + [r for method, r in previous.items() if method not in done]
+        Path(args.json).write_text(json.dumps({"args": vars(args), "rows": rows}, indent=1) + "\n")
 
 
 def noise_floor(args, base, tokenizer, windows, tokens, previous: dict) -> None:
@@ -411,8 +420,7 @@ def noise_floor(args, base, tokenizer, windows, tokens, previous: dict) -> None:
         rows.append(row)
         print(f"{text:<18} spread {row['spread']:.3%} over batches {sorted(ppl)}, lowest mask agreement "
               f"{row['mask_agreement_min']:.5f}", flush=True)
-        if args.json:
-            Path(args.json).write_text(json.dumps({"args": vars(args), "rows": rows}, indent=1) + "\n")
+        _write_rows(args, rows, previous)
         del first, models
 
 

@@ -140,7 +140,9 @@ class _Accumulator:
         if self.x_sum is not None:  # DSnoT: per-window sums and population variances
             xw = x.reshape(x.shape[0] if x.dim() == 3 else 1, -1, x.shape[-1]).float()  # (windows, tokens, in)
             self.x_sum += xw.sum(dim=(0, 1))
-            self.var_sum += xw.var(dim=1, unbiased=False).sum(dim=0)
+            # two-pass population variance over the tokens: as exact as torch.var and about 5x
+            # faster on a CPU, where torch.var over the middle dimension is a strided reduction
+            self.var_sum += (xw - xw.mean(dim=1, keepdim=True)).square_().mean(dim=1).sum(dim=0)
             self.windows += xw.shape[0]
         x = x.reshape(-1, x.shape[-1]).float()  # (tokens, in_features)
         self.tokens += x.shape[0]
@@ -204,7 +206,7 @@ class StatsCollector:
     tokens, and an expert no token reaches ends with ``tokens == 0``.
 
     ``moments``: True for every group, or the lead names of the groups that need them (DSnoT's
-    per-window variance costs about as much as the norms; the layers it skips never read it).
+    per-window sums and variances; the layers it skips never read them).
     """
 
     def __init__(

@@ -11,6 +11,7 @@ once every other output has been written.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import sys
 from pathlib import Path
@@ -325,8 +326,6 @@ _OFFLOAD_FIELDS = ("offload", "offload_dir", "activations")
 def _whole_model(store, eval_config: EvalConfig):
     """Around an evaluation of an offloaded model: the whole model on the compute device (it
     must fit), unless there is nothing to evaluate."""
-    import contextlib
-
     if store is None or not (eval_config.datasets or eval_config.zeroshot):
         return contextlib.nullcontext()
     return store.whole()

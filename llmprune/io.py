@@ -140,15 +140,22 @@ def check_output_file(path: str | os.PathLike, what: str = "--json") -> Path:
     return path
 
 
-def check_output_dir(path: str | os.PathLike, what: str = "--out") -> Path:
-    """Validate a results folder before any work: an existing writable folder, or one that can be
-    made (its nearest existing parent is a writable folder)."""
+def check_output_dir(path: str | os.PathLike, what: str = "--out", holds: str = "", *,
+                     refuse_links: bool = False) -> Path:
+    """Validate an output folder before any work: an existing writable folder, or one that can be
+    made (its nearest existing parent is a writable folder). ``holds`` says what is written
+    there, for the messages; ``refuse_links``: a symbolic link is refused too (for folders we
+    write through and delete in, as ``--offload-dir``)."""
     path = Path(path).expanduser()
+    why = f"{holds}; " if holds else ""
+    if refuse_links and path.is_symlink():
+        raise LlmpruneError(f"{what} {path} is a symbolic link: give the real folder")
     if path.exists() and not path.is_dir():
-        raise LlmpruneError(f"{what} {path} is a file: give a folder for the results")
+        fix = "give a folder (it is made if missing)" if holds else "give a folder for the results"
+        raise LlmpruneError(f"{what} {path} is a file: {why}{fix}")
     if path.is_dir():
         if not os.access(path, os.W_OK | os.X_OK):
-            raise LlmpruneError(f"{what} {path} is not writable: give a folder you can write to")
+            raise LlmpruneError(f"{what} {path} is not writable: {why}give a folder you can write to")
     else:
         _check_parent(path, what)
     return path

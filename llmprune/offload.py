@@ -45,6 +45,7 @@ from torch import nn
 
 from llmprune.config import PruneConfig
 from llmprune.errors import LlmpruneError
+from llmprune.io import _alive, atomic_target, check_output_dir, save_pruned, write_json_atomic
 
 OFFLOAD_TAG = ".llmprune-offload-"  # the private folder's prefix inside --offload-dir
 SAFETENSORS_INDEX = "model.safetensors.index.json"
@@ -56,21 +57,8 @@ SAFETENSORS_SINGLE = "model.safetensors"
 def check_offload_dir(path: str | os.PathLike) -> Path:
     """An existing writable folder, or one that can be made; never a symlink (we write only
     through real paths, as ``--save`` does)."""
-    from llmprune.io import _check_parent
-
-    path = Path(path).expanduser()
-    if path.is_symlink():
-        raise LlmpruneError(f"--offload-dir {path} is a symbolic link: give the real folder")
-    if path.exists() and not path.is_dir():
-        raise LlmpruneError(f"--offload-dir {path} is a file: --offload disk keeps the blocks in a folder; give a "
-                            "folder (it is made if missing)")
-    if path.is_dir():
-        if not os.access(path, os.W_OK | os.X_OK):
-            raise LlmpruneError(f"--offload-dir {path} is not writable: --offload disk writes the blocks there; give "
-                                "a folder you can write to, with room for the model's weights")
-    else:
-        _check_parent(path, "--offload-dir")
-    return path
+    return check_output_dir(path, "--offload-dir", "--offload disk keeps the blocks there, as large as the "
+                            "model's weights", refuse_links=True)
 
 
 def check_offload(config: PruneConfig, device_map=None, save_format: str = "dense") -> None:
@@ -119,8 +107,6 @@ def _save_safetensors(tensors: dict[str, torch.Tensor], path: Path) -> int:
     """Write ``tensors`` to ``path`` atomically; the bytes of tensor data written."""
     from safetensors.torch import save_file
 
-    from llmprune.io import atomic_target
-
     with atomic_target(path) as tmp:
         save_file(tensors, str(tmp), metadata={"format": "pt"})
     return sum(t.numel() * t.element_size() for t in tensors.values())
@@ -152,8 +138,6 @@ def _private_prefix() -> str:
 
 def _remove_stale(folder: Path) -> None:
     """Private folders made on this machine by a process that is gone (a killed run) are deleted."""
-    from llmprune.io import _alive
-
     prefix = _private_prefix()
     for stale in folder.glob(f"{glob.escape(prefix)}*"):
         pid = stale.name[len(prefix):].split(".", 1)[0]
@@ -666,8 +650,6 @@ def write_blockwise(model: nn.Module, store: BlockStore, folder: Path) -> dict:
     tensors = _revert(model, {k: meta[k].detach().to("cpu").contiguous() for k in rest})
     size += _save_safetensors(tensors, folder / shard)
     weight_map.update({k: shard for k in tensors})
-    from llmprune.io import write_json_atomic
-
     write_json_atomic(folder / SAFETENSORS_INDEX, {"metadata": {"total_size": size},
                                                   "weight_map": dict(sorted(weight_map.items()))})
     return {"shards": total, "linked": linked, "bytes": size}
@@ -701,8 +683,6 @@ def save_offloaded(model: nn.Module, store: BlockStore, tokenizer, path, metadat
                    overwrite: bool = False) -> Path:
     """``save_pruned`` (same folder rules: checked, written beside, swapped in) with the weights
     written one block at a time from the store (:func:`write_blockwise`)."""
-    from llmprune.io import save_pruned
-
     return save_pruned(model, tokenizer, path, metadata, overwrite,
                        write_weights=lambda m, folder: write_blockwise(m, store, folder))
 

@@ -45,23 +45,73 @@ from llmprune.errors import LlmpruneError
 SKIPS = ("mlp", "self_attn", "none")
 
 
+def _ordered(x: torch.Tensor) -> torch.Tensor:
+    """float32 -> int64 keys in the same order (-0.0 equal to 0.0; finite values only)."""
+    bits = (x.float() + 0.0).contiguous().view(torch.int32).long()
+    return torch.where(bits < 0, -(bits & 0x7FFFFFFF) - 1, bits)
+
+
+class _Ends:
+    """A list of column indices per row of which only the ``front`` first entries and the
+    ``width - front`` last ones are stored: each DSnoT pointer moves at most one step a cycle,
+    so with ``cycles`` steps it never reads further in. Stable-sort order is ascending
+    (value, column); unique int64 keys make ``topk`` return exactly those ends, which costs far
+    less than sorting whole rows. ``cols`` (out, width); ``length`` the full list's length."""
+
+    def __init__(self, cols: torch.Tensor, front: int, length):
+        self.cols, self.front, self.length = cols, front, length
+        self.width = cols.shape[1]
+        self.base = torch.arange(cols.shape[0], device=cols.device) * self.width
+        self.flat = cols.reshape(-1)
+
+    @classmethod
+    def of(cls, key: torch.Tensor, k: int, length) -> "_Ends":
+        """The first and last ``k`` of each row's ascending ``key`` order (keys unique per row;
+        entries that are not in the list carry keys beyond every listed one at both ends)."""
+        low = key.topk(k, dim=1, largest=False).indices
+        high = key.topk(k, dim=1).indices.flip(1)
+        return cls(torch.cat([low, high], dim=1), k, length)
+
+    def take(self, position: torch.Tensor) -> torch.Tensor:
+        """Column at each row's ``position`` in the full list (positions within the ends)."""
+        col = torch.where(position < self.front, position, position - self.length + self.width)
+        return self.flat.take(self.base + col.clamp(0, self.width - 1))
+
+
+_KEY_BITS = 20  # columns per row below 2**20: a float's key times the column count fits int64
+
+
 def _regrow_order(contribution: torch.Tensor, mask: torch.Tensor, var: torch.Tensor,
-                  var_power: float) -> tuple[torch.Tensor, torch.Tensor]:
+                  var_power: float, cycles: int) -> tuple[torch.Tensor, _Ends]:
     """Official growing list: e_r per row, and the columns sorted by W xbar / var**p with
     kept weights at 0 (they sit in the middle; only pruned ones are taken)."""
     metric = contribution.masked_fill(~mask, 0.0)  # (out, in): pruned weights' contributions
     error = metric.sum(dim=1)  # (out,)
     if var_power:
         metric = metric / var.pow(var_power).unsqueeze(0)
-    return error, torch.sort(metric, dim=1, stable=True).indices
+    in_f = metric.shape[1]
+    if 2 * cycles < in_f < 2 ** _KEY_BITS and bool(torch.isfinite(metric).all()):
+        key = _ordered(metric) * in_f + torch.arange(in_f, device=metric.device)
+        return error, _Ends.of(key, cycles, in_f)
+    return error, _Ends(torch.sort(metric, dim=1, stable=True).indices, in_f, in_f)
 
 
-def _prune_order(contribution: torch.Tensor, mask: torch.Tensor, wanda: torch.Tensor):
+def _prune_order(contribution: torch.Tensor, mask: torch.Tensor, wanda: torch.Tensor,
+                 cycles: int) -> tuple[_Ends, torch.Tensor]:
     """Official pruning list for unstructured: kept weights by Wanda score ascending, those with
     negative contribution first (in that order), positive ones last (in reverse). The front
     pointer walks forward, the back pointer backward; one that has used up its sign walks on
     into the other (as the official single list does). Returns the list and the kept count."""
     out_f, in_f = mask.shape
+    kept_count = (~mask).sum(dim=1)
+    if (2 * cycles <= int(kept_count.min()) and in_f < 2 ** _KEY_BITS
+            and bool(torch.isfinite(contribution).all()) and bool(torch.isfinite(wanda).all())):
+        within = _ordered(wanda) * in_f + torch.arange(in_f, device=mask.device)  # (wanda, column)
+        group = (contribution > 0).long() + (contribution >= 0).long()  # 0 negative, 1 zero, 2 positive
+        key = group * 2 ** 53 + torch.where(group == 2, -within, within)
+        first = key.masked_fill(mask, 2 ** 62).topk(cycles, dim=1, largest=False).indices  # pruned: past the end
+        last = key.masked_fill(mask, -2 ** 62).topk(cycles, dim=1).indices.flip(1)  # pruned: before the start
+        return _Ends(torch.cat([first, last], dim=1), cycles, kept_count), kept_count
     order = torch.sort(wanda.masked_fill(mask, float("inf")), dim=1, stable=True).indices  # kept first
     c = contribution.gather(1, order)
     kept = (~mask).gather(1, order)
@@ -72,7 +122,7 @@ def _prune_order(contribution: torch.Tensor, mask: torch.Tensor, wanda: torch.Te
     rank = torch.arange(in_f, device=mask.device).expand(out_f, in_f)
     key = group * in_f + torch.where(group == 2, in_f - 1 - rank, rank)
     listing = order.gather(1, torch.sort(key, dim=1, stable=True).indices)
-    return listing, kept.sum(dim=1)
+    return _Ends(listing, in_f, in_f), kept.sum(dim=1)
 
 
 def dsnot(weight: torch.Tensor, mask: torch.Tensor, x_mean: torch.Tensor, var: torch.Tensor,
@@ -86,26 +136,28 @@ def dsnot(weight: torch.Tensor, mask: torch.Tensor, x_mean: torch.Tensor, var: t
     the N:M pattern (N kept) or None. ``same_sign`` None: the official choice (N:M yes,
     unstructured no). Returns (new mask, info)."""
     w = weight.detach().float()
-    mask = mask.clone()
+    mask = mask.contiguous().clone()
     out_f, in_f = w.shape
     structured = m is not None
     if same_sign is None:
         same_sign = structured
     contribution = w * x_mean.float().unsqueeze(0)  # (out, in) W_rj * xbar_j
-    error, regrow = _regrow_order(contribution, mask, var.float(), var_power)
+    error, regrow = _regrow_order(contribution, mask, var.float(), var_power, cycles)
     start_error = error.clone()
     sign0 = torch.sign(error)
-    rows = torch.arange(out_f, device=w.device)
-    grow_ptr = torch.stack([torch.zeros_like(rows), torch.full_like(rows, in_f - 1)], dim=1)  # (out, 2)
-    step = torch.tensor([1, -1], device=w.device)
+    # Per-row state as flat (out * in) indices: take / index_put_ on 1-D views are the cheapest
+    # gathers and scatters for the 50 small steps (bit-identical to 2-D indexing).
+    base = torch.arange(out_f, device=w.device) * in_f
+    mask_flat, contrib_flat = mask.view(-1), contribution.reshape(-1)
+    front, back = torch.zeros_like(base), torch.full_like(base, in_f - 1)  # growing pointers
     if structured:
         if score is None:
             raise ValueError("DSnoT for N:M needs the initial method's scores")
-        group_score = score.detach().float().masked_fill(mask, float("inf"))  # (out, in)
+        group_score = score.detach().float().masked_fill(mask, float("inf")).contiguous()  # (out, in)
         offsets = torch.arange(m, device=w.device)
     else:
-        listing, kept_count = _prune_order(contribution, mask, wanda.detach().float())
-        prune_ptr = torch.stack([torch.zeros_like(rows), kept_count - 1], dim=1)
+        listing, kept_count = _prune_order(contribution, mask, wanda.detach().float(), cycles)
+        p_front, p_back = torch.zeros_like(base), kept_count - 1  # pruning pointers
     update = torch.ones(out_f, dtype=torch.bool, device=w.device)
     swaps = torch.zeros(out_f, dtype=torch.long, device=w.device)
     used = 0
@@ -113,34 +165,37 @@ def dsnot(weight: torch.Tensor, mask: torch.Tensor, x_mean: torch.Tensor, var: t
         if not bool(update.any()):
             break
         used += 1
-        side = (error > 0).long()  # grow from the end (largest) when the error is positive
-        at = grow_ptr[rows, side]
+        side = error > 0  # grow from the end (largest) when the error is positive
+        at = torch.where(side, back, front)
         valid = (at >= 0) & (at < in_f)
-        grow = regrow[rows, at.clamp(0, in_f - 1)]
-        valid &= mask[rows, grow]  # the list reached kept weights: used up
-        grow_ptr[rows, side] += step[side]
+        grow = regrow.take(at.clamp(0, in_f - 1))
+        valid &= mask_flat.take(base + grow)  # the list reached kept weights: used up
+        back -= side.long()
+        front += (~side).long()
         if structured:
             first = grow - grow % m
             cols = first.unsqueeze(1) + offsets  # (out, m) the grown weight's group
             best, j = group_score.gather(1, cols).min(dim=1)
             cut = first + j
             valid &= torch.isfinite(best)
-            group_score[rows[valid], cut[valid]] = float("inf")
+            group_score.view(-1)[(base + cut)[valid]] = float("inf")
         else:
-            pside = (error < 0).long()  # prune a positive contribution when the error is negative
-            at_p = prune_ptr[rows, pside]
+            pside = error < 0  # prune a positive contribution when the error is negative
+            at_p = torch.where(pside, p_back, p_front)
             valid &= (at_p >= 0) & (at_p < kept_count)
-            cut = listing[rows, at_p.clamp(0, in_f - 1)]
-            valid &= ~mask[rows, cut]  # the pointers met: nothing left to prune
-            prune_ptr[rows, pside] += step[pside]
-        delta = contribution[rows, cut] - contribution[rows, grow]
+            cut = listing.take(at_p.clamp(0, in_f - 1))
+            valid &= ~mask_flat.take(base + cut)  # the pointers met: nothing left to prune
+            p_back -= pside.long()
+            p_front += (~pside).long()
+        cut_at, grow_at = base + cut, base + grow
+        delta = contrib_flat.take(cut_at) - contrib_flat.take(grow_at)
         update &= error.abs() > threshold
         if same_sign:
             update &= torch.sign(error + delta) == sign0
         do = update & valid
-        r = rows[do]
-        mask[r, cut[do]] = True
-        mask[r, grow[do]] = False
+        # where do: prune cut, grow grow (distinct: grow was pruned, cut kept); elsewhere unchanged
+        mask_flat.index_put_((cut_at,), mask_flat.take(cut_at) | do)
+        mask_flat.index_put_((grow_at,), mask_flat.take(grow_at) & ~do)
         error = error + torch.where(do, delta, torch.zeros_like(delta))
         swaps += do.long()
     info = {"cycles": used, "swaps": int(swaps.sum().item()),

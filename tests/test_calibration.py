@@ -26,6 +26,35 @@ def _stats(model, windows, batch_size):
     return {group: stats for group, stats in collector.pop_stats()}
 
 
+@pytest.mark.parametrize("batch_size", [1, 2])
+def test_dsnot_moments_equal_direct_per_window_sums_and_variances(batch_size):
+    """DSnoT's moments: per-window token sums and population variances (over the window's
+    tokens), summed over the windows, against a float64 computation window by window."""
+    model = make_model("llama")
+    windows = _windows(n=5)
+    blocks = get_blocks(model)
+    inputs = capture_block_inputs(model, blocks[0], windows, batch_size)
+    layers = prunable_linears(model, 0)
+    groups = block_stages(model, 0, layers)
+    collector = StatsCollector(layers, groups, norms=True, hessian=False, moments=True)
+    with collector:
+        for s in range(0, windows.shape[0], batch_size):
+            collector.run(blocks[0], inputs.hidden[s:s + batch_size], **inputs.kwargs)
+    qkv = dict(collector.pop_stats())[("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")]
+    x = blocks[0].input_layernorm(model.model.embed_tokens(windows)).double()  # (windows, tokens, 64)
+    x = x + 3.0  # an offset mean: a one-pass E[x^2] - E[x]^2 would lose digits here
+    collector = StatsCollector(layers, groups, norms=False, hessian=False, moments=True)
+    with collector:  # the same collector on the shifted input, fed straight to the hooked layer
+        for s in range(0, windows.shape[0], batch_size):
+            layers["self_attn.q_proj"](x[s:s + batch_size].float())
+    shifted = dict(collector.pop_stats())[("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")]
+    assert qkv.windows == shifted.windows == 5
+    direct_var = sum(((w - w.mean(0)) ** 2).mean(0) for w in x)  # population variance per window
+    torch.testing.assert_close(shifted.x_sum.double(), x.sum(dim=(0, 1)), rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(shifted.var_sum.double(), direct_var, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(qkv.var_sum.double(), direct_var, rtol=1e-5, atol=1e-6)  # shift-free
+
+
 def test_block_inputs_equal_embeddings():
     model = make_model("llama")
     windows = _windows()

@@ -4,6 +4,7 @@ against an independent computation (by hand, loops, or the literal official proc
 from __future__ import annotations
 
 import copy
+import json
 import math
 import sys
 from pathlib import Path
@@ -245,6 +246,37 @@ def test_dsnot_matches_the_literal_official_procedure():
         assert torch.equal(skipped == 0, ref_dsnot_mask("mlp.down_proj", st, 0.5))
 
 
+@pytest.mark.parametrize("nm", [None, (2, 4)])
+def test_dsnot_list_ends_match_whole_sorted_lists(nm, monkeypatch):
+    """DSnoT keeps only the ends of its sorted lists (top-k on exact keys); with whole-row
+    stable sorts instead (the path it falls back to) the masks and counts are identical,
+    also with ties (values on a coarse grid) and signed zeros."""
+    from llmprune import refine
+
+    for seed in range(4):
+        g = torch.Generator().manual_seed(seed)
+        w = (torch.randn(48, 256, generator=g) * 4).round() / 4  # many exact ties
+        w[w == 0] = -0.0 if seed % 2 else 0.0
+        x_mean = (torch.randn(256, generator=g) * 2).round()
+        var = (torch.rand(256, generator=g) * 4).round() + 1
+        wanda = w.abs() * (torch.rand(256, generator=g) * 3).round()
+        if nm is None:
+            keep = 256 - int(256 * (0.5, 0.6, 0.7, 0.55)[seed])
+            order = torch.sort(wanda, dim=1, stable=True, descending=True).indices
+            mask = torch.ones_like(w, dtype=torch.bool).scatter_(1, order[:, :keep], False)
+            kw = {}
+        else:
+            order = wanda.reshape(48, -1, 4).sort(dim=2, stable=True).indices[..., :2]
+            mask = torch.zeros(48, 64, 4, dtype=torch.bool).scatter_(2, order, True).reshape(48, 256)
+            kw = dict(score=wanda, n=2, m=4)
+        fast = refine.dsnot(w, mask, x_mean, var, wanda, threshold=0.0, **kw)
+        with monkeypatch.context() as patch:
+            patch.setattr(refine, "_KEY_BITS", 0)  # no key fits: whole-row sorts
+            whole = refine.dsnot(w, mask, x_mean, var, wanda, threshold=0.0, **kw)
+        assert fast[1]["swaps"] > 0
+        assert torch.equal(fast[0], whole[0]) and fast[1] == whole[1]
+
+
 def test_dsnot_after_every_method_in_the_pipeline():
     windows = torch.randint(0, 512, (4, 32))
     for method, pattern in (("magnitude", "unstructured"), ("sparsegpt", "2:4"), ("ria", "2:4"), ("wanda", "2:4")):
@@ -375,3 +407,24 @@ def test_report_labels_variants_and_plots_sparsity_per_block(tmp_path):
         assert label in md
     assert any(name.startswith("sparsity_per_block") for name in written)
     assert "owl" in (tmp_path / "summary.csv").read_text()
+
+
+def test_parity_summary_reads_100_percent_only_for_identical_masks():
+    from frontier_summary import _frac
+
+    one_weight_of_a_big_layer = 1 - 1 / 884736  # rounds to 100.0000% at 4 decimals
+    assert _frac(1.0) == "100%"
+    assert _frac(one_weight_of_a_big_layer) == "99.9998%"
+    assert _frac(0.5) == "50.0000%" and _frac(None) == "–"
+
+
+def test_parity_rows_already_in_the_file_are_never_dropped(tmp_path):
+    from types import SimpleNamespace
+
+    from reference_frontier import _write_rows
+
+    path = tmp_path / "rows.json"
+    previous = {m: {"method": m, "old": True} for m in ("a", "b", "c")}
+    _write_rows(SimpleNamespace(json=str(path)), [{"method": "b", "old": False}], previous)
+    rows = json.loads(path.read_text())["rows"]
+    assert [(r["method"], r["old"]) for r in rows] == [("b", False), ("a", True), ("c", True)]
