@@ -65,11 +65,12 @@ class _Ends:
         self.flat = cols.reshape(-1)
 
     @classmethod
-    def of(cls, key: torch.Tensor, k: int, length) -> "_Ends":
-        """The first and last ``k`` of each row's ascending ``key`` order (keys unique per row;
-        entries that are not in the list carry keys beyond every listed one at both ends)."""
+    def of(cls, key: torch.Tensor, k: int, length, last_key: torch.Tensor | None = None) -> "_Ends":
+        """The first ``k`` of each row's ascending ``key`` order and the last ``k`` of
+        ``last_key``'s (default ``key``); keys unique per row. Entries that are not in the list
+        carry keys past its end in ``key`` and before its start in ``last_key``."""
         low = key.topk(k, dim=1, largest=False).indices
-        high = key.topk(k, dim=1).indices.flip(1)
+        high = (key if last_key is None else last_key).topk(k, dim=1).indices.flip(1)
         return cls(torch.cat([low, high], dim=1), k, length)
 
     def take(self, position: torch.Tensor) -> torch.Tensor:
@@ -109,9 +110,8 @@ def _prune_order(contribution: torch.Tensor, mask: torch.Tensor, wanda: torch.Te
         within = _ordered(wanda) * in_f + torch.arange(in_f, device=mask.device)  # (wanda, column)
         group = (contribution > 0).long() + (contribution >= 0).long()  # 0 negative, 1 zero, 2 positive
         key = group * 2 ** 53 + torch.where(group == 2, -within, within)
-        first = key.masked_fill(mask, 2 ** 62).topk(cycles, dim=1, largest=False).indices  # pruned: past the end
-        last = key.masked_fill(mask, -2 ** 62).topk(cycles, dim=1).indices.flip(1)  # pruned: before the start
-        return _Ends(torch.cat([first, last], dim=1), cycles, kept_count), kept_count
+        ends = _Ends.of(key.masked_fill(mask, 2 ** 62), cycles, kept_count, last_key=key.masked_fill(mask, -2 ** 62))
+        return ends, kept_count
     order = torch.sort(wanda.masked_fill(mask, float("inf")), dim=1, stable=True).indices  # kept first
     c = contribution.gather(1, order)
     kept = (~mask).gather(1, order)
@@ -122,7 +122,7 @@ def _prune_order(contribution: torch.Tensor, mask: torch.Tensor, wanda: torch.Te
     rank = torch.arange(in_f, device=mask.device).expand(out_f, in_f)
     key = group * in_f + torch.where(group == 2, in_f - 1 - rank, rank)
     listing = order.gather(1, torch.sort(key, dim=1, stable=True).indices)
-    return _Ends(listing, in_f, in_f), kept.sum(dim=1)
+    return _Ends(listing, in_f, in_f), kept_count
 
 
 def dsnot(weight: torch.Tensor, mask: torch.Tensor, x_mean: torch.Tensor, var: torch.Tensor,
