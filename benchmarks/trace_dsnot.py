@@ -27,8 +27,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from reference_frontier import _hooked_pass, _Stats, ref_dsnot_mask  # noqa: E402
 from reference_protocol import _layer0_inputs, add_protocol_args, load_protocol  # noqa: E402
 
-from llmprune.calibration import _Accumulator  # noqa: E402
-from llmprune.refine import dsnot  # noqa: E402
+from llmprune.stats import Accumulator  # noqa: E402
+from llmprune.math.dsnot import dsnot  # noqa: E402
 
 
 def _rel(ours: torch.Tensor, ref: torch.Tensor) -> float:
@@ -55,7 +55,7 @@ def main() -> None:
     block = base.model.layers[0]
     layers = {n: block.get_submodule(n) for n in args.layers.split(",")}
     ref = {n: _Stats(m, hessian=False) for n, m in layers.items()}
-    ours = {n: _Accumulator(m.in_features, m.weight.device, norms=True, hessian=False, moments=True)
+    ours = {n: Accumulator(m.in_features, m.weight.device, ("norms", "moments"))
             for n, m in layers.items()}
     hooks = [m.register_forward_hook(lambda mod, a, o, n=n: ours[n].add(a[0].detach())) for n, m in layers.items()]
     try:

@@ -22,6 +22,8 @@ from llmprune.config import (EXECUTORS, CalibConfig, EvalConfig, Pattern, PruneC
 from llmprune.config import ExportConfig  # noqa: E402 (issue 9: checkpoint formats, GGUF)
 from llmprune.config import RECOVER_METHODS, RecoverConfig  # issue 10: recovery
 from llmprune.errors import LlmpruneError
+from llmprune.methods import METHODS, needs_for
+from llmprune.registry import option_fields
 
 EXIT_USER_ERROR = 2
 _SLURM_FLAGS = ("partition", "gpus_per_job", "time", "mem_gb", "cpus_per_task", "array_parallelism")
@@ -59,6 +61,22 @@ def _field(p: argparse.ArgumentParser, cls: type, name: str, *flags: str, defaul
     p.add_argument(*flags, help=f"{field_help(cls, name)} (default: {label})", **kw)
 
 
+def _option_flag(p: argparse.ArgumentParser, f: dataclasses.Field) -> None:
+    """``--name-with-dashes`` for a registered option (a spec's options field), typed by its default."""
+    default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+    kw: dict = {"default": default}
+    if isinstance(default, bool):
+        kw["action"] = "store_true"
+    elif isinstance(default, tuple):
+        kw["type"] = _csv
+    elif default is not None and not isinstance(default, str):
+        kw["type"] = type(default)
+    elif default is None:
+        kw["type"] = int if "int" in str(f.type) else float if "float" in str(f.type) else str
+    p.add_argument("--" + f.name.replace("_", "-"), help=f"{f.metadata.get('help', '')} (default: {_shown(default)})",
+                   **kw)
+
+
 def _add_model(p: argparse.ArgumentParser, model_help: str | None = None) -> None:
     if model_help:  # a model the command cannot default (llmprune recover's pruned student)
         p.add_argument("--model", required=True, help=model_help)
@@ -94,13 +112,20 @@ def _add_eval(p: argparse.ArgumentParser, dataset_flag: str, training: bool = Fa
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 
-# issue 8's steps around the method (allocation, RIA, DSnoT, reconstruction): flags named as the fields
-_STEP_FIELDS = ("allocation", "owl_m", "owl_lambda", "owl_nsamples", "depth_delta", "ria_a", "permute", "refine",
-                "dsnot_cycles", "dsnot_threshold", "dsnot_var_power", "dsnot_skip", "reconstruct")
+# PruneConfig's own fields that are flags of `llmprune prune`, named as the fields
+_CORE_FIELDS = ("method", "sparsity", "pattern", "true_sequential", "include", "exclude", "skip_attention",
+                "skip_mlp", "allocation", "permute", "refine", "reconstruct", "quantize", "offload", "offload_dir",
+                "activations")
+_CORE_KW = {"method": {"metavar": "|".join(METHODS.names())}, "sparsity": {"type": float}, "include": {"metavar": "GLOBS"}, "exclude": {"metavar": "GLOBS"},
+            "quantize": {"type": str}, "refine": {"type": str},
+            "offload": {"type": str, "metavar": "cpu|disk", "default_label": "none"},
+            "offload_dir": {"type": str, "metavar": "DIR", "default_label": "none"},
+            "activations": {"type": str, "metavar": "cpu", "default_label": "the compute device"}}
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="llmprune", description="One-shot pruning of open LLMs (Wanda, magnitude, SparseGPT).")
+    parser = _Parser(prog="llmprune", description="One-shot pruning of open LLMs: " + ", ".join(
+        spec.label for spec in METHODS) + "; unstructured, N:M or structured.")
     parser.add_argument("--version", action="version", version=f"llmprune {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
@@ -110,34 +135,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     pr = sub.add_parser("prune", help="prune a model, then evaluate dense and pruned")
     _add_model(pr)
-    _field(pr, PruneConfig, "method", "--method")
-    _field(pr, PruneConfig, "sparsity", "--sparsity", type=float)
-    _field(pr, PruneConfig, "pattern", "--pattern")
-    _field(pr, PruneConfig, "group", "--group")
-    _field(pr, PruneConfig, "metric", "--metric")
-    _field(pr, PruneConfig, "use_variant", "--use-variant")
-    _field(pr, PruneConfig, "true_sequential", "--true-sequential")
-    _field(pr, PruneConfig, "include", "--include", metavar="GLOBS")
-    _field(pr, PruneConfig, "exclude", "--exclude", metavar="GLOBS")
-    _field(pr, PruneConfig, "skip_attention", "--skip-attention")
-    _field(pr, PruneConfig, "skip_mlp", "--skip-mlp")
+    for name in _CORE_FIELDS:  # --method, --sparsity, ..., --offload-dir
+        _field(pr, PruneConfig, name, "--" + name.replace("_", "-"), **_CORE_KW.get(name, {}))
     _field(pr, CalibConfig, "dataset", "--calib")
     _field(pr, CalibConfig, "nsamples", "--nsamples")
     _field(pr, CalibConfig, "seed", "--seed")
     _field(pr, CalibConfig, "batch_size", "--calib-batch-size")
-    _field(pr, PruneConfig, "percdamp", "--percdamp")
-    _field(pr, PruneConfig, "blocksize", "--blocksize")
-    for name in _STEP_FIELDS:  # --allocation, --owl-m, ..., --reconstruct
-        _field(pr, PruneConfig, name, "--" + name.replace("_", "-"), **({"type": int} if name == "owl_nsamples" else {}))
-    _field(pr, PruneConfig, "structure", "--structure")
-    _field(pr, PruneConfig, "channel_multiple", "--channel-multiple")
-    _field(pr, PruneConfig, "quantize", "--quantize", type=str)
+    for f in option_fields().values():  # every registered method's, allocation's and step's knobs
+        _option_flag(pr, f)
     _field(pr, ExportConfig, "save_format", "--save-format")
     _field(pr, ExportConfig, "save_dtype", "--save-dtype", type=str)
-    # issue 11, out-of-core pruning: where the blocks and the calibration activations wait
-    _field(pr, PruneConfig, "offload", "--offload", type=str, metavar="cpu|disk", default_label="none")
-    _field(pr, PruneConfig, "offload_dir", "--offload-dir", type=str, metavar="DIR", default_label="none")
-    _field(pr, PruneConfig, "activations", "--activations", type=str, metavar="cpu", default_label="the compute device")
     pr.add_argument("--skip-dense", action="store_true", help="do not evaluate the dense model first")
     pr.add_argument("--save", default=None, metavar="DIR", help="save the pruned model as an HF checkpoint")
     pr.add_argument("--overwrite", action="store_true",
@@ -317,12 +324,6 @@ def cmd_eval(args) -> int:
     return _write_outputs([(args.json, _json_writer(args.json, record))])
 
 
-# issue 9's structured methods and quantization: flags named as the PruneConfig fields
-_DEPLOY_FIELDS = ("structure", "channel_multiple", "quantize")
-# issue 11's placement of the blocks and activations: flags named as the PruneConfig fields
-_OFFLOAD_FIELDS = ("offload", "offload_dir", "activations")
-
-
 def _whole_model(store, eval_config: EvalConfig):
     """Around an evaluation of an offloaded model: the whole model on the compute device (it
     must fit), unless there is nothing to evaluate."""
@@ -332,19 +333,13 @@ def _whole_model(store, eval_config: EvalConfig):
 
 
 def cmd_prune(args) -> int:
-    from llmprune.methods import needs_for, validate_config
     from llmprune.offload import check_offload, load_for_offload
 
     data_dir = _data_dir(args.data_dir)
     calib = CalibConfig(dataset=args.calib, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed,
                         batch_size=args.calib_batch_size)
-    config = PruneConfig(method=args.method, sparsity=args.sparsity, pattern=args.pattern, group=args.group,
-                         metric=args.metric, use_variant=args.use_variant, true_sequential=args.true_sequential,
-                         include=args.include, exclude=args.exclude, skip_attention=args.skip_attention,
-                         skip_mlp=args.skip_mlp, percdamp=args.percdamp,
-                         blocksize=args.blocksize, calib=calib,
-                         **{name: getattr(args, name) for name in _STEP_FIELDS + _DEPLOY_FIELDS + _OFFLOAD_FIELDS})
-    validate_config(config)
+    config = PruneConfig(calib=calib, **{name: getattr(args, name) for name in _CORE_FIELDS},
+                         options={name: getattr(args, name) for name in option_fields()})
     export = _export_config(args, args.save, "--save", config.quantize)
     check_offload(config, args.device_map, export.save_format)
     eval_config = _eval_config(args, args.eval if args.eval is not None else ("ptb",))
@@ -370,25 +365,19 @@ def _prune_loaded(args, config: PruneConfig, export: ExportConfig, eval_config: 
     """``llmprune prune`` once the model is loaded: shape checks, dense evaluation, pruning,
     evaluation, outputs."""
     from llmprune.evaluation import check_eval_memory, evaluate
-    from llmprune.methods import get_method
-    from llmprune.pipeline import check_calibration_memory, plan_layers, prune
+    from llmprune.engine import plan, run
     from llmprune.results import record_pattern, result_record
 
     # checks that need only the model's shapes, before any evaluation or calibration
-    plan_layers(model, config)
-    if get_method(config.method).structured is not None:  # counts per block, KV groups left, config expressible
-        from llmprune.structured import plan_structured
-
-        plan_structured(model, config)
-    check_calibration_memory(model, config, device)
+    the_plan = plan(model, config, device)
     check_eval_memory(model, eval_config)
 
     dense_ppl, dense_zs = {}, None
     if not args.skip_dense:
         with _whole_model(store, eval_config):
             _, dense_ppl, dense_zs = evaluate(model, tokenizer, eval_config, data_dir, progress)
-    report = prune(model, tokenizer, config, data_dir=data_dir, progress=progress, device=device, model_name=args.model,
-                   store=store)
+    report = run(the_plan, model, tokenizer, data_dir=data_dir, progress=progress, device=device,
+                 model_name=args.model, store=store)
     print(report.table())
     with _whole_model(store, eval_config):
         eval_config, ppl, zs = evaluate(model, tokenizer, eval_config, data_dir, progress)

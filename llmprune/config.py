@@ -12,12 +12,12 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
+from llmprune.checks import as_tuple, check_positive, check_sparsity, choice, none_or_choice
 from llmprune.errors import LlmpruneError
+from llmprune.methods import ALLOCATIONS, METHODS, RECONSTRUCTIONS, REFINERS, check_steps
+from llmprune.registry import field_default as spec_default
+from llmprune.registry import option, option_fields, owners
 
-GROUPS = ("row", "column", "layer")
-METRICS = ("weight", "activation", "wanda")
-# issue 9, deployable output: structured pruning, int8 weights, checkpoint formats, GGUF
-STRUCTURES = ("mlp", "heads", "both")
 QUANT_TYPES = ("int8",)
 SAVE_FORMATS = ("dense", "compressed", "compressed-tensors")
 SAVE_DTYPES = ("float16", "bfloat16", "float32")
@@ -75,21 +75,6 @@ def parse_pattern(text: str | Pattern) -> Pattern:
     return Pattern(n, m)
 
 
-def check_sparsity(value: float, name: str = "sparsity") -> float:
-    try:
-        value = float(value)
-    except (TypeError, ValueError):
-        raise LlmpruneError(f"{name} {value!r} is not a number: give a fraction in [0, 1)")
-    if not math.isfinite(value) or not 0.0 <= value < 1.0:
-        raise LlmpruneError(f"{name} {value} is outside [0, 1): give a fraction such as 0.5")
-    return value
-
-
-def _opt(default: Any, help: str) -> Any:
-    """A dataclass field with its help text: CLI flags take both default and help from here."""
-    return field(default=default, metadata={"help": help})
-
-
 def field_default(cls: type, name: str) -> Any:
     """The default of field ``name`` of config class ``cls``."""
     f = {f.name: f for f in dataclasses.fields(cls)}[name]
@@ -100,85 +85,121 @@ def field_help(cls: type, name: str) -> str:
     return {f.name: f for f in dataclasses.fields(cls)}[name].metadata.get("help", "")
 
 
-def _check_positive(value: Any, name: str, allow_none: bool = False) -> None:
-    if value is None and allow_none:
-        return
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise LlmpruneError(f"{name} must be a positive integer, got {value!r}")
-
-
 @dataclass(frozen=True)
 class CalibConfig:
     """Calibration data: which windows feed the hooks."""
 
-    dataset: str = _opt("c4", "calibration data: c4, wikitext2, ptb or a local .txt/.jsonl file")
-    nsamples: int = _opt(128, "calibration windows")
-    seqlen: int | None = _opt(None, "window length for calibration and evaluation (default: model context, at most 4096)")
-    seed: int = _opt(0, "calibration sampling seed")
+    dataset: str = option("c4", "calibration data: c4, wikitext2, ptb or a local .txt/.jsonl file")
+    nsamples: int = option(128, "calibration windows")
+    seqlen: int | None = option(None, "window length for calibration and evaluation (default: model context, at most 4096)")
+    seed: int = option(0, "calibration sampling seed")
     # 1, as the official Wanda/SparseGPT loops do: on a CPU one 2048-token window at a time keeps a
     # block's activations in cache and is the fastest (SmolLM2, 2 cores: stack forward 25 s at
     # batch 1, 39 s at batch 8); on a GPU a larger batch fills the device better
-    batch_size: int = _opt(1, "calibration windows run through a block together (raise it on a GPU)")
+    batch_size: int = option(1, "calibration windows run through a block together (raise it on a GPU)")
 
     def __post_init__(self) -> None:
-        _check_positive(self.nsamples, "nsamples")
-        _check_positive(self.batch_size, "calibration batch size")
+        check_positive(self.nsamples, "nsamples")
+        check_positive(self.batch_size, "calibration batch size")
         if self.seqlen is not None:
-            _check_positive(self.seqlen, "seqlen")
+            check_positive(self.seqlen, "seqlen")
             if self.seqlen < 2:
                 raise LlmpruneError(f"seqlen {self.seqlen} is too short: use at least 2")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, init=False)
 class PruneConfig:
-    """What to prune and how. ``group``/``metric`` None means the method's own default."""
+    """What to prune and how: the core fields below, and ``options``, the knobs of the method,
+    allocation, refiner and reconstruction in use. Each knob is declared by its spec's options
+    dataclass (``llmprune.methods``); here it is given flat, by name, as on the command line and
+    in recipes: ``PruneConfig(method="ria", ria_a=0.7)``, and read back as ``config.ria_a`` or
+    through :meth:`options_of`. A knob that no component in use declares is refused unless it has
+    its default (so the records of older versions, which listed every knob, still read back)."""
 
-    method: str = _opt("wanda", "pruning method (see `llmprune.methods.METHODS`)")
-    sparsity: float | None = _opt(None, "fraction of weights removed, in [0, 1) (None: 0.5, or 1 - N/M for an N:M pattern)")
+    method: str = option("wanda", "pruning method (`llmprune prune --help` lists them)")
+    sparsity: float | None = option(None, "fraction of weights removed, in [0, 1) (None: 0.5, or 1 - N/M for an N:M pattern)")
     pattern: Pattern = field(default_factory=Pattern, metadata={
         "help": "'unstructured' or N:M = keep N of every M consecutive input weights, e.g. 2:4"})
-    group: str | None = _opt(None, "comparison group: row, column or layer (None: the method's)")
-    metric: str | None = _opt(None, "score: weight, activation or wanda (None: the method's)")
-    use_variant: bool = _opt(False, "Wanda's alpha variant (per-row cumulative-score threshold)")
-    true_sequential: bool = _opt(False, "prune q/k/v, o, gate/up, down in turn, each from inputs through the pruned stages")
-    include: tuple[str, ...] = _opt((), "only layers matching these globs over 'layers.{i}.{name}', e.g. 'layers.*.mlp.*' (empty: all)")
-    exclude: tuple[str, ...] = _opt((), "skip layers matching these globs")
-    skip_attention: bool = _opt(False, "leave every attention layer dense (shorthand for an exclude; see `llmprune inspect`)")
-    skip_mlp: bool = _opt(False, "leave every MLP layer, experts included, dense")
-    percdamp: float = _opt(0.01, "SparseGPT Hessian damping, as a fraction of mean diag(H)")
-    blocksize: int = _opt(128, "SparseGPT column block size")
-    # beyond Wanda (issue 8): per-layer sparsity, RIA, DSnoT, mask-fixed reconstruction
-    allocation: str = _opt("uniform", "per-block sparsity: uniform, owl (outlier-weighted) or depth (linear in depth)")
-    owl_m: float = _opt(5.0, "OWL outlier threshold M: a Wanda score is an outlier above M x the block's mean score")
-    owl_lambda: float = _opt(0.08, "OWL lambda: block sparsities span 2*lambda around the target (N:M: lambda*M weights per group)")
-    owl_nsamples: int | None = _opt(None, "calibration windows for OWL's dense statistics pass (None: all, as the official code)")
-    depth_delta: float = _opt(0.08, "depth allocation: first block target - delta, last target + delta")
-    ria_a: float = _opt(0.5, "RIA activation exponent a in (|W|/sum_row + |W|/sum_col) * ||X||^a")
-    permute: bool = _opt(False, "N:M channel permutation before masking (RIA's heuristic channel reallocation)")
-    refine: str | None = _opt(None, "refine the mask after the method: dsnot (training-free prune-and-grow)")
-    dsnot_cycles: int = _opt(50, "DSnoT maximum prune-and-grow cycles per layer")
-    dsnot_threshold: float = _opt(0.1, "DSnoT update threshold on |reconstruction error| per row")
-    dsnot_var_power: float = _opt(1.0, "DSnoT exponent of the input variance in the growing criterion")
-    dsnot_skip: str = _opt("mlp", "DSnoT leaves these layers' masks as they are: mlp (official default), self_attn or none")
-    reconstruct: bool = _opt(False, "after the mask is chosen, update the kept weights to minimise ||WX - W'X||^2 (OBS sweep, mask fixed)")
-    # deployable output (issue 9): structured methods (wanda-sp, flap) and int8 weights
-    structure: str = _opt("mlp", "structured methods (wanda-sp, flap): remove mlp (intermediate channels), heads (whole KV groups: a KV head with its query heads) or both")
-    channel_multiple: int = _opt(32, "structured methods: keep a multiple of this many MLP channels (32: llama.cpp's q8_0 block; 1: the exact ratio)")
-    quantize: str | None = _opt(None, "weight-only quantization of the pruned layers after pruning: int8 (per output channel, symmetric; zeros stay zero)")
-    # out-of-core pruning (issue 11): placement only, the pruned weights are the same (PLACEMENT_FIELDS)
-    offload: str | None = _opt(None, "keep the decoder blocks off the compute device, each brought in only for its "
+    true_sequential: bool = option(False, "prune q/k/v, o, gate/up, down in turn, each from inputs through the pruned stages")
+    include: tuple[str, ...] = option((), "only layers matching these globs over 'layers.{i}.{name}', e.g. 'layers.*.mlp.*' (empty: all)")
+    exclude: tuple[str, ...] = option((), "skip layers matching these globs")
+    skip_attention: bool = option(False, "leave every attention layer dense (shorthand for an exclude; see `llmprune inspect`)")
+    skip_mlp: bool = option(False, "leave every MLP layer, experts included, dense")
+    allocation: str = option("uniform", "per-block sparsity: uniform, owl (outlier-weighted) or depth (linear in depth)")
+    permute: bool = option(False, "N:M channel permutation before masking (RIA's heuristic channel reallocation)")
+    refine: str | None = option(None, "refine the mask after the method: dsnot (training-free prune-and-grow)")
+    reconstruct: bool = option(False, "after the mask is chosen, update the kept weights to minimise ||WX - W'X||^2 (OBS sweep, mask fixed)")
+    quantize: str | None = option(None, "weight-only quantization of the pruned layers after pruning: int8 (per output channel, symmetric; zeros stay zero)")
+    # out-of-core pruning: placement only, the pruned weights are the same (PLACEMENT_FIELDS)
+    offload: str | None = option(None, "keep the decoder blocks off the compute device, each brought in only for its "
                                      "turn: cpu (in CPU memory) or disk (safetensors files in offload_dir)")
-    offload_dir: str | None = _opt(None, "folder for offload disk: the blocks wait there, and are written back there "
+    offload_dir: str | None = option(None, "folder for offload disk: the blocks wait there, and are written back there "
                                          "pruned (a private subfolder, removed at the end)")
-    activations: str | None = _opt(None, "cpu: keep the calibration activations in CPU memory and move one batch at a "
+    activations: str | None = option(None, "cpu: keep the calibration activations in CPU memory and move one batch at a "
                                          "time to the compute device (None: on the compute device)")
     calib: CalibConfig = field(default_factory=CalibConfig)
+    options: dict = field(default_factory=dict, hash=False, metadata={
+        "help": "the knobs of the components in use, by name (filled with their defaults)"})
 
-    def __post_init__(self) -> None:
+    def __init__(self, **kwargs: Any) -> None:
+        given = dict(kwargs.pop("options", None) or {})
+        core = {f.name: f for f in dataclasses.fields(PruneConfig) if f.name != "options"}
+        for name in list(kwargs):
+            if name not in core:
+                given[name] = kwargs.pop(name)
+        for name, f in core.items():
+            object.__setattr__(self, name, kwargs[name] if name in kwargs else field_default(PruneConfig, name))
+        self._check_core()
+        object.__setattr__(self, "options", resolve_options(self, given))
+        for spec in self.components():  # combinations each component refuses, before any work
+            if spec.check is not None:
+                spec.check(self)
+        check_steps(self)
+
+    def __getattr__(self, name: str) -> Any:  # only for names that are not fields: the options
+        options = self.__dict__.get("options")
+        if options is not None and name in options:
+            return options[name]
+        known = option_fields().get(name)
+        if known is None:
+            raise AttributeError(f"PruneConfig has no field or option {name!r}")
+        return spec_default(known)
+
+    def components(self) -> list:
+        """The specs in use: the method, the allocation, the refiner, the reconstruction."""
+        specs = [METHODS.get(self.method), ALLOCATIONS.get(self.allocation)]
+        if self.refine is not None:
+            specs.append(REFINERS.get(self.refine))
+        if self.reconstruct:
+            specs.append(RECONSTRUCTIONS.get("obs"))
+        return specs
+
+    def derived(self, **changes: Any) -> "PruneConfig":
+        """A copy with some fields or options changed and no check run again: the engine's
+        per-block targets (an allocation's sparsity or N:M kept count, which the config-level
+        checks such as OWL's spread do not apply to) and its magnitude fallback."""
+        new = object.__new__(PruneConfig)
+        new.__dict__.update(self.__dict__)
+        options = dict(self.options)
+        for name, value in changes.items():
+            if name == "pattern":
+                value = parse_pattern(value)
+            if name in new.__dict__ and name != "options":
+                object.__setattr__(new, name, value)
+            else:
+                options[name] = value
+        object.__setattr__(new, "options", options)
+        return new
+
+    def options_of(self, spec) -> Any:
+        """``spec``'s options dataclass with this config's values."""
+        return spec.options(**{f.name: self.options[f.name] for f in dataclasses.fields(spec.options)})
+
+    def _check_core(self) -> None:
         object.__setattr__(self, "pattern", parse_pattern(self.pattern))
-        object.__setattr__(self, "method", str(self.method).lower())
-        object.__setattr__(self, "include", tuple(self.include))
-        object.__setattr__(self, "exclude", tuple(self.exclude))
+        object.__setattr__(self, "method", str(self.method).strip().lower())
+        object.__setattr__(self, "include", as_tuple(self.include))
+        object.__setattr__(self, "exclude", as_tuple(self.exclude))
         if isinstance(self.calib, Mapping):
             object.__setattr__(self, "calib", from_dict(CalibConfig, self.calib, "calib"))
         if self.pattern.structured:
@@ -194,29 +215,18 @@ class PruneConfig:
         elif self.sparsity is None:
             object.__setattr__(self, "sparsity", 0.5)
         object.__setattr__(self, "sparsity", check_sparsity(self.sparsity))
-        if self.group is not None and self.group not in GROUPS:
-            raise LlmpruneError(f"unknown comparison group {self.group!r}: use one of {', '.join(GROUPS)}")
-        if self.metric is not None and self.metric not in METRICS:
-            raise LlmpruneError(f"unknown metric {self.metric!r}: use one of {', '.join(METRICS)}")
-        if not (0.0 <= float(self.percdamp) < 1e3):
-            raise LlmpruneError(f"percdamp {self.percdamp} must be a small non-negative fraction such as 0.01")
-        _check_positive(self.blocksize, "blocksize")
-        object.__setattr__(self, "allocation", str(self.allocation).lower())
+        object.__setattr__(self, "allocation", str(self.allocation).strip().lower())
         if self.refine is not None:
             refine = str(self.refine).strip().lower()
             object.__setattr__(self, "refine", None if refine in ("", "none") else refine)
-        _check_positive(self.owl_nsamples, "owl_nsamples", allow_none=True)
-        object.__setattr__(self, "structure", _choice(self.structure, STRUCTURES, "structure"))
-        _check_positive(self.channel_multiple, "channel_multiple")
         quantize = None if self.quantize is None or str(self.quantize).strip().lower() in ("", "none") else self.quantize
-        object.__setattr__(self, "quantize", None if quantize is None else _choice(quantize, QUANT_TYPES, "quantization type"))
-        _check_positive(self.dsnot_cycles, "dsnot_cycles")
+        object.__setattr__(self, "quantize", None if quantize is None else choice(quantize, QUANT_TYPES, "quantization type"))
         self._check_placement()
 
     def _check_placement(self) -> None:
-        offload = _none_or_choice(self.offload, OFFLOAD_MODES, "offload mode")
+        offload = none_or_choice(self.offload, OFFLOAD_MODES, "offload mode")
         object.__setattr__(self, "offload", offload)
-        object.__setattr__(self, "activations", _none_or_choice(self.activations, ACTIVATION_PLACES,
+        object.__setattr__(self, "activations", none_or_choice(self.activations, ACTIVATION_PLACES,
                                                                 "activations place"))
         folder = None if self.offload_dir is None or not str(self.offload_dir).strip() else str(self.offload_dir)
         object.__setattr__(self, "offload_dir", folder)
@@ -228,30 +238,55 @@ class PruneConfig:
                                 "or drop --offload-dir")
 
     def to_dict(self) -> dict[str, Any]:
-        out = to_dict(self)
-        out["pattern"] = str(self.pattern)
-        return out
+        """Flat, as recipes and result records write it: the core fields, then the options."""
+        return to_dict(self)
+
+
+def resolve_options(config: PruneConfig, given: Mapping[str, Any]) -> dict[str, Any]:
+    """The values of every option of ``config``'s components (given, else the default), each
+    validated by its options dataclass; a given option no component declares is refused
+    unless it equals its default."""
+    known = option_fields()
+    unknown = sorted(name for name in given if name not in known)
+    if unknown:
+        core = [f.name for f in dataclasses.fields(PruneConfig) if f.name != "options"]
+        raise LlmpruneError(f"unknown prune option {unknown[0]!r}: known are {', '.join(sorted(core + list(known)))}")
+    values: dict[str, Any] = {}
+    for spec in config.components():
+        names = [f.name for f in dataclasses.fields(spec.options)]
+        try:
+            instance = spec.options(**{k: given[k] for k in names if k in given})
+        except TypeError as exc:
+            raise LlmpruneError(f"{spec.name} options: {exc}") from None
+        values.update({name: getattr(instance, name) for name in names})
+    for name, value in given.items():
+        if name not in values and value != spec_default(known[name]):
+            raise LlmpruneError(f"{name}={value!r} does not apply here: it belongs to {' and '.join(owners(name))}, "
+                                f"not to method {config.method} with allocation {config.allocation}"
+                                + (f", refine {config.refine}" if config.refine else "")
+                                + (", reconstruct" if config.reconstruct else "") + "; drop it")
+    return values
 
 
 @dataclass(frozen=True)
 class EvalConfig:
     """Perplexity and zero-shot evaluation."""
 
-    datasets: tuple[str, ...] = _opt(("ptb",), "perplexity datasets, comma separated: wikitext2, ptb, c4, or a local .txt/.jsonl path")
-    seqlen: int | None = _opt(None, "evaluation window length (None: the model's context, at most 4096)")
-    batch_size: int = _opt(1, "evaluation windows per forward pass")
-    max_windows: int | None = _opt(None, "evaluate only the first K windows (None: all)")
-    zeroshot: tuple[str, ...] = _opt((), "zero-shot tasks through lm-eval, e.g. boolq,rte,winogrande,arc_easy,arc_challenge,openbookqa,piqa")
-    limit: int | None = _opt(None, "zero-shot documents per task (None: all)")
+    datasets: tuple[str, ...] = option(("ptb",), "perplexity datasets, comma separated: wikitext2, ptb, c4, or a local .txt/.jsonl path")
+    seqlen: int | None = option(None, "evaluation window length (None: the model's context, at most 4096)")
+    batch_size: int = option(1, "evaluation windows per forward pass")
+    max_windows: int | None = option(None, "evaluate only the first K windows (None: all)")
+    zeroshot: tuple[str, ...] = option((), "zero-shot tasks through lm-eval, e.g. boolq,rte,winogrande,arc_easy,arc_challenge,openbookqa,piqa")
+    limit: int | None = option(None, "zero-shot documents per task (None: all)")
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "datasets", _as_tuple(self.datasets))
-        object.__setattr__(self, "zeroshot", _as_tuple(self.zeroshot))
-        _check_positive(self.batch_size, "batch size")
-        _check_positive(self.max_windows, "max_windows", allow_none=True)
-        _check_positive(self.limit, "limit", allow_none=True)
+        object.__setattr__(self, "datasets", as_tuple(self.datasets))
+        object.__setattr__(self, "zeroshot", as_tuple(self.zeroshot))
+        check_positive(self.batch_size, "batch size")
+        check_positive(self.max_windows, "max_windows", allow_none=True)
+        check_positive(self.limit, "limit", allow_none=True)
         if self.seqlen is not None:
-            _check_positive(self.seqlen, "seqlen")
+            check_positive(self.seqlen, "seqlen")
             if self.seqlen < 2:
                 raise LlmpruneError(f"seqlen {self.seqlen} is too short: use at least 2")
 
@@ -263,37 +298,37 @@ EXECUTORS = ("local", "slurm", "submitit-local")
 class SlurmConfig:
     """Where and how big each job of a sweep is on SLURM (through submitit): one job per run."""
 
-    partition: str | None = _opt(None, "SLURM partition (None: the cluster's default)")
-    gpus_per_job: int = _opt(1, "GPUs per job (one run per job)")
-    time: int = _opt(240, "time limit per job, in minutes")
-    mem_gb: int | None = _opt(None, "memory per job in GB (None: the partition's default)")
-    cpus_per_task: int | None = _opt(None, "CPUs per job (None: the partition's default)")
-    array_parallelism: int = _opt(64, "at most this many jobs of the array run at once")
+    partition: str | None = option(None, "SLURM partition (None: the cluster's default)")
+    gpus_per_job: int = option(1, "GPUs per job (one run per job)")
+    time: int = option(240, "time limit per job, in minutes")
+    mem_gb: int | None = option(None, "memory per job in GB (None: the partition's default)")
+    cpus_per_task: int | None = option(None, "CPUs per job (None: the partition's default)")
+    array_parallelism: int = option(64, "at most this many jobs of the array run at once")
 
     def __post_init__(self) -> None:
         if self.partition is not None and (not isinstance(self.partition, str) or not self.partition.strip()):
             raise LlmpruneError(f"slurm partition must be a non-empty string, got {self.partition!r}")
         if isinstance(self.gpus_per_job, bool) or not isinstance(self.gpus_per_job, int) or self.gpus_per_job < 0:
             raise LlmpruneError(f"gpus_per_job must be a non-negative integer, got {self.gpus_per_job!r}")
-        _check_positive(self.time, "slurm time (minutes)")
-        _check_positive(self.mem_gb, "slurm mem_gb", allow_none=True)
-        _check_positive(self.cpus_per_task, "slurm cpus_per_task", allow_none=True)
-        _check_positive(self.array_parallelism, "slurm array_parallelism")
+        check_positive(self.time, "slurm time (minutes)")
+        check_positive(self.mem_gb, "slurm mem_gb", allow_none=True)
+        check_positive(self.cpus_per_task, "slurm cpus_per_task", allow_none=True)
+        check_positive(self.array_parallelism, "slurm array_parallelism")
 
 
 @dataclass(frozen=True)
 class ExportConfig:
     """How a pruned model is written: checkpoint format (``--save``, ``llmprune compress``) and GGUF type."""
 
-    save_format: str = _opt("dense", "checkpoint format: dense (HF safetensors), compressed (bitmask + nonzero values; int8 values + scales after --quantize int8) or compressed-tensors (int8 weight-only, needs the compressed-tensors package)")
-    save_dtype: str | None = _opt(None, "dtype of the stored floating-point values of a compressed checkpoint: float16, bfloat16 or float32 (default: the model's)")
-    gguf_type: str = _opt("f16", "GGUF type of the weight matrices: f16 or q8_0 (norms stay f32)")
+    save_format: str = option("dense", "checkpoint format: dense (HF safetensors), compressed (bitmask + nonzero values; int8 values + scales after --quantize int8) or compressed-tensors (int8 weight-only, needs the compressed-tensors package)")
+    save_dtype: str | None = option(None, "dtype of the stored floating-point values of a compressed checkpoint: float16, bfloat16 or float32 (default: the model's)")
+    gguf_type: str = option("f16", "GGUF type of the weight matrices: f16 or q8_0 (norms stay f32)")
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "save_format", _choice(self.save_format, SAVE_FORMATS, "save format"))
+        object.__setattr__(self, "save_format", choice(self.save_format, SAVE_FORMATS, "save format"))
         if self.save_dtype is not None:
-            object.__setattr__(self, "save_dtype", _choice(self.save_dtype, SAVE_DTYPES, "save dtype"))
-        object.__setattr__(self, "gguf_type", _choice(self.gguf_type, GGUF_TYPES, "GGUF type"))
+            object.__setattr__(self, "save_dtype", choice(self.save_dtype, SAVE_DTYPES, "save dtype"))
+        object.__setattr__(self, "gguf_type", choice(self.gguf_type, GGUF_TYPES, "GGUF type"))
 
 
 RECOVER_METHODS = ("kd", "lora")
@@ -305,38 +340,38 @@ DEFAULT_RECOVER_LR = {"kd": 5e-5, "lora": 1e-3}  # see RecoverConfig.lr's help
 class RecoverConfig:
     """Recovery after pruning that keeps the zeros (``llmprune recover``, a recipe's ``recover:``)."""
 
-    method: str = _opt("kd", "kd: train the pruned Linears, masked, on the dense teacher's logits; lora: peft LoRA "
+    method: str = option("kd", "kd: train the pruned Linears, masked, on the dense teacher's logits; lora: peft LoRA "
                              "adapters on them, trained the same way through the mask, then merged")
-    steps: int = _opt(100, "optimizer steps")
-    seqlen: int = _opt(512, "training window length in tokens")
-    batch_size: int = _opt(2, "training windows per step")
-    lr: float | None = _opt(None, "peak AdamW learning rate (None: 5e-5 for kd, 1e-3 for lora)")
-    warmup_steps: int = _opt(5, "linear learning-rate warmup steps")
-    lr_schedule: str = _opt("constant", "after warmup: constant (every point of a run is a finished shorter run) "
+    steps: int = option(100, "optimizer steps")
+    seqlen: int = option(512, "training window length in tokens")
+    batch_size: int = option(2, "training windows per step")
+    lr: float | None = option(None, "peak AdamW learning rate (None: 5e-5 for kd, 1e-3 for lora)")
+    warmup_steps: int = option(5, "linear learning-rate warmup steps")
+    lr_schedule: str = option("constant", "after warmup: constant (every point of a run is a finished shorter run) "
                                         "or linear (decay to 0 at the last step)")
-    weight_decay: float = _opt(0.0, "AdamW weight decay (a pruned weight stays 0 either way)")
-    grad_clip: float = _opt(1.0, "clip the gradient norm to this (0: off)")
-    temperature: float = _opt(1.0, "distillation temperature T: KL between softmax(logits / T), times T^2")
-    alpha: float = _opt(0.0, "weight of the next-token loss: (1 - alpha) * KL(teacher || student) + alpha * cross-entropy")
-    data: str = _opt("c4", "training windows: c4, wikitext2, ptb (train splits) or a local .txt/.jsonl file")
-    seed: int = _opt(1, "training-window seed; keep it apart from the pruning calibration's seed")
-    lora_rank: int = _opt(8, "LoRA rank r")
-    lora_alpha: float = _opt(16.0, "LoRA alpha: the update B @ A is scaled by alpha / r")
-    lora_targets: tuple[str, ...] = _opt((), "LoRA on the pruned Linears whose names end with these, e.g. q_proj,v_proj "
+    weight_decay: float = option(0.0, "AdamW weight decay (a pruned weight stays 0 either way)")
+    grad_clip: float = option(1.0, "clip the gradient norm to this (0: off)")
+    temperature: float = option(1.0, "distillation temperature T: KL between softmax(logits / T), times T^2")
+    alpha: float = option(0.0, "weight of the next-token loss: (1 - alpha) * KL(teacher || student) + alpha * cross-entropy")
+    data: str = option("c4", "training windows: c4, wikitext2, ptb (train splits) or a local .txt/.jsonl file")
+    seed: int = option(1, "training-window seed; keep it apart from the pruning calibration's seed")
+    lora_rank: int = option(8, "LoRA rank r")
+    lora_alpha: float = option(16.0, "LoRA alpha: the update B @ A is scaled by alpha / r")
+    lora_targets: tuple[str, ...] = option((), "LoRA on the pruned Linears whose names end with these, e.g. q_proj,v_proj "
                                              "(empty: every pruned Linear)")
-    gradient_checkpointing: bool = _opt(False, "recompute each block's activations in the backward pass: less memory, slower")
-    checkpoint_every: int = _opt(50, "write a resumable checkpoint to --save every K steps (0: only the final save)")
-    eval_every: int = _opt(0, "evaluate perplexity every K steps along the way (0: only before and after)")
-    max_minutes: float | None = _opt(None, "stop after the step that passes this many minutes of training (None: all steps)")
-    max_cpu_minutes: float | None = _opt(None, "the same budget in this process's CPU minutes, which other jobs on a "
+    gradient_checkpointing: bool = option(False, "recompute each block's activations in the backward pass: less memory, slower")
+    checkpoint_every: int = option(50, "write a resumable checkpoint to --save every K steps (0: only the final save)")
+    eval_every: int = option(0, "evaluate perplexity every K steps along the way (0: only before and after)")
+    max_minutes: float | None = option(None, "stop after the step that passes this many minutes of training (None: all steps)")
+    max_cpu_minutes: float | None = option(None, "the same budget in this process's CPU minutes, which other jobs on a "
                                                "shared machine do not eat (None: no limit)")
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "method", _choice(self.method, RECOVER_METHODS, "recovery method"))
-        object.__setattr__(self, "lr_schedule", _choice(self.lr_schedule, LR_SCHEDULES, "learning-rate schedule"))
-        object.__setattr__(self, "lora_targets", _as_tuple(self.lora_targets))
+        object.__setattr__(self, "method", choice(self.method, RECOVER_METHODS, "recovery method"))
+        object.__setattr__(self, "lr_schedule", choice(self.lr_schedule, LR_SCHEDULES, "learning-rate schedule"))
+        object.__setattr__(self, "lora_targets", as_tuple(self.lora_targets))
         for name in ("steps", "seqlen", "batch_size", "lora_rank"):
-            _check_positive(getattr(self, name), name)
+            check_positive(getattr(self, name), name)
         if self.seqlen < 2:
             raise LlmpruneError(f"seqlen {self.seqlen} is too short: use at least 2")
         for name in ("warmup_steps", "checkpoint_every", "eval_every", "seed"):
@@ -360,32 +395,13 @@ class RecoverConfig:
         return float(self.lr) if self.lr is not None else DEFAULT_RECOVER_LR[self.method]
 
 
-def _choice(value: Any, allowed: tuple[str, ...], what: str) -> str:
-    name = str(value).strip().lower()
-    if name not in allowed:
-        raise LlmpruneError(f"unknown {what} {value!r}: use {', '.join(allowed)}")
-    return name
-
-
-def _none_or_choice(value: Any, allowed: tuple[str, ...], what: str) -> str | None:
-    """None for None, '' or 'none' (the default place), else one of ``allowed``."""
-    if value is None or str(value).strip().lower() in ("", "none"):
-        return None
-    return _choice(value, allowed, what)
-
-
-def _as_tuple(value: Any) -> tuple[str, ...]:
-    if value is None:
-        return ()
-    if isinstance(value, str):
-        return tuple(v.strip() for v in value.split(",") if v.strip())
-    return tuple(str(v) for v in value)
-
-
 def to_dict(obj: Any) -> dict[str, Any]:
     """A JSON-ready dict of a config dataclass (patterns as text, tuples as lists)."""
     out: dict[str, Any] = {}
+    flat = obj.options if isinstance(obj, PruneConfig) else {}  # a PruneConfig's options: flat, by name
     for f in dataclasses.fields(obj):
+        if isinstance(obj, PruneConfig) and f.name == "options":
+            continue
         value = getattr(obj, f.name)
         if isinstance(value, Pattern):
             value = str(value)
@@ -394,6 +410,7 @@ def to_dict(obj: Any) -> dict[str, Any]:
         elif isinstance(value, tuple):
             value = list(value)
         out[f.name] = value
+    out.update({k: list(v) if isinstance(v, tuple) else v for k, v in flat.items()})
     return out
 
 
@@ -402,6 +419,8 @@ def from_dict(cls: type, data: Mapping[str, Any], where: str = "config") -> Any:
     if not isinstance(data, Mapping):
         raise LlmpruneError(f"{where} must be a mapping, got {type(data).__name__}")
     names = {f.name: f for f in dataclasses.fields(cls)}
+    if cls is PruneConfig:  # the options of every registered component are keys too
+        names = {**{k: v for k, v in names.items() if k != "options"}, **option_fields()}
     unknown = sorted(set(data) - set(names))
     if unknown:
         raise LlmpruneError(

@@ -162,7 +162,7 @@ class Resident:
 
     @contextlib.contextmanager
     def use(self, index: int, write: bool = True):
-        from llmprune.calibration import block_device
+        from llmprune.blocks import block_device
 
         block = self.blocks[index]
         home = block_device(block)
@@ -355,10 +355,10 @@ class BlockStore:
     def whole(self, device: torch.device | None = None):
         """The whole model on ``device`` (default: the compute device) for the body, e.g. an
         evaluation, then every block back in the store, unchanged. It must fit."""
-        from llmprune.calibration import _first_param_device
+        from llmprune.blocks import first_param_device
 
         target = device or self.compute
-        outside = _first_param_device(self.model.get_input_embeddings())
+        outside = first_param_device(self.model.get_input_embeddings())
         try:
             for i in range(len(self.blocks)):
                 self.materialise(i, target)
@@ -403,7 +403,7 @@ class BlockStore:
               folder: str | os.PathLike | None = None) -> "BlockStore":
         """A store for a model in memory: cpu moves its blocks to the CPU, disk writes each block
         to the offload folder and frees it. ``compute`` defaults to where block 0 lived."""
-        from llmprune.calibration import block_device
+        from llmprune.blocks import block_device
         from llmprune.models import get_blocks, layout
 
         layout(model)  # discovery needs a forward through real blocks: before they leave

@@ -52,6 +52,7 @@ import yaml
 from llmprune.config import (CalibConfig, EvalConfig, Pattern, PruneConfig, RecoverConfig, SlurmConfig, from_dict,
                              to_dict)
 from llmprune.errors import LlmpruneError
+from llmprune.registry import OPTION_REGISTRIES
 from llmprune.results import DENSE
 
 RECIPE_SCHEMA = "llmprune.recipe/1"
@@ -182,7 +183,10 @@ def _hints(cls: type) -> dict[str, Any]:
 
 def _run_schema() -> dict[str, Any]:
     """Allowed keys of a run: a leaf is a type hint, a nested dict a sub-mapping."""
-    prune = {name: hint for name, hint in _hints(PruneConfig).items()}
+    prune = {name: hint for name, hint in _hints(PruneConfig).items() if name != "options"}
+    for registry in OPTION_REGISTRIES:  # every registered method's and step's knobs, by name
+        for spec in registry:
+            prune.update(_hints(spec.options))
     prune["calib"] = dict(_hints(CalibConfig))
     return {**_RUN_SCALARS, "prune": prune, "eval": dict(_hints(EvalConfig)), "recover": dict(_hints(RecoverConfig))}
 
@@ -380,15 +384,14 @@ def _wrap(where: str, fn, *args, **kwargs):
         raise LlmpruneError(f"{where}: {message}") from None
 
 
-def _check_method(config: PruneConfig, where: str) -> None:
-    if config.method == DENSE:
+def _check_method(prune: Any, where: str) -> None:
+    """The one prune setting a PruneConfig cannot refuse in the recipe's words (the rest it checks
+    itself when it is made)."""
+    if isinstance(prune, Mapping) and prune.get("method") == DENSE:
         raise LlmpruneError(
             f"{where}.method: dense baselines are evaluated automatically once per model and eval "
             "settings (set `dense: false` at the top of the recipe to skip them)"
         )
-    from llmprune.methods import validate_config
-
-    _wrap(f"{where}", validate_config, config)
 
 
 def _resolve_run(data: dict[str, Any], where: str) -> Run:
@@ -402,8 +405,8 @@ def _resolve_run(data: dict[str, Any], where: str) -> Run:
         raise LlmpruneError(f"{where}.dtype {dtype!r} is unknown: use one of {', '.join(DTYPES)}")
     if device not in DEVICES and not re.fullmatch(r"cuda:\d+", device):
         raise LlmpruneError(f"{where}.device {device!r} is unknown: use one of {', '.join(DEVICES)} or cuda:N")
+    _check_method(data.get("prune") or {}, f"{where}.prune")
     prune = _wrap(f"{where}.prune", from_dict, PruneConfig, data.get("prune") or {}, f"{where}.prune")
-    _check_method(prune, f"{where}.prune")
     evaluation = _wrap(f"{where}.eval", from_dict, EvalConfig, data.get("eval") or {}, f"{where}.eval")
     recover = None
     if data.get("recover") is not None:

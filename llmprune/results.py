@@ -5,9 +5,8 @@ Writers (``llmprune eval/prune --json``, the recipe runner) build records with
 :func:`is_result` and parse them with :func:`parse_result`. Keeping both sides here means the
 schema id, the dense marker and the effective group/metric cannot drift apart.
 
-Nothing here imports torch, transformers or lm-eval at import time: tables and plots are made
-from JSON alone, on any machine (``effective_group_metric`` asks the method registry, which
-needs torch, only when a record is being written).
+Nothing here imports torch, transformers or lm-eval: tables and plots are made from JSON alone, on
+any machine (the method registry it asks for defaults holds specs, torch-free).
 """
 
 from __future__ import annotations
@@ -18,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any, Iterable
 
 from llmprune.errors import LlmpruneError
+from llmprune.methods import effective_group_metric, get_method, needs_for
 
 RESULT_SCHEMA = "llmprune.result/1"
 DENSE = "dense"  # the method of the unpruned baseline
@@ -48,25 +48,6 @@ def machine() -> str:
     return f"{platform.system()} {platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}"
 
 
-def effective_group_metric(config) -> tuple[str | None, str | None]:
-    """The comparison group and score metric ``config`` (a PruneConfig) prunes with.
-
-    The method's defaults fill what the config leaves open; the group is None for N:M (the
-    pattern fixes the groups) and "row" for Wanda's variant (its threshold is per output row).
-    The pruning code and the result record both use this, so a table never shows a group the
-    masks were not computed in.
-    """
-    from llmprune.methods import get_method  # imports torch: only pruning and writing get here
-
-    spec = get_method(config.method)
-    metric = config.metric or spec.default_metric
-    if config.pattern.structured:
-        return None, metric
-    if config.use_variant:
-        return "row", metric
-    return config.group or spec.default_group, metric
-
-
 def result_record(
     *,
     name: str,
@@ -94,8 +75,6 @@ def result_record(
         method, sparsity, pattern, group, metric, nsamples, seed = DENSE, 0.0, "unstructured", None, None, None, None
         config_dict = None
     else:
-        from llmprune.methods import needs_for
-
         method, sparsity, pattern = config.method, config.sparsity, record_pattern(config)
         group, metric = effective_group_metric(config)
         uses_data = bool(needs_for(config))
@@ -245,9 +224,7 @@ def _numbers(entries: dict | None, key: str) -> dict[str, float]:
 def record_pattern(config) -> str:
     """The pattern a result shows: ``structured`` for methods that remove whole channels and heads
     (their config keeps the default ``unstructured``, which would misname them), else the config's."""
-    from llmprune.methods import get_method
-
-    return "structured" if get_method(config.method).structured is not None else str(config.pattern)
+    return "structured" if get_method(config.method).supports.shrink else str(config.pattern)
 
 
 def parse_result(record: dict, file: str) -> Result:

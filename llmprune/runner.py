@@ -25,6 +25,7 @@ import torch
 from llmprune.config import PLACEMENT_FIELDS, EvalConfig, PruneConfig, RecoverConfig, from_dict, to_dict
 from llmprune.errors import LlmpruneError
 from llmprune.evaluation import evaluate
+from llmprune.methods import needs_for
 from llmprune.recipes import RECIPE_SCHEMA, Recipe, Run, load_recipe, slugify
 from llmprune.results import DENSE, is_result, machine, result_record
 
@@ -240,7 +241,7 @@ def _machine(device: str) -> str:
 def _execute(job: Job, model, tokenizer, recipe: Recipe, device: str, data_dir, progress: bool,
              teacher=None) -> dict:
     """Prune, recover when the run says so (``teacher``: the dense model), evaluate."""
-    from llmprune.pipeline import prune
+    from llmprune.engine import prune
 
     report = None
     if job.prune is not None:
@@ -280,7 +281,6 @@ def _check_inputs(jobs: list[Job], data_dir, check_models: bool = True) -> None:
     a typo in the last run of a sweep must not surface hours into it."""
     from llmprune.data import check_available
     from llmprune.evaluation.zeroshot import build_tasks
-    from llmprune.methods import needs_for
     from llmprune.models import check_device, check_model_source
 
     seen: set = set()
@@ -325,16 +325,15 @@ def _check_inputs(jobs: list[Job], data_dir, check_models: bool = True) -> None:
 
 
 def _check_shapes(jobs: list[Job], model) -> None:
-    """Checks that need the model's shapes (layers matched, N:M divisibility, sequence length,
-    memory), for every run on this model, before the first of them runs."""
+    """Checks that need the model's shapes (layers matched, N:M divisibility, a shrink method's
+    counts, sequence length, memory), for every run on this model, before the first of them runs."""
+    from llmprune.engine import plan
     from llmprune.evaluation import check_eval_memory
-    from llmprune.pipeline import check_calibration_memory, plan_layers
 
     for job in jobs:
         try:
             if job.prune is not None:
-                plan_layers(model, job.prune)
-                check_calibration_memory(model, job.prune)
+                plan(model, job.prune)  # the same preflight as `llmprune prune`
             check_eval_memory(model, job.eval)
         except LlmpruneError as exc:
             raise LlmpruneError(f"run {job.name!r}: {exc}") from None

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from conftest import make_model
-from llmprune.calibration import StatsCollector, block_output, capture_block_inputs, hook_count
+from llmprune.blocks import block_output, capture_block_inputs, hook_count
+from llmprune.stats import StatsCollector
 from llmprune.models import block_stages, get_blocks, prunable_linears
 
 
@@ -19,7 +20,7 @@ def _stats(model, windows, batch_size):
     blocks = get_blocks(model)
     inputs = capture_block_inputs(model, blocks[0], windows, batch_size)
     layers = prunable_linears(model, 0)
-    collector = StatsCollector(layers, block_stages(model, 0, layers), norms=True, hessian=True)
+    collector = StatsCollector(layers, block_stages(model, 0, layers), ("norms", "hessian"))
     with collector:
         for s in range(0, windows.shape[0], batch_size):
             collector.run(blocks[0], inputs.hidden[s:s + batch_size], **inputs.kwargs)
@@ -36,14 +37,14 @@ def test_dsnot_moments_equal_direct_per_window_sums_and_variances(batch_size):
     inputs = capture_block_inputs(model, blocks[0], windows, batch_size)
     layers = prunable_linears(model, 0)
     groups = block_stages(model, 0, layers)
-    collector = StatsCollector(layers, groups, norms=True, hessian=False, moments=True)
+    collector = StatsCollector(layers, groups, ("norms", "moments"))
     with collector:
         for s in range(0, windows.shape[0], batch_size):
             collector.run(blocks[0], inputs.hidden[s:s + batch_size], **inputs.kwargs)
     qkv = dict(collector.pop_stats())[("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")]
     x = blocks[0].input_layernorm(model.model.embed_tokens(windows)).double()  # (windows, tokens, 64)
     x = x + 3.0  # an offset mean: a one-pass E[x^2] - E[x]^2 would lose digits here
-    collector = StatsCollector(layers, groups, norms=False, hessian=False, moments=True)
+    collector = StatsCollector(layers, groups, ("moments",))
     with collector:  # the same collector on the shifted input, fed straight to the hooked layer
         for s in range(0, windows.shape[0], batch_size):
             layers["self_attn.q_proj"](x[s:s + batch_size].float())
@@ -126,7 +127,7 @@ def test_no_hook_left_after_an_exception_mid_block():
     block.mlp.forward = boom
     try:
         with pytest.raises(RuntimeError, match="mid-block"):
-            with StatsCollector(layers, block_stages(model, 0, layers), norms=True, hessian=False) as collector:
+            with StatsCollector(layers, block_stages(model, 0, layers), ("norms",)) as collector:
                 assert hook_count(model) > before
                 collector.run(block, inputs.hidden, **inputs.kwargs)
     finally:

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from conftest import make_model, make_tokenizer
-from llmprune.calibration import hook_count
+from llmprune.blocks import hook_count
 from llmprune.cli import main
 from llmprune.config import CalibConfig, PruneConfig
 from llmprune.errors import LlmpruneError
@@ -23,9 +23,9 @@ from llmprune.export.compressed import (WEIGHTS_FILE, compressed_metadata, pack_
 from llmprune.export.gguf import export_gguf, permute_qk, unpermute_qk
 from llmprune.io import save_pruned
 from llmprune.models import load_model
-from llmprune.pipeline import prune
-from llmprune.quantize import dequantize_int8, fake_quantize_, quantize_int8
-from llmprune.structured import group_scores, keep_top
+from llmprune.engine import prune
+from llmprune.math.quantize import dequantize_int8, fake_quantize_, quantize_int8
+from llmprune.math.channels import group_scores, keep_top
 
 WORDS = ("the quick brown fox jumps over the lazy dog a stitch in time saves nine "
          "pruning removes weights from a network without retraining it ").split()

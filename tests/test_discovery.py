@@ -17,15 +17,17 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from conftest import make_family_model, make_model, make_tokenizer
-from llmprune import pipeline
-from llmprune.calibration import StatsCollector, hook_count
+from llmprune.engine import mask as pipeline
+from llmprune.blocks import hook_count
+from llmprune.stats import StatsCollector
 from llmprune.cli import main
 from llmprune.config import CalibConfig, PruneConfig
 from llmprune.errors import LlmpruneError
 from llmprune.models import (block_passes, block_stages, describe, get_blocks, layout, prunable_linears,
                              select_layers)
-from llmprune.pipeline import plan_layers, prune
-from llmprune.scores import score
+from llmprune.engine import prune
+from llmprune.engine.plan import plan_layers
+from llmprune.math.scores import score
 
 LLAMA_GROUPS = [("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("self_attn.o_proj",),
                 ("mlp.gate_proj", "mlp.up_proj"), ("mlp.down_proj",)]

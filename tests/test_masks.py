@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from llmprune.errors import LlmpruneError
-from llmprune.masks import alpha_variant_search, nm_mask, unstructured_mask
-from llmprune.scores import score
+from llmprune.math.masks import alpha_variant_search, nm_mask, unstructured_mask
+from llmprune.math.scores import score
 
 
 def floor_count(sparsity: float, size: int) -> int:
@@ -170,7 +170,7 @@ def test_alpha_variant_zero_sparsity_prunes_nothing():
 def test_selection_equals_a_stable_sort(levels, shape):
     """The selection in masks.py gives exactly the first k of a stable ascending sort, every k,
     with ties (few distinct values), signed zeros and N:M-shaped groups."""
-    from llmprune.masks import _lowest_along_last
+    from llmprune.math.masks import lowest_along_last
 
     gen = torch.Generator().manual_seed(sum(shape) + (levels or 0))
     s = torch.rand(*shape, generator=gen)
@@ -180,4 +180,4 @@ def test_selection_equals_a_stable_sort(levels, shape):
     for k in range(shape[-1] + 1):
         order = torch.sort(s, dim=-1, stable=True).indices[..., :k]
         expected = torch.zeros_like(s, dtype=torch.bool).scatter_(-1, order, True)
-        assert torch.equal(_lowest_along_last(s, k), expected), k
+        assert torch.equal(lowest_along_last(s, k), expected), k

@@ -10,40 +10,62 @@ import torch
 
 from llmprune.config import PruneConfig
 from llmprune.errors import LlmpruneError
-from llmprune.methods import METHODS, LayerStats, get_method, needs_for, register, validate_config
+from llmprune.methods import METHODS, get_method, needs_for
+from llmprune.methods.base import Selection, finish
+from llmprune.registry import MethodSpec, NoOptions
+from llmprune.stats import LayerStats
 
 
 def prune(method: str, weight, stats=None, **kw):
-    return get_method(method).prune(weight, stats, PruneConfig(method=method, **kw))
+    return finish(get_method(method).select(weight, stats, PruneConfig(method=method, **kw)))
 
 
 # ---- registry -----------------------------------------------------------------------------------
 
-def test_registry_holds_the_three_methods():
-    assert {"magnitude", "wanda", "sparsegpt"} <= set(METHODS)
+def test_registry_holds_the_methods_with_labels_papers_and_docs():
+    assert {"magnitude", "wanda", "sparsegpt", "ria", "wanda-sp", "flap", "wanda++"} <= set(METHODS.names())
     assert get_method("WANDA").name == "wanda"
-    for method in METHODS.values():
-        assert method.doc
+    for method in METHODS:
+        assert method.label and method.paper and method.summary
+        module = __import__(method.select.__module__ if method.select else method.channel_score.__module__,
+                            fromlist=["_"])
+        assert module.__doc__ and len(module.__doc__) > 100  # the idea, the paper, the formula
 
 
 def test_duplicate_registration_raises():
-    before = dict(METHODS)
+    before = METHODS.names()
     with pytest.raises(ValueError, match="already registered"):
-        register("wanda")(lambda w, s, c: (w, {}))
-    assert METHODS == before
+        METHODS.add(MethodSpec("wanda", "W", "", "", "", select=lambda w, s, c: None))
+    assert METHODS.names() == before
 
 
-def test_new_method_is_one_function_and_one_decorator():
+def test_an_option_declared_twice_must_keep_its_default():
+    from dataclasses import dataclass
+
+    from llmprune.registry import option
+
+    @dataclass(frozen=True)
+    class Clash:
+        percdamp: float = option(0.5, "a different default for SparseGPT's option")
+
+    with pytest.raises(ValueError, match="percdamp"):
+        METHODS.add(MethodSpec("_clash_test", "C", "", "", "", options=Clash, select=lambda w, s, c: None))
+    assert "_clash_test" not in METHODS
+
+
+def test_new_method_is_one_spec():
+    def halve(weight, stats, config):
+        mask = torch.zeros_like(weight, dtype=torch.bool)
+        return Selection(mask, weight / 2, {})
+
     try:
-        @register("_halve_test", default_group="row")
-        def halve(weight, stats, config):
-            """Test method."""
-            return weight / 2, {}
-
-        assert get_method("_halve_test").prune is halve
+        METHODS.add(MethodSpec("_halve_test", "Halve", "nobody", "none", "halves", options=NoOptions, select=halve))
+        assert get_method("_halve_test").select is halve
         assert needs_for(PruneConfig(method="_halve_test")) == frozenset()
+        new, info = prune("_halve_test", torch.ones(2, 2))
+        assert new.eq(0.5).all() and info["pruned"] == 0
     finally:
-        METHODS.pop("_halve_test", None)
+        METHODS.remove("_halve_test")
 
 
 def test_unknown_method_lists_known_ones():
@@ -76,7 +98,7 @@ def test_needs_for(kw, needs):
 ])
 def test_unsupported_combinations_fail_before_calibration(kw):
     with pytest.raises(LlmpruneError):
-        validate_config(PruneConfig(**kw))
+        PruneConfig(**kw)  # the config refuses itself: no model, no data needed
 
 
 # ---- magnitude ----------------------------------------------------------------------------------
@@ -146,12 +168,12 @@ def test_wanda_variant_reaches_target():
 
 def test_pipeline_validates_options_before_any_calibration(tiny_model, tiny_tokenizer):
     """SparseGPT's blocksize % M used to fire only after block 0 was calibrated."""
-    from llmprune.pipeline import prune as prune_model
+    from llmprune.engine import prune as prune_model
 
     before = [p.detach().clone() for p in tiny_model.parameters()]
-    config = PruneConfig(method="sparsegpt", pattern="2:4", blocksize=126,
-                         calib={"dataset": "/nonexistent/calib.jsonl", "nsamples": 2, "seqlen": 16})
     with pytest.raises(LlmpruneError, match="blocksize 126"):  # not the missing calibration file
+        config = PruneConfig(method="sparsegpt", pattern="2:4", blocksize=126,  # refused as it is made
+                             calib={"dataset": "/nonexistent/calib.jsonl", "nsamples": 2, "seqlen": 16})
         prune_model(tiny_model, tiny_tokenizer, config, progress=False)
     assert all(torch.equal(a, b) for a, b in zip(before, tiny_model.parameters()))
 

@@ -13,14 +13,14 @@ import torch
 import llmprune.models as models_module
 import llmprune.offload as offload_module
 from conftest import make_model, make_tokenizer, write_local_setup
-from llmprune.calibration import hook_count
+from llmprune.blocks import hook_count
 from llmprune.cli import main
 from llmprune.config import CalibConfig, PruneConfig
 from llmprune.errors import LlmpruneError
 from llmprune.io import save_pruned
 from llmprune.models import get_blocks, load_model
 from llmprune.offload import BlockStore, load_for_offload, save_offloaded
-from llmprune.pipeline import prune
+from llmprune.engine import prune
 
 LAYERS = 3
 
@@ -172,10 +172,10 @@ def test_a_source_with_other_names_is_loaded_once_then_spilled(tmp_path):
 
 
 def test_a_failed_run_leaves_no_block_files_and_a_usable_model(base, tmp_path, monkeypatch):
-    import llmprune.pipeline as pipeline_module
+    import llmprune.engine.mask as pipeline_module
 
     model = copy.deepcopy(base)
-    real, calls = pipeline_module._prune_layer, []
+    real, calls = pipeline_module.prune_layer, []
 
     def failing(name, *args, **kwargs):
         calls.append(name)
@@ -183,12 +183,12 @@ def test_a_failed_run_leaves_no_block_files_and_a_usable_model(base, tmp_path, m
             raise RuntimeError("simulated failure in block 1")
         return real(name, *args, **kwargs)
 
-    monkeypatch.setattr(pipeline_module, "_prune_layer", failing)
+    monkeypatch.setattr(pipeline_module, "prune_layer", failing)
     with pytest.raises(RuntimeError, match="simulated"):
         prune(model, None, _config(offload="disk", offload_dir=str(tmp_path)), windows=_windows(), progress=False)
     assert list(tmp_path.iterdir()) == [] and _materialised(get_blocks(model)) == LAYERS
     expected = copy.deepcopy(base)  # block 0 pruned, the others as they were
-    monkeypatch.setattr(pipeline_module, "_prune_layer", real)
+    monkeypatch.setattr(pipeline_module, "prune_layer", real)
     prune(expected, None, _config(include=("layers.0.*",)), windows=_windows(), progress=False)
     _assert_same_weights(expected.state_dict(), model.state_dict())
 

@@ -10,12 +10,12 @@ import torch
 
 from conftest import make_model, make_tokenizer
 from llmprune import methods
-from llmprune.calibration import hook_count
+from llmprune.blocks import hook_count
 from llmprune.config import CalibConfig, PruneConfig
 from llmprune.errors import LlmpruneError
 from llmprune.io import save_pruned
 from llmprune.models import get_blocks, prunable_linears
-from llmprune.pipeline import prune
+from llmprune.engine import prune
 
 
 def _windows(n=6, seqlen=32, vocab=512, seed=3):
@@ -79,13 +79,13 @@ def test_pruned_outputs_feed_the_next_block(monkeypatch):
     dense = copy.deepcopy(model)
     windows = _windows()
     seen: dict[str, torch.Tensor] = {}
-    wanda = methods.METHODS["wanda"]
+    wanda = methods.METHODS.get("wanda")
 
     def recording(weight, stats, config):
         seen.setdefault(f"{len(seen)}", stats.sq_norm.clone())
-        return wanda.prune(weight, stats, config)
+        return wanda.select(weight, stats, config)
 
-    monkeypatch.setitem(methods.METHODS, "wanda", dataclasses.replace(wanda, prune=recording))
+    monkeypatch.setitem(methods.METHODS._specs, "wanda", dataclasses.replace(wanda, select=recording))
     prune(model, None, _config("wanda"), windows=windows, progress=False)
     # calls: block 0 q,k,v,o,gate,up,down (7), then block 1 q first -> index 7
     block1_q = seen["7"]

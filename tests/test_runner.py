@@ -9,9 +9,9 @@ import pytest
 import torch
 
 import llmprune.evaluation.perplexity as perplexity_module
-import llmprune.pipeline as pipeline_module
+import llmprune.engine as pipeline_module
 from conftest import make_model, make_tokenizer
-from llmprune.calibration import hook_count
+from llmprune.blocks import hook_count
 from llmprune.errors import LlmpruneError
 from llmprune.models import get_blocks, prunable_linears
 from llmprune.recipes import load_recipe
@@ -166,7 +166,7 @@ def test_restored_weights_give_the_numbers_of_a_fresh_load(tmp_path, data, token
 
 def test_snapshot_and_restore_undo_pruning_in_place(tokenizer):
     from llmprune.config import CalibConfig, PruneConfig
-    from llmprune.pipeline import prune
+    from llmprune.engine import prune
 
     model, reference = make_model("llama", seed=0), make_model("llama", seed=0)
     saved = snapshot_weights(model)

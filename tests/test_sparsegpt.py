@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from llmprune.errors import LlmpruneError
-from llmprune.masks import prune_count
-from llmprune.solvers import sparsegpt as sparsegpt_module
-from llmprune.solvers.sparsegpt import sparsegpt_prune
+from llmprune.math.masks import prune_count
+from llmprune.math.solvers import sparsegpt as sparsegpt_module
+from llmprune.math.solvers.sparsegpt import sparsegpt_prune
 
 
 def correlated_inputs(tokens: int, dim: int, seed: int) -> torch.Tensor:

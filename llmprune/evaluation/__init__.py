@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from llmprune.config import EvalConfig
 from llmprune.errors import LlmpruneError
+
+if TYPE_CHECKING:  # only annotations: importing the perplexity module should not load every config
+    from llmprune.config import EvalConfig
 
 
 def evaluate(model, tokenizer, evaluation: EvalConfig, data_dir=None, progress: bool = True
@@ -38,12 +40,20 @@ def evaluate(model, tokenizer, evaluation: EvalConfig, data_dir=None, progress: 
 def check_eval_memory(model, evaluation: EvalConfig) -> None:
     """Refuse an evaluation batch whose logits cannot fit, naming the limit.
 
-    A perplexity batch materialises ``batch x seqlen x vocab`` float32 logits, and about as much
-    again for the log-softmax; with a 128k vocabulary that is 1 GiB per 2048-token window.
+    Where the perplexity can apply the output head a chunk of positions at a time (see
+    :mod:`llmprune.evaluation.perplexity`), the logits take ``LOGITS_CHUNK x vocab`` floats whatever
+    the batch, and there is nothing to refuse. Otherwise a perplexity batch materialises
+    ``batch x seqlen x vocab`` float32 logits, and about as much again for the log-softmax; with a
+    128k vocabulary that is 1 GiB per 2048-token window. (A model whose head is found but whose
+    logits it does not reproduce falls back to full logits at run time, unchecked here.)
     """
     if not evaluation.datasets:
         return
-    from llmprune.calibration import available_bytes, block_device
+    from llmprune.evaluation.perplexity import split_head
+
+    if split_head(model) is not None:
+        return
+    from llmprune.blocks import available_bytes, block_device
     from llmprune.models import get_blocks, resolve_seqlen
 
     seqlen = resolve_seqlen(model, evaluation.seqlen)

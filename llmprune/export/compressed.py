@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from llmprune.errors import LlmpruneError
-from llmprune.quantize import dequantize_int8, quantize_int8
+from llmprune.math.quantize import dequantize_int8, quantize_int8
 
 FORMAT = "llmprune.compressed"
 VERSION = "1"

@@ -37,7 +37,7 @@ def write_compressed_tensors(model: nn.Module, folder: str | Path, quantize: str
                                                  apply_quantization_config)
 
     from llmprune.export.compressed import _DTYPES, encoded_names
-    from llmprune.quantize import quantize_int8
+    from llmprune.math.quantize import quantize_int8
 
     if quantize != "int8":
         raise LlmpruneError("--save-format compressed-tensors writes int8 weights: add --quantize int8")

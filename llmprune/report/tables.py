@@ -14,14 +14,18 @@ import math
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 
-from llmprune.results import MISSING, Result, percent, task_order
+from llmprune.methods import ALLOCATIONS, METHODS, RECONSTRUCTIONS, REFINERS
+from llmprune.results import DENSE, MISSING, Result, percent, task_order
 
-METHOD_ORDER = ("dense", "magnitude", "sparsegpt", "wanda", "ria")
-METHOD_LABELS = {"dense": "Dense", "magnitude": "Magnitude", "sparsegpt": "SparseGPT", "wanda": "Wanda", "ria": "RIA"}
+# methods whose spec's order is below this are listed in that order (the papers': magnitude,
+# SparseGPT, Wanda, RIA), the rest alphabetically after them
+EXPLICIT_ORDER = 50
 # allocations are a prefix (OWL-Wanda), the other steps a suffix (Wanda+DSnoT), in run order
-VARIANT_PREFIX = {"owl": "OWL-", "depth": "Depth-"}
-VARIANT_SUFFIX = {"permute": "+permute", "dsnot": "+DSnoT", "reconstruct": "+reconstruct"}
-VARIANT_ORDER = ("owl", "depth", "permute", "dsnot", "reconstruct")
+STEP_ORDER = ([a.name for a in ALLOCATIONS if a.name != "uniform"] + ["permute"] + [r.name for r in REFINERS]
+              + ["reconstruct"])
+STEP_PREFIX = {a.name: a.prefix for a in ALLOCATIONS}
+STEP_SUFFIX = {"permute": "+permute", "reconstruct": RECONSTRUCTIONS.get("obs").suffix,
+               **{r.name: r.suffix for r in REFINERS}}
 # settings besides method and pattern/sparsity that an ablation may vary, in display order
 KNOBS = ("group", "metric", "nsamples", "seed", "calib")
 KNOB_TITLES = {"setting": "sparsity", "group": "group", "metric": "metric", "nsamples": "nsamples",
@@ -35,20 +39,23 @@ _KNOWN_ORDER = {"group": ("row", "column", "layer"), "metric": ("weight", "activ
 
 
 def method_rank(method: str) -> tuple:
-    return (METHOD_ORDER.index(method), "") if method in METHOD_ORDER else (len(METHOD_ORDER), method)
+    if method == DENSE:
+        return (0, "")
+    order = METHODS.get(method).order if method in METHODS else EXPLICIT_ORDER
+    return (order, "") if order < EXPLICIT_ORDER else (EXPLICIT_ORDER, method)
 
 
 def method_key(r: Result) -> tuple:
     """Sort key of a row's method with its variant: plain method first, then its variants."""
-    steps = tuple(VARIANT_ORDER.index(v) if v in VARIANT_ORDER else len(VARIANT_ORDER) for v in r.variant)
+    steps = tuple(STEP_ORDER.index(v) if v in STEP_ORDER else len(STEP_ORDER) for v in r.variant)
     return method_rank(r.method) + (len(r.variant), steps, r.variant)
 
 
 def method_label(r: Result) -> str:
     """"OWL-Wanda+DSnoT+reconstruct": the method's label with its allocation and steps."""
-    label = METHOD_LABELS.get(r.method, r.method)
-    prefix = "".join(VARIANT_PREFIX.get(v, "") for v in r.variant)
-    suffix = "".join(VARIANT_SUFFIX.get(v, "" if v in VARIANT_PREFIX else f"+{v}") for v in r.variant)
+    label = "Dense" if r.method == DENSE else METHODS.get(r.method).label if r.method in METHODS else r.method
+    prefix = "".join(STEP_PREFIX.get(v, "") for v in r.variant)
+    suffix = "".join(STEP_SUFFIX.get(v, "" if v in STEP_PREFIX else f"+{v}") for v in r.variant)
     return prefix + label + suffix
 
 

@@ -20,11 +20,11 @@ from __future__ import annotations
 
 import torch
 
-from llmprune.config import METRICS
+from llmprune.math import METRICS
 from llmprune.errors import LlmpruneError
 
 # Metrics that read calibration statistics (the rest need no data at all).
-ACTIVATION_METRICS = frozenset({"activation", "wanda"})
+from llmprune.math import ACTIVATION_METRICS  # noqa: E402,F401  (re-exported)
 
 
 def input_norm(sq_norm: torch.Tensor, tokens: int) -> torch.Tensor:

@@ -45,7 +45,7 @@ import math
 import torch
 
 from llmprune.errors import LlmpruneError
-from llmprune.masks import _lowest_along_last, prune_count
+from llmprune.math.masks import lowest_along_last, prune_count
 
 MAX_RETRIES = 3  # percdamp 0.01 -> 0.1 -> 1 -> 10
 
@@ -118,7 +118,7 @@ def _lowest_of_block(sal: torch.Tensor, k: int, by_sort: bool) -> torch.Tensor:
     first k of a stable sort. ``by_sort``: sort (fast on a GPU); else select the k-th value (several
     times faster on a CPU), which gives the same set."""
     if not by_sort:
-        return _lowest_along_last(sal.reshape(-1), k).view_as(sal)
+        return lowest_along_last(sal.reshape(-1), k).view_as(sal)
     flat = torch.zeros(sal.numel(), dtype=torch.bool, device=sal.device)
     if k > 0:
         flat[torch.sort(sal.reshape(-1), stable=True).indices[:k]] = True

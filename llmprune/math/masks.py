@@ -33,7 +33,7 @@ import math
 
 import torch
 
-from llmprune.config import GROUPS
+from llmprune.math import GROUPS
 from llmprune.errors import LlmpruneError
 
 
@@ -42,7 +42,7 @@ def prune_count(sparsity: float, size: int) -> int:
     return int(math.floor(sparsity * size + 1e-6))
 
 
-def _lowest_along_last(score: torch.Tensor, k: int) -> torch.Tensor:
+def lowest_along_last(score: torch.Tensor, k: int) -> torch.Tensor:
     """Mask of the ``k`` lowest entries along the last dim (stable: lower index first).
 
     The same mask as taking the first ``k`` of a stable ascending sort, found by selection
@@ -72,10 +72,10 @@ def unstructured_mask(score: torch.Tensor, sparsity: float, group: str = "row") 
         raise ValueError(f"score must be 2-D (out, in), got shape {tuple(score.shape)}")
     out_f, in_f = score.shape
     if group == "row":
-        return _lowest_along_last(score, prune_count(sparsity, in_f))
+        return lowest_along_last(score, prune_count(sparsity, in_f))
     if group == "column":
-        return _lowest_along_last(score.t(), prune_count(sparsity, out_f)).t().contiguous()
-    flat = _lowest_along_last(score.reshape(-1), prune_count(sparsity, score.numel()))
+        return lowest_along_last(score.t(), prune_count(sparsity, out_f)).t().contiguous()
+    flat = lowest_along_last(score.reshape(-1), prune_count(sparsity, score.numel()))
     return flat.view(out_f, in_f)
 
 
@@ -94,7 +94,7 @@ def nm_mask(score: torch.Tensor, n: int, m: int) -> torch.Tensor:
             "or exclude this layer"
         )
     groups = score.reshape(out_f, in_f // m, m)  # (out, in/m, m)
-    return _lowest_along_last(groups, m - n).reshape(out_f, in_f)
+    return lowest_along_last(groups, m - n).reshape(out_f, in_f)
 
 
 def _given_alpha(alpha: float, sorted_score: torch.Tensor, cumsum: torch.Tensor,

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import torch
 
-from llmprune.solvers.sparsegpt import sparsegpt_prune
+from llmprune.math.solvers.sparsegpt import sparsegpt_prune
 
 
 def reconstruct(weight: torch.Tensor, hessian: torch.Tensor, mask: torch.Tensor, percdamp: float = 0.01,

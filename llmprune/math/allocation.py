@@ -40,8 +40,8 @@ Pure math: numbers in, numbers out (the dense statistics pass lives in ``pipelin
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from dataclasses import dataclass
+from typing import Sequence
 
 import torch
 
@@ -49,29 +49,6 @@ from llmprune.errors import LlmpruneError
 
 OWL_MIN_SPARSITY = 0.01  # the official code's replacement for a block sparsity <= 0
 MAX_SPARSITY = 0.99  # ours: a block is never pruned completely
-
-
-@dataclass(frozen=True)
-class Allocation:
-    name: str
-    needs_data: bool  # a dense statistics pass before pruning
-    nm: bool  # defined for N:M patterns (for some methods, see ``nm_methods``)
-    nm_methods: frozenset[str] = field(default_factory=frozenset)
-    doc: str = ""
-
-
-ALLOCATIONS: dict[str, Allocation] = {
-    "uniform": Allocation("uniform", False, True, frozenset({"*"}), "every block at the target"),
-    "owl": Allocation("owl", True, True, frozenset({"wanda"}), "outlier-weighted layerwise sparsity (OWL)"),
-    "depth": Allocation("depth", False, False, frozenset(), "sparsity rising linearly with depth"),
-}
-
-
-def get_allocation(name: str) -> Allocation:
-    spec = ALLOCATIONS.get(str(name).lower())
-    if spec is None:
-        raise LlmpruneError(f"unknown allocation {name!r}: use one of {', '.join(ALLOCATIONS)}")
-    return spec
 
 
 def check_spread(value: float, sparsity: float, name: str) -> None:
@@ -150,24 +127,19 @@ class BlockTargets:
         return out
 
 
-def block_targets(name: str, blocks: int, sparsity: float, n: int | None, m: int | None,
-                  outlier_ratios: Sequence[float] | None = None, lam: float = 0.08,
-                  delta: float = 0.08) -> BlockTargets:
-    """Per-block targets for ``blocks`` blocks at overall ``sparsity`` (N:M when ``m`` is set)."""
-    spec = get_allocation(name)
-    if spec.needs_data and outlier_ratios is None:
-        raise ValueError(f"allocation {name!r} needs the per-block outlier ratios")
+def uniform_targets(blocks: int, sparsity: float, n: int | None, m: int | None) -> BlockTargets:
+    """Every block at the target (N:M: every block keeps ``n`` of ``m``)."""
+    return BlockTargets("uniform", [sparsity] * blocks, [n] * blocks if m is not None else None)
+
+
+def owl_targets(ratios: Sequence[float], sparsity: float, n: int | None, m: int | None, lam: float) -> BlockTargets:
+    """OWL's targets from the blocks' outlier ratios D (unstructured, or N:M kept counts)."""
     if m is not None:
-        if name == "uniform":
-            return BlockTargets(name, [sparsity] * blocks, [n] * blocks)
-        if name == "owl":
-            keep = owl_nm_keep(outlier_ratios, n, m, lam)
-            return BlockTargets(name, [1.0 - k / m for k in keep], keep, list(outlier_ratios))
-        raise LlmpruneError(f"allocation {name!r} is not defined for N:M patterns")
-    builders: dict[str, Callable[[], list[float]]] = {
-        "uniform": lambda: [sparsity] * blocks,
-        "owl": lambda: owl_sparsities(outlier_ratios, sparsity, lam),
-        "depth": lambda: depth_sparsities(blocks, sparsity, delta),
-    }
-    return BlockTargets(name, builders[name](), None,
-                        list(outlier_ratios) if outlier_ratios is not None else None)
+        keep = owl_nm_keep(ratios, n, m, lam)
+        return BlockTargets("owl", [1.0 - k / m for k in keep], keep, list(ratios))
+    return BlockTargets("owl", owl_sparsities(ratios, sparsity, lam), None, list(ratios))
+
+
+def depth_targets(blocks: int, sparsity: float, delta: float) -> BlockTargets:
+    """Sparsity rising linearly with depth (unstructured only)."""
+    return BlockTargets("depth", depth_sparsities(blocks, sparsity, delta))

@@ -1,29 +1,17 @@
-"""Structured pruning: remove whole MLP channels and attention heads, so the model really shrinks.
+"""The shrink strategy: remove whole MLP channels and attention heads, so the model really shrinks.
 
 A zeroed weight in a dense tensor saves nothing. Removing an MLP intermediate channel (a row of
 gate_proj and up_proj and the matching column of down_proj) or an attention head (its rows of
 q/k/v_proj and columns of o_proj) makes every matrix smaller, and the result is a standard
 model: a smaller ``intermediate_size``, fewer heads with an explicit ``head_dim``.
 
-Channels are scored on the input of the layer that reads them (down_proj for MLP channels,
-o_proj for head dimensions), ``W`` (out, in) that layer's weight, ``x_j`` its input channel j:
-
-    wanda-sp  S_j = mean_i |W_ij| * ||x_j||_2                  (Wanda's structured variant,
-                                                                 An et al.'s ``prune_wanda_sp``)
-    flap      S_j = Var(x_j) * sum_i W_ij**2                   (FLAP, An et al., AAAI 2024,
-                                                                 "Fluctuation-based Adaptive
-                                                                 Structured Pruning", WIFV metric)
-
-A head's score is the sum over its dimensions of S_j (FLAP: of S_j**2, as its code does for
-attention). With grouped-query attention a key/value head serves several query heads, so heads
-go by whole KV groups: a group's score is the sum of its query heads' scores, and removing it
-removes the KV head and all its query heads.
-
-FLAP compensates what it removes: the removed channels' mean contribution ``W[:, removed] @
-mean(x)[removed]`` becomes a bias of down_proj / o_proj (``mlp_bias`` / ``attention_bias`` in
-the config). Its statistics come from the dense model (each block's inputs are the dense
-outputs of the block before), as in the official code; Wanda-sp's come from the blocks already
-pruned, as in its code.
+Channels are scored (by the method's ``channel_score``) on the input of the layer that reads them
+(down_proj for MLP channels, o_proj for head dimensions). With grouped-query attention a
+key/value head serves several query heads, so heads go by whole KV groups: a group's score is the
+sum of its query heads' scores, and removing it removes the KV head and all its query heads.
+A method with ``bias`` (FLAP) compensates what it removes: the removed channels' mean contribution
+``W[:, removed] @ mean(x)[removed]`` becomes a bias of down_proj / o_proj (``mlp_bias`` /
+``attention_bias`` in the config).
 
 Both official codes prune the same fraction in every block (FLAP's "UL-UM" structure), which
 keeps the config standard: ``--sparsity`` is the fraction of each decoder block's parameters
@@ -34,76 +22,27 @@ same fraction of each block's KV groups (rounded) and the rest from the MLP.
 from __future__ import annotations
 
 import copy
-import time
 from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
+from transformers import AutoModelForCausalLM
 
-from llmprune.config import PruneConfig
+from llmprune.engine.inputs import propagate
+from llmprune.engine.report import LayerReport
 from llmprune.errors import LlmpruneError
-from llmprune.methods import register
+from llmprune.math.channels import group_scores, keep_top
+from llmprune.methods import get_method
+from llmprune.models import get_blocks, prunable_linears
+from llmprune.stats import input_moments
+
+if TYPE_CHECKING:
+    from llmprune.config import PruneConfig
+    from llmprune.methods.shrink import StructuredSpec
 
 ROLES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
-
-@dataclass(frozen=True)
-class StructuredSpec:
-    """What distinguishes one structured method from another, besides its channel score."""
-
-    head_power: int  # a head's score is the sum of S_j ** head_power over its dimensions
-    dense_statistics: bool  # statistics from the dense model (FLAP) or the pruned blocks before (Wanda-sp)
-    bias: bool  # add the removed channels' mean contribution as a bias
-
-
-# ---------------------------------------------------------------- scores (pure)
-
-def _check_structured_config(config: PruneConfig) -> None:
-    if not 0.0 < config.sparsity < 1.0:
-        raise LlmpruneError(f"structured sparsity {config.sparsity} is outside (0, 1): give the fraction of each "
-                            "block's parameters to remove, such as 0.3")
-    clashes = [name for name, on in (
-        ("--pattern", config.pattern.structured), ("--group", config.group is not None),
-        ("--metric", config.metric is not None), ("--use-variant", config.use_variant),
-        ("--true-sequential", config.true_sequential), ("--include/--exclude", bool(config.include or config.exclude)),
-        ("--skip-attention/--skip-mlp", config.skip_attention or config.skip_mlp),
-        ("--allocation", config.allocation != "uniform"), ("--permute", config.permute),
-        ("--refine", config.refine is not None), ("--reconstruct", config.reconstruct)) if on]
-    if clashes:
-        raise LlmpruneError(f"{config.method} removes whole channels and heads, the same fraction in every block: "
-                            f"{clashes[0]} does not apply (use --structure mlp|heads|both to choose what is removed)")
-
-
-@register("wanda-sp", needs=("norms",), default_group="layer", check=_check_structured_config,
-          structured=StructuredSpec(head_power=1, dense_statistics=False, bias=False))
-def wanda_sp(weight: torch.Tensor, moments, config: PruneConfig) -> torch.Tensor:
-    """Wanda-sp: remove the input channels with the smallest mean_i |W_ij| * ||x_j||_2 (whole channels and heads)."""
-    norm = torch.sqrt(moments.sq_norm / max(moments.tokens, 1))  # (in,)
-    return (weight.detach().float().abs() * norm).mean(dim=0)  # (in,)
-
-
-@register("flap", needs=("norms",), default_group="layer", check=_check_structured_config,
-          structured=StructuredSpec(head_power=2, dense_statistics=True, bias=True))
-def flap(weight: torch.Tensor, moments, config: PruneConfig) -> torch.Tensor:
-    """FLAP: remove the input channels with the smallest Var(x_j) * ||W_:j||^2, their mean output becomes a bias."""
-    return moments.var * weight.detach().float().pow(2).sum(dim=0)  # (in,)
-
-
-def group_scores(channel: torch.Tensor, heads: int, kv_heads: int, head_dim: int, power: int) -> torch.Tensor:
-    """Scores of the KV groups (kv_heads,) from o_proj's input-channel scores (heads * head_dim,):
-    per head the sum of S_j ** power over its dimensions, per group the sum over its query heads
-    (query head h belongs to KV head h // (heads / kv_heads), transformers' repeat_kv order)."""
-    per_head = channel.float().pow(power).reshape(heads, head_dim).sum(dim=1)  # (heads,)
-    return per_head.reshape(kv_heads, heads // kv_heads).sum(dim=1)  # (kv_heads,)
-
-
-def keep_top(scores: torch.Tensor, keep: int) -> torch.Tensor:
-    """Indices (ascending) of the ``keep`` highest scores; among equal scores the lower index."""
-    order = torch.sort(scores.float(), descending=True, stable=True).indices
-    return torch.sort(order[:keep]).values
-
-
-# ---------------------------------------------------------------- the block's parts and the plan
 
 @dataclass(frozen=True)
 class BlockParts:
@@ -118,8 +57,6 @@ class BlockParts:
 def block_parts(model: nn.Module, index: int, block: nn.Module | None = None) -> BlockParts:
     """q/k/v/o_proj and gate/up/down_proj of block ``index`` (or of ``block``, a copy of it),
     found among its prunable layers (llmprune.models), and the modules that hold them."""
-    from llmprune.models import get_blocks, prunable_linears
-
     block = get_blocks(model)[index] if block is None else block
     found: dict[str, str] = {}
     for name, layer in prunable_linears(model, index).items():
@@ -175,9 +112,7 @@ def plan_structured(model: nn.Module, config: PruneConfig) -> StructuredPlan:
     """Counts to keep per block, checked against the model before any calibration: the fraction
     must be reachable with what ``--structure`` removes, at least one KV group and one channel
     must stay, and the model's config must be able to describe the smaller block."""
-    from llmprune.models import get_blocks
-
-    spec = _spec(config)
+    spec = get_method(config.method).structured
     text = _text_config(model)
     parts = block_parts(model, 0)
     lin = parts.linears
@@ -263,16 +198,6 @@ def _round_keep(keep: int, multiple: int, limit: int) -> int:
     return min(max(multiple, int(round(keep / multiple)) * multiple), limit)
 
 
-def _spec(config: PruneConfig) -> StructuredSpec:
-    from llmprune.methods import get_method
-
-    spec = get_method(config.method).structured
-    if spec is None:
-        raise ValueError(f"{config.method} is not a structured method")
-    return spec
-
-
-# ---------------------------------------------------------------- surgery
 
 def _linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
     """An nn.Linear holding exactly these tensors (no initialisation)."""
@@ -391,10 +316,6 @@ def _check_expressible(model: nn.Module, plan: StructuredPlan) -> None:
     """The pruned block must be what the model class builds from the new config, or the saved
     checkpoint would not load: shrink a meta-device copy of block 0 and compare it, parameter by
     parameter, with block 0 of a meta-device model made from :func:`shrunk_config`."""
-    from transformers import AutoModelForCausalLM
-
-    from llmprune.models import get_blocks
-
     block = copy.deepcopy(get_blocks(model)[0]).to("meta")
     mean = (torch.zeros(plan.intermediate, device="meta"), torch.zeros(plan.heads * plan.head_dim, device="meta"))
     _shrink(block_parts(model, 0, block), plan, torch.arange(plan.keep_channels), torch.arange(plan.keep_groups),
@@ -416,102 +337,6 @@ def _check_expressible(model: nn.Module, plan: StructuredPlan) -> None:
                                             if plan.bias else "") + " or --structure mlp")
 
 
-# ---------------------------------------------------------------- the pipeline
-
-
-@torch.no_grad()
-def prune_structured(model: nn.Module, tokenizer, config: PruneConfig, data_dir=None, progress: bool = True,
-                     device: str | torch.device | None = None, windows: torch.Tensor | None = None,
-                     model_name: str | None = None, store=None):
-    """Remove channels (and KV groups) of every block as ``config`` says; returns a PruneReport.
-
-    Per block: one pass with hooks on o_proj's and down_proj's inputs, the scores, the surgery,
-    and (Wanda-sp) one pass of the pruned block for the next block's inputs; FLAP takes the next
-    inputs from the dense pass itself. The model's config is updated at the end, so
-    ``save_pretrained`` writes a checkpoint that plain ``from_pretrained`` loads. ``store`` and
-    ``config.offload``: where the blocks wait, as for :func:`llmprune.pipeline.prune`.
-    """
-    from llmprune.offload import placement
-
-    with placement(model, config, torch.device(device) if device is not None else None, store) as place:
-        return _prune_structured(model, tokenizer, config, data_dir, progress, windows, model_name, place)
-
-
-def _prune_structured(model: nn.Module, tokenizer, config: PruneConfig, data_dir, progress: bool, windows,
-                      model_name, place):
-    from tqdm.auto import tqdm
-
-    from llmprune.calibration import block_device, input_moments, kwargs_on
-    from llmprune.methods import get_method, validate_config
-    from llmprune.models import get_blocks
-    from llmprune.pipeline import (LayerReport, PruneReport, _calibration_inputs, _versions,
-                                   check_calibration_memory, merge_quantization, propagate)
-
-    method = get_method(config.method)
-    spec = method.structured
-    validate_config(config)
-    plan = plan_structured(model, config)
-    compute = place.compute
-    blocks = get_blocks(model)
-    place.reset_counters()  # the report counts this call's moves only
-    start = time.perf_counter()
-    check_calibration_memory(model, config, compute)
-    waiting = torch.device("cpu") if config.activations == "cpu" else compute  # where the activations wait
-    inputs, calibration = _calibration_inputs(model, tokenizer, config, data_dir, windows, waiting)
-    reports, block_seconds, quantized = [], [], []
-    params_before = sum(p.numel() for b in blocks for p in b.parameters())
-    watch = {"attention": "o_proj", "mlp": "down_proj"}
-    if plan.keep_groups == plan.kv_heads:
-        del watch["attention"]
-    if plan.keep_channels == plan.intermediate:
-        del watch["mlp"]
-    bar = tqdm(total=len(blocks), desc=f"{config.method} {config.structure} {config.sparsity:.0%}", unit="block",
-               disable=not progress)
-    try:
-        for i in range(len(blocks)):
-            t0 = time.perf_counter()
-            with place.use(i) as block:
-                dev = block_device(block)
-                hidden = inputs.hidden if config.activations == "cpu" else inputs.hidden.to(dev)
-                kwargs = kwargs_on(inputs.kwargs, dev)
-                parts = block_parts(model, i)
-                before = {role: (tuple(layer.weight.shape), layer.weight.numel()) for role, layer in parts.linears.items()}
-                with input_moments({kind: parts.linears[role] for kind, role in watch.items()}) as moments:
-                    out = propagate(block, hidden, kwargs, config.calib.batch_size, dev)  # dense outputs
-                keep_channels, keep_groups, info = _choose(parts, plan, moments, method.prune, spec, config)
-                _shrink(parts, plan, keep_channels, keep_groups,
-                        moments["mlp"].mean if spec.bias and "mlp" in moments else None,
-                        moments["attention"].mean if spec.bias and "attention" in moments else None)
-                if i + 1 < len(blocks):
-                    inputs.hidden = out if spec.dense_statistics else propagate(block, hidden, kwargs,
-                                                                              config.calib.batch_size, dev)
-                del hidden, out
-                parts = block_parts(model, i)
-                for role, layer in parts.linears.items():
-                    shape, numel = before[role]
-                    reports.append(LayerReport(f"layers.{i}.{parts.names[role]}", tuple(layer.weight.shape),
-                                               numel - layer.weight.numel(), numel,
-                                               {"original_shape": list(shape), **info.get(role, {})}))
-                if config.quantize is not None:  # the shrunk block, before it goes back to its store
-                    from llmprune.quantize import quantize_weights
-
-                    quantized.append(quantize_weights({f"layers.{i}.{parts.names[role]}": layer.weight.data
-                                                       for role, layer in parts.linears.items()}, config.quantize))
-            block_seconds.append(time.perf_counter() - t0)
-            bar.update(1)
-    finally:
-        bar.close()
-    describe_pruned(model.config, plan)
-    params_after = sum(p.numel() for b in blocks for p in b.parameters())
-    structured = {**plan.to_dict(), "block_params_before": params_before, "block_params_after": params_after,
-                  "removed_fraction_achieved": 1 - params_after / params_before}
-    quantization = merge_quantization(quantized, config)
-    name = model_name or getattr(model.config, "_name_or_path", "") or type(model).__name__
-    return PruneReport(config=config.to_dict(), model=str(name), layers=reports, block_seconds=block_seconds,
-                       seconds=time.perf_counter() - start, calibration=calibration, versions=_versions(),
-                       structured=structured, quantization=quantization, offload=place.summary())
-
-
 def _choose(parts: BlockParts, plan: StructuredPlan, moments: dict, score_fn, spec: StructuredSpec,
             config: PruneConfig) -> tuple[torch.Tensor, torch.Tensor, dict]:
     """Channels and KV groups to keep in one block, from the method's channel scores."""
@@ -528,3 +353,60 @@ def _choose(parts: BlockParts, plan: StructuredPlan, moments: dict, score_fn, sp
         keep_groups = keep_top(groups, plan.keep_groups)
         info["o_proj"] = {"kept_kv_groups": keep_groups.tolist(), "group_scores": groups.tolist()}
     return keep_channels, keep_groups, info
+
+
+class ShrinkStrategy:
+    """One block of a shrink method: a dense pass with hooks on o_proj's and down_proj's inputs,
+    the channel scores, the surgery, and (Wanda-sp) a pass of the shrunk block for the next
+    block's inputs; FLAP takes the next inputs from the dense pass itself."""
+
+    def __init__(self, plan, model: nn.Module):
+        self.config = plan.config
+        self.plan = plan.structured
+        self.method = plan.method
+        self.spec = plan.method.structured
+        self.model = model
+        self.watch = {"attention": "o_proj", "mlp": "down_proj"}
+        if self.plan.keep_groups == self.plan.kv_heads:
+            del self.watch["attention"]
+        if self.plan.keep_channels == self.plan.intermediate:
+            del self.watch["mlp"]
+        self.params_before = 0
+
+    def prepare(self, blocks, inputs, place) -> None:
+        self.params_before = sum(p.numel() for b in blocks for p in b.parameters())
+
+    def block(self, i: int, block: nn.Module, inputs, hidden, kwargs, dev, timer, last: bool):
+        """Shrink block ``i``; returns its layer reports and the layers to quantize."""
+        batch = self.config.calib.batch_size
+        parts = block_parts(self.model, i)
+        before = {role: (tuple(layer.weight.shape), layer.weight.numel()) for role, layer in parts.linears.items()}
+        with timer("stats", dev):
+            with input_moments({kind: parts.linears[role] for kind, role in self.watch.items()}) as moments:
+                out = propagate(block, hidden, kwargs, batch, dev)  # dense outputs
+        with timer("prune", dev):
+            keep_channels, keep_groups, info = _choose(parts, self.plan, moments, self.method.channel_score,
+                                                       self.spec, self.config)
+            _shrink(parts, self.plan, keep_channels, keep_groups,
+                    moments["mlp"].mean if self.spec.bias and "mlp" in moments else None,
+                    moments["attention"].mean if self.spec.bias and "attention" in moments else None)
+        if not last:
+            with timer("propagate", dev):
+                inputs.hidden = out if self.spec.dense_statistics else propagate(block, hidden, kwargs, batch, dev)
+        del out
+        parts = block_parts(self.model, i)
+        reports = []
+        for role, layer in parts.linears.items():
+            shape, numel = before[role]
+            reports.append(LayerReport(f"layers.{i}.{parts.names[role]}", tuple(layer.weight.shape),
+                                       numel - layer.weight.numel(), numel,
+                                       {"original_shape": list(shape), **info.get(role, {})}))
+        return reports, {f"layers.{i}.{parts.names[role]}": layer.weight.data for role, layer in parts.linears.items()}
+
+    def finish(self, blocks) -> dict:
+        """The model config made to describe the shrunk blocks; the report's ``structured`` entry."""
+        describe_pruned(self.model.config, self.plan)
+        params_after = sum(p.numel() for b in blocks for p in b.parameters())
+        return {"structured": {**self.plan.to_dict(), "block_params_before": self.params_before,
+                               "block_params_after": params_after,
+                               "removed_fraction_achieved": 1 - params_after / self.params_before}}

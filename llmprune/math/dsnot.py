@@ -37,7 +37,6 @@ Pure math: tensors in, tensors out.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 import torch
 
 from llmprune.errors import LlmpruneError
@@ -201,27 +200,6 @@ def dsnot(weight: torch.Tensor, mask: torch.Tensor, x_mean: torch.Tensor, var: t
     info = {"cycles": used, "swaps": int(swaps.sum().item()),
             "error_before": float(start_error.abs().sum().item()), "error_after": float(error.abs().sum().item())}
     return mask, info
-
-
-# ---- registry ----------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class Refiner:
-    name: str
-    needs: frozenset[str]  # calibration statistics (see methods.STAT_KINDS)
-    doc: str
-
-
-REFINERS: dict[str, Refiner] = {
-    "dsnot": Refiner("dsnot", frozenset({"norms", "moments"}), "DSnoT training-free prune-and-grow"),
-}
-
-
-def get_refiner(name: str) -> Refiner:
-    spec = REFINERS.get(str(name).lower())
-    if spec is None:
-        raise LlmpruneError(f"unknown refinement {name!r}: use one of {', '.join(REFINERS)}")
-    return spec
 
 
 def skipped(layer: str, skip: str) -> bool:

@@ -1,0 +1,53 @@
+"""What the shrink methods (wanda-sp, flap) share: their options, what distinguishes one from
+another besides its channel score, and the combinations they refuse.
+
+A shrink method removes whole MLP channels and attention heads (``llmprune.engine.shrink`` does
+the surgery); its per-layer function scores the input channels of the layer that reads them
+(down_proj for MLP channels, o_proj for head dimensions).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from llmprune.checks import check_positive, choice
+from llmprune.errors import LlmpruneError
+from llmprune.registry import option
+
+STRUCTURES = ("mlp", "heads", "both")
+
+
+@dataclass(frozen=True)
+class ShrinkOptions:
+    structure: str = option("mlp", "structured methods (wanda-sp, flap): remove mlp (intermediate channels), heads "
+                                   "(whole KV groups: a KV head with its query heads) or both")
+    channel_multiple: int = option(32, "structured methods: keep a multiple of this many MLP channels (32: "
+                                       "llama.cpp's q8_0 block; 1: the exact ratio)")
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "structure", choice(self.structure, STRUCTURES, "structure"))
+        check_positive(self.channel_multiple, "channel_multiple")
+
+
+@dataclass(frozen=True)
+class StructuredSpec:
+    """What distinguishes one shrink method from another, besides its channel score."""
+
+    head_power: int  # a head's score is the sum of S_j ** head_power over its dimensions
+    dense_statistics: bool  # statistics from the dense model (FLAP) or the pruned blocks before (Wanda-sp)
+    bias: bool  # add the removed channels' mean contribution as a bias
+
+
+def check(config) -> None:
+    if not 0.0 < config.sparsity < 1.0:
+        raise LlmpruneError(f"structured sparsity {config.sparsity} is outside (0, 1): give the fraction of each "
+                            "block's parameters to remove, such as 0.3")
+    clashes = [name for name, on in (
+        ("--pattern", config.pattern.structured), ("--true-sequential", config.true_sequential),
+        ("--include/--exclude", bool(config.include or config.exclude)),
+        ("--skip-attention/--skip-mlp", config.skip_attention or config.skip_mlp),
+        ("--allocation", config.allocation != "uniform"), ("--permute", config.permute),
+        ("--refine", config.refine is not None), ("--reconstruct", config.reconstruct)) if on]
+    if clashes:
+        raise LlmpruneError(f"{config.method} removes whole channels and heads, the same fraction in every block: "
+                            f"{clashes[0]} does not apply (use --structure mlp|heads|both to choose what is removed)")
