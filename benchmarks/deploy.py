@@ -43,11 +43,11 @@ sys.path.insert(0, str(ROOT))
 
 from llmprune.config import CalibConfig, PruneConfig  # noqa: E402
 from llmprune.data import DATA_DIR_ENV  # noqa: E402
+from llmprune.engine import prune  # noqa: E402
 from llmprune.evaluation.perplexity import evaluate_perplexity  # noqa: E402
 from llmprune.export.compressed import write_compressed  # noqa: E402
 from llmprune.io import write_json_atomic, write_text_atomic  # noqa: E402
 from llmprune.models import load_model  # noqa: E402
-from llmprune.engine import prune  # noqa: E402
 from llmprune.results import machine, versions  # noqa: E402
 
 PREFILL, DECODE, PROMPT = 2048, 64, 16
@@ -114,7 +114,8 @@ def speed(dense, model, ids: torch.Tensor, repeats: int, speed_threads: int) -> 
     torch.set_num_threads(threads)
     out = {"threads": speed_threads, "repeats": repeats}
     for clock, i in (("wall", 0), ("cpu", 1)):
-        out[clock] = {"prefill_tokens_per_s": PREFILL / best["prefill"][i], "decode_tokens_per_s": DECODE / best["decode"][i],
+        out[clock] = {"prefill_tokens_per_s": PREFILL / best["prefill"][i],
+                      "decode_tokens_per_s": DECODE / best["decode"][i],
                       "dense_prefill_tokens_per_s": PREFILL / best["dense_prefill"][i],
                       "dense_decode_tokens_per_s": DECODE / best["dense_decode"][i],
                       "prefill_speedup": best["dense_prefill"][i] / best["prefill"][i],
@@ -134,8 +135,10 @@ def run_variant(spec: dict, dense, tokenizer, args, ids) -> dict:
     if "method" in spec:
         config = PruneConfig(method=spec["method"], sparsity=spec["sparsity"], quantize=spec.get("quantize"),
                              structure=spec.get("structure", "mlp"),
-                             calib=CalibConfig(dataset="c4", nsamples=args.nsamples, seqlen=2048, seed=0, batch_size=4))
-        report = prune(model, tokenizer, config, data_dir=args.data_dir, progress=False, model_name="smollm2-135m")
+                             calib=CalibConfig(dataset="c4", nsamples=args.nsamples,
+                                               seqlen=2048, seed=0, batch_size=4))
+        report = prune(model, tokenizer, config, data_dir=args.data_dir,
+                       progress=False, model_name="smollm2-135m")
         record["prune_seconds"] = report.seconds
         record["structured"] = report.structured
         record["quantization"] = report.quantization
@@ -162,14 +165,17 @@ def gguf_section(dense, tokenizer, args) -> dict:
     with tempfile.TemporaryDirectory() as folder, torch.inference_mode():
         reference = dense(ids).logits
         for kind in ("f16", "q8_0"):
-            info = export_gguf(dense, tokenizer, Path(folder) / f"smollm2-{kind}.gguf", kind, bundled_model_path())
-            back = AutoModelForCausalLM.from_pretrained(folder, gguf_file=f"smollm2-{kind}.gguf", dtype=torch.float32)
+            info = export_gguf(dense, tokenizer,
+                               Path(folder) / f"smollm2-{kind}.gguf", kind, bundled_model_path())
+            back = AutoModelForCausalLM.from_pretrained(folder, gguf_file=f"smollm2-{kind}.gguf",
+                                                        dtype=torch.float32)
             entry = {"bytes": info["bytes"], "tensor_types": info["tensor_types"],
                      "max_abs_logit_diff": float((back(ids).logits - reference).abs().max()),
                      "max_abs_logit": float(reference.abs().max())}
             if kind == "q8_0":
                 entry["ptb_ppl"] = evaluate_perplexity(back, tokenizer, "ptb", 2048, data_dir=args.data_dir,
-                                                       batch_size=4, max_windows=args.windows, progress=False).ppl
+                                                       batch_size=4, max_windows=args.windows,
+                                                       progress=False).ppl
             out[kind] = entry
             del back
     return out
@@ -177,23 +183,27 @@ def gguf_section(dense, tokenizer, args) -> dict:
 
 def summary(records: list[dict], gguf: dict | None, args) -> str:
     dense = next(r for r in records if r["name"] == "dense")
-    lines = ["| variant | shape | checkpoint MB | x dense | block Linears x dense fp16 | PTB ppl | prefill tok/s (CPU) "
-             "| x dense (CPU / wall) | decode tok/s (CPU) | x dense (CPU / wall) |",
+    lines = ["| variant | shape | checkpoint MB | x dense | block Linears x dense fp16 | PTB ppl | prefill "
+             "tok/s (CPU) | x dense (CPU / wall) | decode tok/s (CPU) | x dense (CPU / wall) |",
              "| :--- | :--- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in records:
         b, cpu, wall = r["bytes"], r["speed"]["cpu"], r["speed"]["wall"]
         cfg = r.get("config") or {}
-        shape = (f"I={cfg['intermediate_size']}, heads {cfg['num_attention_heads']}/{cfg['num_key_value_heads']}"
-                 if cfg else "I=1536, heads 9/3")
-        lines.append(f"| {r['name']} | {shape} | {b['file_bytes'] / 1e6:.1f} | {b['file_bytes'] / dense['bytes']['file_bytes']:.3f} "
-                     f"| {b['encoded_bytes'] / dense['bytes']['encoded_fp16_bytes']:.3f} | {r['ptb_ppl']:.2f} "
-                     f"| {cpu['prefill_tokens_per_s']:.0f} | {cpu['prefill_speedup']:.2f} / {wall['prefill_speedup']:.2f} "
-                     f"| {cpu['decode_tokens_per_s']:.1f} | {cpu['decode_speedup']:.2f} / {wall['decode_speedup']:.2f} |")
+        shape = (f"I={cfg['intermediate_size']}, heads "
+                 f"{cfg['num_attention_heads']}/{cfg['num_key_value_heads']}" if cfg else "I=1536, heads 9/3")
+        lines.append(f"| {r['name']} | {shape} | {b['file_bytes'] / 1e6:.1f} "
+                     f"| {b['file_bytes'] / dense['bytes']['file_bytes']:.3f} "
+                     f"| {b['encoded_bytes'] / dense['bytes']['encoded_fp16_bytes']:.3f} "
+                     f"| {r['ptb_ppl']:.2f} | {cpu['prefill_tokens_per_s']:.0f} "
+                     f"| {cpu['prefill_speedup']:.2f} / {wall['prefill_speedup']:.2f} "
+                     f"| {cpu['decode_tokens_per_s']:.1f} "
+                     f"| {cpu['decode_speedup']:.2f} / {wall['decode_speedup']:.2f} |")
     text = "\n".join(lines) + (
-        "\n\nSpeed on one thread of a 2-core CPU shared with other jobs, interleaved with dense, min of the repeats; "
-        "CPU time of this process (the work) and wall time (what the busy machine showed). The dense row is dense "
-        "timed against itself: its distance from 1.00 is the noise floor. Bytes: llmprune's compressed writer with "
-        "float16 values (int8 + float32 row scales for INT8); a layer whose bitmask does not pay is stored dense.")
+        "\n\nSpeed on one thread of a 2-core CPU shared with other jobs, interleaved with dense, min of the "
+        "repeats; CPU time of this process (the work) and wall time (what the busy machine showed). The "
+        "dense row is dense timed against itself: its distance from 1.00 is the noise floor. Bytes: "
+        "llmprune's compressed writer with float16 values (int8 + float32 row scales for INT8); a layer "
+        "whose bitmask does not pay is stored dense.")
     if gguf:
         text += ("\n\nGGUF (dense, read back by transformers): "
                  + "; ".join(f"{k}: {v['bytes'] / 1e6:.1f} MB, max |logit diff| {v['max_abs_logit_diff']:.4f}"
@@ -215,13 +225,15 @@ def plot(records: list[dict], path: Path) -> None:
         for ax, xv in zip(axes, x):
             ax.scatter(xv, r["ptb_ppl"])
             ax.annotate(r["name"], (xv, r["ptb_ppl"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
-    for ax, label in zip(axes, ("prefill speed, x dense (CPU time, 2048 tokens)", "decode speed, x dense (CPU time, 64 tokens, batch 1)",
+    for ax, label in zip(axes, ("prefill speed, x dense (CPU time, 2048 tokens)",
+                                "decode speed, x dense (CPU time, 64 tokens, batch 1)",
                                 "checkpoint MB (fp16 values / int8)")):
         ax.set_xlabel(label)
         ax.set_ylabel("PTB perplexity (16 windows, log)")
         ax.set_yscale("log")
         ax.grid(alpha=0.3)
-    fig.suptitle("SmolLM2-135M on a shared 2-core CPU: perplexity against speed and size, one point per variant")
+    fig.suptitle("SmolLM2-135M on a shared 2-core CPU: perplexity against speed and size, one "
+                 "point per variant")
     fig.tight_layout()
     from llmprune.io import write_atomic
 
@@ -232,7 +244,8 @@ def plot(records: list[dict], path: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=str(ROOT / "eval" / "results" / "deploy_smollm2"))
-    parser.add_argument("--structure", default="mlp", help="what the structured variants remove: mlp, heads, both")
+    parser.add_argument("--structure", default="mlp",
+                        help="what the structured variants remove: mlp, heads, both")
     parser.add_argument("--nsamples", type=int, default=8)
     parser.add_argument("--windows", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=3)
@@ -240,7 +253,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--only", default=None, help="comma-separated variant names")
     parser.add_argument("--skip-gguf", action="store_true")
-    parser.add_argument("--data-dir", default=os.environ.get(DATA_DIR_ENV) or str(ROOT.parent / "shared" / "data"))
+    parser.add_argument("--data-dir",
+                        default=os.environ.get(DATA_DIR_ENV) or str(ROOT.parent / "shared" / "data"))
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -254,7 +268,8 @@ def main(argv: list[str] | None = None) -> int:
         path = out / f"{spec['name']}.json"
         if path.exists():
             record = json.loads(path.read_text())
-            if spec["name"] == "dense" and "cpu" not in record["speed"]:  # written before both clocks were kept
+            # written before both clocks were kept
+            if spec["name"] == "dense" and "cpu" not in record["speed"]:
                 record["speed"] = speed(dense, dense, ids, args.repeats, args.speed_threads)
                 write_json_atomic(path, record)
             records.append(record)
@@ -268,7 +283,8 @@ def main(argv: list[str] | None = None) -> int:
         records.append(record)
         cpu = record["speed"]["cpu"]
         print(f"{spec['name']}: ppl {record['ptb_ppl']:.2f}, bytes {record['bytes']['file_bytes']:,}, "
-              f"prefill x{cpu['prefill_speedup']:.2f}, decode x{cpu['decode_speedup']:.2f} (CPU time)", flush=True)
+              f"prefill x{cpu['prefill_speedup']:.2f}, decode x{cpu['decode_speedup']:.2f} (CPU time)",
+              flush=True)
     gguf = None
     gguf_path = out / "gguf.json"
     if gguf_path.exists():
@@ -280,10 +296,11 @@ def main(argv: list[str] | None = None) -> int:
     if any(r["name"] == "dense" for r in records):
         text = summary(records, gguf, args)
         meta = {"machine": machine(), "versions": versions(), "threads": torch.get_num_threads(),
-                "command": "python benchmarks/deploy.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-                "note": "2-core CPU shared with other jobs during the run (load average 8-11): speed is measured on one "
-                        "thread, interleaved with dense, min of the repeats; CPU-time ratios are the work, wall-time "
-                        "ratios what the contended machine showed"}
+                "command": "python benchmarks/deploy.py "
+                           + " ".join(argv if argv is not None else sys.argv[1:]),
+                "note": "2-core CPU shared with other jobs during the run (load average 8-11): speed is "
+                        "measured on one thread, interleaved with dense, min of the repeats; CPU-time ratios "
+                        "are the work, wall-time ratios what the contended machine showed"}
         write_json_atomic(out / "summary.json", {**meta, "records": records, "gguf": gguf})
         write_text_atomic(out / "summary.md", text)
         plot(records, out / "ppl_vs_speed_and_bytes.png")

@@ -3,7 +3,8 @@
 Both run over the same windows of the same evaluation stream; the plain loop does
 ``model(ids).logits`` and nothing else (under ``torch.inference_mode``, as any evaluation
 would). Each is warmed up once, then timed ``--repeats`` times in alternation (order swapped every
-repeat); the best time of each is kept, which damps noise from other processes on the machine. Target: ratio >= 0.95.
+repeat); the best time of each is kept, which damps noise from other processes on the machine.
+Target: ratio >= 0.95.
 
     python benchmarks/eval_throughput.py --model smollm2-135m --dataset ptb --seqlen 2048 --windows 4
 """
@@ -39,9 +40,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=None,
-                        help="torch CPU threads (default: torch's); 1 is far steadier on a busy shared machine")
+                        help="torch CPU threads (default: torch's); 1 is far steadier on a busy "
+                             "shared machine")
     parser.add_argument("--repeats", type=int, default=2, help="timed runs of each, alternating; best kept")
-    parser.add_argument("--data-dir", default=os.environ.get(DATA_DIR_ENV) or str(ROOT.parent / "shared" / "data"))
+    parser.add_argument("--data-dir",
+                        default=os.environ.get(DATA_DIR_ENV) or str(ROOT.parent / "shared" / "data"))
     args = parser.parse_args(argv)
 
     if args.threads:
@@ -68,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     def plain() -> None:
         with torch.inference_mode():
             for ids in batches:
-                model(ids.to(device)).logits
+                model(ids.to(device))
 
     def ours() -> float:
         return evaluate_perplexity(model, tokenizer, args.dataset, args.seqlen, data_dir=args.data_dir,
@@ -95,12 +98,14 @@ def main(argv: list[str] | None = None) -> int:
     plain_tps, our_tps = n_tokens / best("plain", 0), n_tokens / best("ours", 0)
     ratio = our_tps / plain_tps
     cpu_ratio = best("plain", 1) / best("ours", 1)
-    dev = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
+    dev = (torch.cuda.get_device_name(device) if device.type == "cuda"
+           else f"cpu ({torch.get_num_threads()} threads)")
     print(f"model {args.model} ({args.dtype}) on {dev}; {args.dataset} seqlen {args.seqlen}, "
           f"{windows} windows, batch {args.batch_size}, best of {args.repeats}")
-    print(f"plain HF forward:     {plain_tps:10.1f} tokens/s  (runs: {', '.join(f'{t:.2f}s' for t in plain_times)})")
-    print(f"evaluate_perplexity:  {our_tps:10.1f} tokens/s  (runs: {', '.join(f'{t:.2f}s' for t in our_times)})"
-          f"  ppl {ppl:.3f}")
+    print(f"plain HF forward:     {plain_tps:10.1f} tokens/s  "
+          f"(runs: {', '.join(f'{t:.2f}s' for t in plain_times)})")
+    print(f"evaluate_perplexity:  {our_tps:10.1f} tokens/s  "
+          f"(runs: {', '.join(f'{t:.2f}s' for t in our_times)})  ppl {ppl:.3f}")
     print(f"ratio {ratio:.3f} (target >= {TARGET}) {'OK' if ratio >= TARGET else 'BELOW TARGET'}; "
           f"by process CPU time {cpu_ratio:.3f} (less sensitive to other processes on a shared machine)")
     return 0

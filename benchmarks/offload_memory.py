@@ -18,7 +18,8 @@ The bundled SmolLM2 is a GGUF file, which transformers can only load whole; it i
 once as a safetensors folder (a setup process, not measured) and both runs prune that folder. A
 local HF directory (``--model DIR``, e.g. a tiny test model) is used as it is.
 
-    python benchmarks/offload_memory.py --model smollm2-135m --data-dir ../shared/data --nsamples 8 --seqlen 2048
+    python benchmarks/offload_memory.py --model smollm2-135m --data-dir ../shared/data --nsamples 8 \\
+        --seqlen 2048
 """
 
 from __future__ import annotations
@@ -58,12 +59,13 @@ def child(args) -> dict:
         torch.set_num_threads(args.threads)
     start = time.perf_counter()
     out = {"mode": args.child, "threads": torch.get_num_threads()}
-    if args.child == "floor":  # the libraries, the model's code (no weights) and the tokenizer: held by every run
+    # the libraries, the model's code (no weights) and the tokenizer: held by every run
+    if args.child == "floor":
         from accelerate import init_empty_weights
         from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-        import llmprune.offload  # noqa: F401
         import llmprune.engine  # noqa: F401
+        import llmprune.offload  # noqa: F401
 
         with init_empty_weights():
             AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(args.model))
@@ -86,7 +88,8 @@ def child(args) -> dict:
 
             model, tokenizer = load_model(args.model, dtype=args.dtype, device="cpu", seqlen=args.seqlen)
         out["load_seconds"] = time.perf_counter() - start
-        report = prune(model, tokenizer, config, data_dir=args.data_dir, progress=False, device="cpu", store=store)
+        report = prune(model, tokenizer, config, data_dir=args.data_dir,
+                       progress=False, device="cpu", store=store)
         out["prune_seconds"] = report.seconds
         out["sparsity"] = report.overall_sparsity
         out["offload"] = report.offload
@@ -94,7 +97,8 @@ def child(args) -> dict:
             if store is not None:
                 from llmprune.offload import save_offloaded
 
-                save_offloaded(model, store, tokenizer, args.save_to, {"benchmark": "offload_memory"}, overwrite=True)
+                save_offloaded(model, store, tokenizer, args.save_to,
+                               {"benchmark": "offload_memory"}, overwrite=True)
             else:
                 from llmprune.io import save_pruned
 
@@ -108,8 +112,9 @@ def child(args) -> dict:
 
 def _run_child(mode: str, args, source: str, work: Path) -> dict:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", mode, "--model", source,
-           "--method", args.method, "--pattern", args.pattern, "--calib", args.calib, "--nsamples", str(args.nsamples),
-           "--seqlen", str(args.seqlen), "--calib-batch-size", str(args.calib_batch_size), "--dtype", args.dtype,
+           "--method", args.method, "--pattern", args.pattern, "--calib", args.calib,
+           "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen),
+           "--calib-batch-size", str(args.calib_batch_size), "--dtype", args.dtype,
            "--offload-dir", str(work / "offload")]
     if args.data_dir:
         cmd += ["--data-dir", str(args.data_dir)]
@@ -126,7 +131,8 @@ def _run_child(mode: str, args, source: str, work: Path) -> dict:
 def _safetensors_source(model: str, dtype: str, work: Path) -> str:
     """``model`` as a local safetensors folder: itself when it is one, else written once (setup)."""
     path = Path(model)
-    if path.is_dir() and (any(path.glob("*.safetensors")) or (path / "model.safetensors.index.json").is_file()):
+    if path.is_dir() and (any(path.glob("*.safetensors"))
+                          or (path / "model.safetensors.index.json").is_file()):
         return str(path)
     target = work / "source"
     # save_pruned, not save_pretrained: it drops the GGUF quantization tag of a dequantized model
@@ -134,7 +140,8 @@ def _safetensors_source(model: str, dtype: str, work: Path) -> str:
             "m, t = load_model(sys.argv[1], dtype=sys.argv[2]); "
             "save_pruned(m, t, sys.argv[3], {'converted_from': sys.argv[1]})")
     subprocess.run([sys.executable, "-c", code, model, dtype, str(target)], check=True, cwd=ROOT,
-                   env={**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")})
+                   env={**os.environ,
+                        "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")})
     return str(target)
 
 
@@ -155,8 +162,8 @@ def _same_checkpoints(a: Path, b: Path) -> bool:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2-135m",
-                        help="the bundled alias, a hub id or .gguf (written once as safetensors first), or a local "
-                             "HF safetensors folder (used as it is)")
+                        help="the bundled alias, a hub id or .gguf (written once as safetensors first), or a "
+                             "local HF safetensors folder (used as it is)")
     parser.add_argument("--method", default="wanda")
     parser.add_argument("--pattern", default="unstructured")
     parser.add_argument("--calib", default="c4")
@@ -165,13 +172,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--calib-batch-size", type=int, default=1,
                         help="windows per block forward (1 keeps the intermediate activations small)")
     parser.add_argument("--dtype", default="float32")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads in each run (default: torch's)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads in each run (default: torch's)")
     parser.add_argument("--data-dir", default=os.environ.get("LLMPRUNE_DATA_DIR") or None)
     parser.add_argument("--save", action="store_true",
-                        help="also save the pruned model (in memory: save_pretrained; disk: block by block) and "
-                             "check that the two checkpoints are bit-identical")
-    parser.add_argument("--work", default=None, help="scratch folder (default: a temporary one, removed at the end)")
-    parser.add_argument("--json", default=None, metavar="FILE", help="write the measurements and ratios as JSON")
+                        help="also save the pruned model (in memory: save_pretrained; disk: block by block) "
+                             "and check that the two checkpoints are bit-identical")
+    parser.add_argument("--work", default=None,
+                        help="scratch folder (default: a temporary one, removed at the end)")
+    parser.add_argument("--json", default=None, metavar="FILE",
+                        help="write the measurements and ratios as JSON")
     parser.add_argument("--child", choices=MODES, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--offload-dir", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--save-to", dest="save_to", default=None, help=argparse.SUPPRESS)
@@ -197,8 +207,9 @@ def main(argv: list[str] | None = None) -> int:
               "peak_rss_above_floor": (disk - floor) / (memory - floor) if memory > floor else None,
               "seconds": runs["disk"]["seconds"] / runs["memory"]["seconds"],
               "prune_seconds": runs["disk"]["prune_seconds"] / runs["memory"]["prune_seconds"]}
-    print(f"{args.model} ({source}), {args.method} {args.pattern}, {args.nsamples} x {args.seqlen} {args.calib} "
-          f"windows, calibration batch {args.calib_batch_size}, {args.dtype}, {runs['memory']['threads']} threads")
+    print(f"{args.model} ({source}), {args.method} {args.pattern}, {args.nsamples} x {args.seqlen} "
+          f"{args.calib} windows, calibration batch {args.calib_batch_size}, {args.dtype}, "
+          f"{runs['memory']['threads']} threads")
     print(f"{'run':<8} {'peak RSS':>10} {'above floor':>12} {'load s':>8} {'prune s':>8} {'total s':>8}")
     for mode in MODES:
         r = runs[mode]
@@ -210,7 +221,8 @@ def main(argv: list[str] | None = None) -> int:
           + f", time {ratios['seconds']:.3f}x (prune alone {ratios['prune_seconds']:.3f}x)")
     offload = runs["disk"].get("offload") or {}
     print(f"disk run: blocks from the {offload.get('source')}, {offload.get('loads')} block loads, at most "
-          f"{offload.get('peak_blocks')} block materialised, {(offload.get('bytes_read') or 0) / mib:.1f} MiB read, "
+          f"{offload.get('peak_blocks')} block materialised, "
+          f"{(offload.get('bytes_read') or 0) / mib:.1f} MiB read, "
           f"{(offload.get('bytes_written') or 0) / mib:.1f} MiB written")
     if same is not None:
         print(f"checkpoints (in memory vs block by block) bit-identical: {same}")

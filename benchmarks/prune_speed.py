@@ -25,7 +25,8 @@ procedure's (``benchmarks/reference_protocol.py``: one sample at a time, the off
 SparseGPT / Wanda:
 
     python benchmarks/prune_speed.py --random-weights --shape llama-7b --layers 8 --device cuda
-    python benchmarks/prune_speed.py --random-weights --shape tiny --layers 2 --nsamples 2 --seqlen 128 --device cpu
+    python benchmarks/prune_speed.py --random-weights --shape tiny --layers 2 --nsamples 2 --seqlen 128 \\
+        --device cpu
 """
 
 from __future__ import annotations
@@ -46,8 +47,8 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from llmprune.config import CalibConfig, PruneConfig  # noqa: E402
 from llmprune.data import calibration_windows  # noqa: E402
-from llmprune.models import load_model  # noqa: E402
 from llmprune.engine import prune  # noqa: E402
+from llmprune.models import load_model  # noqa: E402
 
 
 class PeakMemory:
@@ -105,8 +106,8 @@ def stack_forward(model, windows: torch.Tensor, batch_size: int, device: torch.d
 
 # --random-weights shapes (LlamaConfig fields); llama-7b is LLaMA-7B's width, tiny runs on a CPU
 SHAPES = {
-    "llama-7b": dict(hidden_size=4096, intermediate_size=11008, num_attention_heads=32, num_key_value_heads=32,
-                     vocab_size=32000),
+    "llama-7b": dict(hidden_size=4096, intermediate_size=11008, num_attention_heads=32,
+                     num_key_value_heads=32, vocab_size=32000),
     "tiny": dict(hidden_size=256, intermediate_size=688, num_attention_heads=4, num_key_value_heads=4,
                  vocab_size=32000),
 }
@@ -158,28 +159,32 @@ def random_weights_main(args) -> None:
     device = torch.device(args.device)
     nsamples, seqlen = args.nsamples or 128, args.seqlen or 2048
     base = random_model(args.shape, args.layers, seqlen, device)
-    windows = torch.randint(0, base.config.vocab_size, (nsamples, seqlen), generator=torch.Generator().manual_seed(0))
+    windows = torch.randint(0, base.config.vocab_size, (nsamples, seqlen),
+                            generator=torch.Generator().manual_seed(0))
     dims = SHAPES[args.shape]
-    print(f"random-weight {args.shape} (hidden {dims['hidden_size']}, intermediate {dims['intermediate_size']}, "
-          f"{dims['num_attention_heads']} heads, {args.layers} blocks, float32) on {device}: {nsamples} x {seqlen} = "
+    print(f"random-weight {args.shape} (hidden {dims['hidden_size']}, intermediate "
+          f"{dims['intermediate_size']}, {dims['num_attention_heads']} heads, {args.layers} blocks, float32) "
+          f"on {device}: {nsamples} x {seqlen} = "
           f"{windows.numel()} random calibration tokens, pruner batch {args.batch_size}, reference batch 1, "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads")
 
     stack_forward(base, windows[:1], 1, device)  # warm-up
-    timings = {b: stack_forward(base, windows, b, device) / args.layers for b in sorted({1, 4, args.batch_size})}
+    timings = {b: stack_forward(base, windows, b, device) / args.layers
+               for b in sorted({1, 4, args.batch_size})}
     best = min(timings, key=timings.get)
     forward = timings[best]
     print(f"block forward: {forward:.3f} s per block (batch {best}; "
           + ", ".join(f"batch {b}: {t:.3f} s" for b, t in timings.items()) + ")")
 
-    print(f"{'per block, s':<14} {'ours':>7} {'stats':>7} {'prune':>7} {'propagate':>9}   {'reference':>9} {'solve':>7}"
-          f"   {'reference / ours':>16} {'solve':>7}   {'ours x forward':>14}")
+    print(f"{'per block, s':<14} {'ours':>7} {'stats':>7} {'prune':>7} {'propagate':>9}   "
+          f"{'reference':>9} {'solve':>7}   {'reference / ours':>16} {'solve':>7}   {'ours x forward':>14}")
     rows = {}
     for spec in (args.methods or RANDOM_METHODS).split(","):
         method, _, pattern = spec.partition("@")
         n, m = (int(x) for x in pattern.split(":")) if pattern else (0, 0)
         model = copy.deepcopy(base)
-        config = PruneConfig(method=method, sparsity=None if pattern else 0.5, pattern=pattern or "unstructured",
+        config = PruneConfig(method=method, sparsity=None if pattern else 0.5,
+                             pattern=pattern or "unstructured",
                              calib=CalibConfig(nsamples=nsamples, seqlen=seqlen, batch_size=args.batch_size))
         _sync(device)
         t0 = time.perf_counter()
@@ -187,13 +192,14 @@ def random_weights_main(args) -> None:
         _sync(device)
         ours = (time.perf_counter() - t0) / args.layers
         phases = {k: sum(v) / len(v) for k, v in report.phase_seconds.items() if v}
-        propagated = [v for v in report.phase_seconds.get("propagate", []) if v > 0]  # the last block has none
+        # the last block has none
+        propagated = [v for v in report.phase_seconds.get("propagate", []) if v > 0]
         phases["propagate"] = sum(propagated) / len(propagated) if propagated else 0.0
         del model
         gc.collect()
 
         model = copy.deepcopy(base)
-        solver = "_ref_sparsegpt" if method == "sparsegpt" else "_ref_wanda_mask"
+        solver = "ref_sparsegpt" if method == "sparsegpt" else "ref_wanda_mask"
         with _Timed(ref, solver, device) as solve:
             _sync(device)
             t0 = time.perf_counter()
@@ -206,7 +212,8 @@ def random_weights_main(args) -> None:
 
         label = f"{method} {pattern or '50%'}"
         rows[label] = (phases["prune"], ours, solve.seconds / args.layers, reference)
-        print(f"{label:<14} {ours:7.3f} {phases['stats']:7.3f} {phases['prune']:7.3f} {phases['propagate']:9.3f}   "
+        print(f"{label:<14} {ours:7.3f} {phases['stats']:7.3f} {phases['prune']:7.3f} "
+              f"{phases['propagate']:9.3f}   "
               f"{reference:9.3f} {solve.seconds / args.layers:7.3f}   {reference / ours:15.2f}x "
               f"{solve.seconds / args.layers / phases['prune']:6.2f}x   {ours / forward:13.2f}x", flush=True)
     if "sparsegpt 50%" in rows and "wanda 50%" in rows:
@@ -235,18 +242,20 @@ def main() -> None:
                              "(default: wanda,sparsegpt,ria,wanda+owl,wanda+dsnot,wanda+reconstruct; "
                              f"--random-weights: {RANDOM_METHODS}; wanda and sparsegpt only)")
     parser.add_argument("--random-weights", action="store_true",
-                        help="a random-weight LLaMA-shaped model and random tokens instead of --model and --calib")
+                        help="a random-weight LLaMA-shaped model and random tokens instead of "
+                             "--model and --calib")
     parser.add_argument("--shape", choices=sorted(SHAPES), default=None,
                         help="with --random-weights: the model's width (default llama-7b)")
-    parser.add_argument("--layers", type=int, default=None, help="with --random-weights: decoder blocks (default 8)")
+    parser.add_argument("--layers", type=int, default=None,
+                        help="with --random-weights: decoder blocks (default 8)")
     args = parser.parse_args()
     if args.random_weights:
         args.shape, args.layers = args.shape or "llama-7b", args.layers or 8
         specs = (args.methods or RANDOM_METHODS).split(",")
         bad = [s for s in specs if s.partition("@")[0] not in ("wanda", "sparsegpt")]
         if bad:
-            parser.error(f"--random-weights times the reference procedure next to ours, for wanda and sparsegpt "
-                         f"only: drop {', '.join(bad)}")
+            parser.error("--random-weights times the reference procedure next to ours, for wanda and "
+                         f"sparsegpt only: drop {', '.join(bad)}")
         random_weights_main(args)
         return
     if args.shape is not None or args.layers is not None:
@@ -258,8 +267,9 @@ def main() -> None:
 
     base, tokenizer = load_model(args.model, dtype="float32", device=device, seqlen=args.seqlen)
     windows = calibration_windows(args.calib, tokenizer, args.nsamples, args.seqlen, 0, args.data_dir)
-    print(f"{args.model} on {device}: {args.nsamples} x {args.seqlen} = {windows.numel()} calibration tokens, "
-          f"pruner batch {args.batch_size}, torch {torch.__version__}, {torch.get_num_threads()} threads")
+    print(f"{args.model} on {device}: {args.nsamples} x {args.seqlen} = {windows.numel()} calibration "
+          f"tokens, pruner batch {args.batch_size}, torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads")
 
     stack_forward(base, windows[:1], 1, device)  # warm-up
     batches = sorted({1, 4, args.batch_size})
@@ -270,15 +280,17 @@ def main() -> None:
     print(f"decoder stack forward ({shown}); denominator: batch {best}, {forward_s:.1f} s, "
           f"{forward_s / len(base.model.layers):.3f} s per block")
 
-    print(f"{'method':<16} {'seconds':>8} {'ratio':>6}   per block: {'stats':>6} {'prune':>6} {'propagate':>9}"
-          f"   (x forward per block)   peak extra memory")
+    print(f"{'method':<16} {'seconds':>8} {'ratio':>6}   per block: {'stats':>6} {'prune':>6} "
+          f"{'propagate':>9}   (x forward per block)   peak extra memory")
     per_block_forward = forward_s / len(base.model.layers)
     for spec in args.methods.split(","):
         method, *steps = spec.split("+")  # issue 8's steps: wanda+owl, wanda+dsnot, ria@2:4+permute, ...
         method, _, pattern = method.partition("@")
         model = copy.deepcopy(base)
-        config = PruneConfig(method=method, sparsity=None if pattern else 0.5, pattern=pattern or "unstructured",
-                             calib=CalibConfig(nsamples=args.nsamples, seqlen=args.seqlen, batch_size=args.batch_size),
+        config = PruneConfig(method=method, sparsity=None if pattern else 0.5,
+                             pattern=pattern or "unstructured",
+                             calib=CalibConfig(nsamples=args.nsamples, seqlen=args.seqlen,
+                                               batch_size=args.batch_size),
                              **{k: v for step in steps for k, v in STEPS[step].items()})
         with PeakMemory(device) as mem:
             t0 = time.perf_counter()

@@ -51,15 +51,16 @@ def measure(args, log: list[str]) -> None:
     out, work = Path(args.out), Path(args.work)
     data = ["--data-dir", args.data_dir] if args.data_dir else []
     if not (out / "dense.json").exists():
-        _run(["eval", "--model", "smollm2-135m", "--dataset", "ptb", "--seqlen", "2048", "--batch-size", "4", *EVAL,
-              *data, "--no-progress", "--json", str(out / "dense.json")], log)
+        _run(["eval", "--model", "smollm2-135m", "--dataset", "ptb", "--seqlen", "2048", "--batch-size", "4",
+              *EVAL, *data, "--no-progress", "--json", str(out / "dense.json")], log)
     for pattern in args.patterns:
         slug = pattern.replace(":", "_")
         pruned = work / f"wanda-{slug}"
         if not (pruned / "llmprune.json").exists():
-            _run(["prune", "--model", "smollm2-135m", "--method", "wanda", "--pattern", pattern, "--calib", "c4",
-                  "--nsamples", "8", "--seqlen", "2048", "--seed", "0", "--calib-batch-size", "8", "--eval", "", *data, "--no-progress",
-                  "--save", str(pruned), "--overwrite"], log)
+            _run(["prune", "--model", "smollm2-135m", "--method", "wanda", "--pattern", pattern,
+                  "--calib", "c4", "--nsamples", "8", "--seqlen", "2048", "--seed", "0",
+                  "--calib-batch-size", "8", "--eval", "", *data, "--no-progress", "--save", str(pruned),
+                  "--overwrite"], log)
         for method in [] if args.prune_only else args.methods:
             result = out / f"wanda-{slug}-{method}.json"
             if result.exists():
@@ -74,16 +75,16 @@ def measure(args, log: list[str]) -> None:
 
 
 def plot_and_summarise(args, log: list[str]) -> None:
-    from llmprune.report.plots import _finish, _log_y, _new_figure
+    from llmprune.report.plots import finish_figure, log_y, new_figure
 
     out = Path(args.out)
     dense = _ppl(json.loads((out / "dense.json").read_text()))
     runs = {p.stem: json.loads(p.read_text()) for p in sorted(out.glob("wanda-*.json"))}
-    fig, ax = _new_figure()
+    fig, ax = new_figure()
     colors = {"unstructured": "tab:blue", "2:4": "tab:red"}
     styles = {"kd": "-", "lora": "--"}
     rows = []
-    for name, record in runs.items():
+    for _name, record in runs.items():
         section = record["recover"]
         method, pattern = section["config"]["method"], record["pattern"]
         curve = section["curve"]
@@ -99,21 +100,21 @@ def plot_and_summarise(args, log: list[str]) -> None:
             f"{section['cpu_seconds'] / 60:.1f} | {section['config']['lr']:g} | "
             f"{section['sparsity_before']:.4%} → {section['sparsity_after']:.4%} |")
     ax.axhline(dense, color="gray", linestyle=":", linewidth=1, label=f"Dense ({dense:.2f})")
-    _log_y(ax)
-    _finish(fig, ax, out / "ppl_vs_minutes.png", "training CPU minutes (process CPU time, 2 threads)",
-            "PTB perplexity (16 x 2048)", "SmolLM2-135M: recovery after Wanda pruning, zeros kept")
+    log_y(ax)
+    finish_figure(fig, ax, out / "ppl_vs_minutes.png", "training CPU minutes (process CPU time, 2 threads)",
+                  "PTB perplexity (16 x 2048)", "SmolLM2-135M: recovery after Wanda pruning, zeros kept")
     header = ("| run | PTB before | along the way | PTB after | gap to dense closed | steps | tokens | "
               "train min (wall) | train min (CPU) | lr | sparsity before → after |")
     summary = [
         "# Recovery of pruned SmolLM2-135M on a 2-core CPU",
         "",
         f"Dense PTB perplexity {dense:.2f} (first 16 test windows of 2048 tokens). Each run trains for about "
-        f"{args.minutes:g} minutes of its own CPU time (`--max-cpu-minutes`; 2 threads, so about half that in wall "
-        f"time on an idle machine), {args.seqlen}-token C4-sample windows, batch {args.batch_size}, seed 1 (the "
-        "pruning calibration used seed 0), constant learning rate after 5 warmup steps. PTB evaluation time is "
-        "not counted. The budget is CPU time, which other jobs on the machine do not eat; wall minutes depend on "
-        "the load at the time (the Wanda 50% kd run shared the machine with other jobs, load average 8 to 12 on "
-        "2 cores; the others ran with at most one other job).",
+        f"{args.minutes:g} minutes of its own CPU time (`--max-cpu-minutes`; 2 threads, so about half that "
+        f"in wall time on an idle machine), {args.seqlen}-token C4-sample windows, batch {args.batch_size}, "
+        "seed 1 (the pruning calibration used seed 0), constant learning rate after 5 warmup steps. PTB "
+        "evaluation time is not counted. The budget is CPU time, which other jobs on the machine do not eat; "
+        "wall minutes depend on the load at the time (the Wanda 50% kd run shared the machine with other "
+        "jobs, load average 8 to 12 on 2 cores; the others ran with at most one other job).",
         "",
         header,
         "|" + "---|" * (header.count("|") - 1),
@@ -135,7 +136,8 @@ def plot_and_summarise(args, log: list[str]) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="eval/results/recover_smollm2")
-    parser.add_argument("--work", default="/tmp/recover_smollm2", help="where the pruned checkpoints go (not committed)")
+    parser.add_argument("--work", default="/tmp/recover_smollm2",
+                        help="where the pruned checkpoints go (not committed)")
     parser.add_argument("--data-dir", default=os.environ.get("LLMPRUNE_DATA_DIR"))
     parser.add_argument("--patterns", type=lambda s: s.split(","), default=["unstructured", "2:4"])
     parser.add_argument("--methods", type=lambda s: s.split(","), default=["kd", "lora"])
@@ -145,7 +147,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=1)
     parser.add_argument("--lr-kd", type=float, default=2e-4)
     parser.add_argument("--lr-lora", type=float, default=1e-3)
-    parser.add_argument("--prune-only", action="store_true", help="stop after the dense evaluation and pruning")
+    parser.add_argument("--prune-only", action="store_true",
+                        help="stop after the dense evaluation and pruning")
     parser.add_argument("--plot-only", action="store_true")
     args = parser.parse_args(argv)
     out = Path(args.out)

@@ -30,7 +30,8 @@ dense copy of that block, with llmprune's per-block target) and the two masks ar
 separates algorithm differences from float noise that the sequential propagation amplifies.
 
     python benchmarks/reference_frontier.py --methods owl-wanda:0.5,owl-wanda:0.7,ria:0.5,ria:2:4,\\
-        dsnot-wanda:0.5,dsnot-wanda:0.7 --nsamples 8 --max-windows 8 --json eval/results/reference_frontier.json
+        dsnot-wanda:0.5,dsnot-wanda:0.7 --nsamples 8 --max-windows 8 \\
+        --json eval/results/reference_frontier.json
 """
 
 from __future__ import annotations
@@ -50,15 +51,22 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from reference_protocol import (_layer0_inputs, _linears, _ref_sparsegpt, _ref_wanda_mask,  # noqa: E402
-                                add_protocol_args, load_protocol, reference_ppl)
+from reference_protocol import (  # noqa: E402
+    add_protocol_args,
+    layer0_inputs,
+    linears,
+    load_protocol,
+    ref_sparsegpt,
+    ref_wanda_mask,
+    reference_ppl,
+)
 
 from llmprune.config import CalibConfig, PruneConfig  # noqa: E402
-from llmprune.methods import block_needs, get_method  # noqa: E402
 from llmprune.engine import BlockPlan, prune  # noqa: E402
 from llmprune.engine.mask import block_config, calibrate_and_prune  # noqa: E402
 from llmprune.engine.plan import plan_layers  # noqa: E402
 from llmprune.math.allocation import BlockTargets  # noqa: E402
+from llmprune.methods import block_needs, get_method  # noqa: E402
 
 
 @dataclass
@@ -78,8 +86,8 @@ class Spec:
     def config(self, args) -> PruneConfig:
         pattern = f"{self.n}:{self.m}" if self.m else "unstructured"
         return PruneConfig(method=self.method, pattern=pattern, sparsity=None if self.m else self.sparsity,
-                           allocation="owl" if self.owl else "uniform", owl_m=args.owl_m, owl_lambda=args.owl_lambda,
-                           refine="dsnot" if self.dsnot else None,
+                           allocation="owl" if self.owl else "uniform", owl_m=args.owl_m,
+                           owl_lambda=args.owl_lambda, refine="dsnot" if self.dsnot else None,
                            calib=CalibConfig(dataset=args.calib, nsamples=args.nsamples, seqlen=args.seqlen,
                                              seed=args.seed))
 
@@ -95,7 +103,7 @@ def parse_spec(text: str) -> Spec:
     return Spec(text, method, float(rest[0]) if rest else 0.5, 0, 0, owl, dsnot)
 
 
-class _Stats:
+class RefStats:
     """The official WrappedGPT statistics of one Linear: Wanda's running-mean ``scaler_row``,
     SparseGPT's H, and DSnoT's ``sum_metric_row`` and combined variance."""
 
@@ -111,7 +119,8 @@ class _Stats:
         inp = inp.reshape(-1, inp.shape[-1]).t().float()  # (cols, tokens) of one sample
         var_inp = torch.var(inp, dim=1, unbiased=False)
         num = inp.shape[1]
-        self.var = var_inp if self.ntokens == 0 else (self.var * self.ntokens + var_inp * num) / (self.ntokens + num)
+        self.var = (var_inp if self.ntokens == 0
+                    else (self.var * self.ntokens + var_inp * num) / (self.ntokens + num))
         self.ntokens += num
         self.scaler_row *= self.nsamples / (self.nsamples + 1)
         self.sum_metric_row *= self.nsamples / (self.nsamples + 1)
@@ -125,8 +134,9 @@ class _Stats:
             self.H += scaled.matmul(scaled.t())
 
 
-def _hooked_pass(block, inps, kw, stats):
-    handles = [s.layer.register_forward_hook(lambda mod, a, o, s=s: s.add_batch(a[0].data)) for s in stats.values()]
+def hooked_pass(block, inps, kw, stats):
+    handles = [s.layer.register_forward_hook(lambda mod, a, o, s=s: s.add_batch(a[0].data))
+               for s in stats.values()]
     try:
         outs = torch.zeros_like(inps)
         for j in range(inps.shape[0]):
@@ -138,7 +148,7 @@ def _hooked_pass(block, inps, kw, stats):
     return outs
 
 
-def _wanda_metric(st: _Stats) -> torch.Tensor:
+def _wanda_metric(st: RefStats) -> torch.Tensor:
     return st.layer.weight.data.abs() * torch.sqrt(st.scaler_row.reshape(1, -1))
 
 
@@ -151,8 +161,8 @@ def ref_owl_density(model, inps, kw, sparsity: float, hyper_m: float, lamda: flo
     inps = inps.clone()
     ratios = []
     for block in model.model.layers:
-        stats = {n: _Stats(m, hessian=False) for n, m in _linears(block).items()}
-        outs = _hooked_pass(block, inps, kw, stats)
+        stats = {n: RefStats(m, hessian=False) for n, m in linears(block).items()}
+        outs = hooked_pass(block, inps, kw, stats)
         flat = torch.cat([torch.flatten(_wanda_metric(s).cpu()) for s in stats.values()])
         ratios.append(float((flat > torch.mean(flat) * hyper_m).sum().item()) / flat.numel() * 100)
         inps = outs
@@ -164,12 +174,12 @@ def ref_owl_density(model, inps, kw, sparsity: float, hyper_m: float, lamda: flo
 
 # ---- RIA ---------------------------------------------------------------------------------------
 
-def ref_ria_mask(st: _Stats, sparsity: float, prune_n: int, prune_m: int, a: float = 0.5) -> torch.Tensor:
+def ref_ria_mask(st: RefStats, sparsity: float, prune_n: int, prune_m: int, a: float = 0.5) -> torch.Tensor:
     W = st.layer.weight.data
     metric = (W.abs() / torch.sum(W.abs(), dim=0) + W.abs() / torch.sum(W.abs(), dim=1).reshape(-1, 1)) \
         * torch.sqrt(st.scaler_row.reshape(1, -1)) ** a
     if prune_n:
-        return _ref_wanda_mask(metric, sparsity, prune_n, prune_m)
+        return ref_wanda_mask(metric, sparsity, prune_n, prune_m)
     thresh = torch.sort(metric.flatten())[0][int(W.shape[0] * W.shape[1] * sparsity)]
     return metric <= thresh
 
@@ -191,7 +201,7 @@ def _reorder(values: torch.Tensor) -> torch.Tensor:
     return (pos + neg).to(torch.int64)
 
 
-def ref_dsnot_mask(name: str, st: _Stats, sparsity: float, cycles=50, threshold=0.1, pow_regrow=1.0,
+def ref_dsnot_mask(name: str, st: RefStats, sparsity: float, cycles=50, threshold=0.1, pow_regrow=1.0,
                    skip="mlp") -> torch.Tensor:
     """``prune_DSnoT`` unstructured, initial method wanda."""
     W = st.layer.weight.data
@@ -252,15 +262,15 @@ def reference_prune(model, windows, spec: Spec, args, on_block=None) -> dict:
     extra: dict = {}
     if spec.method == "magnitude":
         for block in layers:
-            for layer in _linears(block).values():
+            for layer in linears(block).values():
                 W = layer.weight.data
                 if spec.prune_n:
-                    mask = _ref_wanda_mask(W.abs(), spec.sparsity, spec.prune_n, spec.m)
+                    mask = ref_wanda_mask(W.abs(), spec.sparsity, spec.prune_n, spec.m)
                 else:
                     mask = W.abs() <= torch.sort(W.abs().flatten())[0][int(W.numel() * spec.sparsity)]
                 W[mask] = 0
         return extra
-    inps, kw = _layer0_inputs(model, windows)
+    inps, kw = layer0_inputs(model, windows)
     density = None
     if spec.owl:
         extra["outlier_ratio_percent"], density = ref_owl_density(model, inps, kw, spec.sparsity, args.owl_m,
@@ -269,8 +279,8 @@ def reference_prune(model, windows, spec: Spec, args, on_block=None) -> dict:
     for i, block in enumerate(layers):
         dense = copy.deepcopy(block) if on_block else None
         block_inputs = inps.clone() if on_block else None
-        stats = {n: _Stats(m, hessian=spec.method == "sparsegpt") for n, m in _linears(block).items()}
-        _hooked_pass(block, inps, kw, stats)
+        stats = {n: RefStats(m, hessian=spec.method == "sparsegpt") for n, m in linears(block).items()}
+        hooked_pass(block, inps, kw, stats)
         sparsity = spec.sparsity
         if density is not None:
             sparsity = 1 - density[i]
@@ -279,18 +289,18 @@ def reference_prune(model, windows, spec: Spec, args, on_block=None) -> dict:
         for name, st in stats.items():
             W = st.layer.weight.data
             if spec.method == "sparsegpt":
-                _ref_sparsegpt(st.layer, st.H, sparsity, spec.prune_n, spec.m)
+                ref_sparsegpt(st.layer, st.H, sparsity, spec.prune_n, spec.m)
                 continue
             if spec.dsnot:
                 mask = ref_dsnot_mask(name, st, sparsity)
             elif spec.method == "ria":
                 mask = ref_ria_mask(st, sparsity, spec.prune_n, spec.m)
             else:
-                mask = _ref_wanda_mask(_wanda_metric(st), sparsity, spec.prune_n, spec.m)
+                mask = ref_wanda_mask(_wanda_metric(st), sparsity, spec.prune_n, spec.m)
             W[mask] = 0
         if on_block:
             on_block(i, dense, block_inputs, kw, block)
-        inps = _hooked_pass(block, inps, kw, {})
+        inps = hooked_pass(block, inps, kw, {})
     return extra
 
 
@@ -301,15 +311,17 @@ def _agreement(a: torch.nn.Module, b: torch.nn.Module) -> list[float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--methods", default="owl-wanda:0.5,owl-wanda:0.7,ria:0.5,ria:2:4,dsnot-wanda:0.5,dsnot-wanda:0.7")
+    parser.add_argument("--methods",
+                        default="owl-wanda:0.5,owl-wanda:0.7,ria:0.5,ria:2:4,dsnot-wanda:0.5,dsnot-wanda:0.7")
     parser.add_argument("--owl-m", type=float, default=5.0)
     parser.add_argument("--owl-lambda", type=float, default=0.08)
     parser.add_argument("--no-ppl", action="store_true", help="block-level check and mask agreement only")
     parser.add_argument("--noise-floor", action="store_true",
-                        help="instead: llmprune at several calibration batch sizes (--noise-batches; 1 is the "
-                             "reference's), same algorithm, only the float summation order differs")
+                        help="instead: llmprune at several calibration batch sizes (--noise-batches; 1 is "
+                             "the reference's), same algorithm, only the float summation order differs")
     parser.add_argument("--noise-batches", default="8,4,2,1",
-                        help="calibration batch sizes of the noise-floor run; the first is the one masks are compared to")
+                        help="calibration batch sizes of the noise-floor run; the first is the one masks "
+                             "are compared to")
     add_protocol_args(parser, nsamples=8, max_windows=8)
     args = parser.parse_args()
     base, tokenizer, windows, tokens = load_protocol(args)
@@ -323,7 +335,7 @@ def main() -> None:
         if text in previous:
             rows.append(previous[text])
             print(f"{text:<18} (kept from {args.json})", flush=True)
-            _write_rows(args, rows, previous)
+            write_rows(args, rows, previous)
             continue
         spec = parse_spec(text)
         config = spec.config(args)
@@ -336,11 +348,13 @@ def main() -> None:
         method, needs = get_method(config.method), block_needs(config)
         per_block = []
 
-        def check_block(i, dense, inputs, kw, ref_block):
+        def check_block(i, dense, inputs, kw, ref_block, plans=plans, needs=needs, config=config,
+                        targets=targets, method=method, per_block=per_block):
             names = list(plans[i].layers)
             plan = BlockPlan({n: dense.get_submodule(n) for n in names}, plans[i].stages, plans[i].passes)
             if needs:
-                calibrate_and_prune(dense, i, plan, inputs, kw, block_config(config, targets, i), method, needs)
+                calibrate_and_prune(dense, i, plan, inputs, kw,
+                                    block_config(config, targets, i), method, needs)
             agree = [((dense.get_submodule(n).weight == 0) == (ref_block.get_submodule(n).weight == 0))
                      .float().mean().item() for n in names]
             per_block.append({"block": i, "min": min(agree), "mean": sum(agree) / len(agree),
@@ -348,20 +362,25 @@ def main() -> None:
 
         ref = copy.deepcopy(base)
         t0 = time.perf_counter()
-        extra = reference_prune(ref, windows, spec, args, on_block=check_block if spec.method != "magnitude" else None)
+        extra = reference_prune(ref, windows, spec, args,
+                                on_block=check_block if spec.method != "magnitude" else None)
         ref_seconds = time.perf_counter() - t0
         agree = _agreement(ref.model.layers, ours.model.layers)
-        row = {"method": text, "mask_agreement_min": min(agree), "mask_agreement_mean": sum(agree) / len(agree),
+        row = {"method": text, "mask_agreement_min": min(agree),
+               "mask_agreement_mean": sum(agree) / len(agree),
                "reference_seconds": ref_seconds, "llmprune_seconds": report.seconds,
                "block_check_min": min((b["min"] for b in per_block), default=None),
-               "block_check_mean": (sum(b["mean"] for b in per_block) / len(per_block)) if per_block else None,
+               "block_check_mean": ((sum(b["mean"] for b in per_block) / len(per_block)) if per_block
+                                    else None),
                "block_check": per_block,
                "llmprune_zeros": _zeros_share(ours), "reference_zeros": _zeros_share(ref),
                "llmprune_calib_batch": config.calib.batch_size}
         if spec.owl:
             ours_d = [100 * d for d in alloc.get("outlier_ratio", [])]
-            row.update(reference_outlier_ratio_percent=extra["outlier_ratio_percent"], llmprune_outlier_ratio_percent=ours_d,
-                       reference_block_sparsity=extra["block_sparsity"], llmprune_block_sparsity=alloc.get("block_sparsity"),
+            row.update(reference_outlier_ratio_percent=extra["outlier_ratio_percent"],
+                       llmprune_outlier_ratio_percent=ours_d,
+                       reference_block_sparsity=extra["block_sparsity"],
+                       llmprune_block_sparsity=alloc.get("block_sparsity"),
                        max_block_sparsity_diff=max(abs(a - b) for a, b in zip(extra["block_sparsity"],
                                                                                alloc["block_sparsity"])))
         if not args.no_ppl:
@@ -370,15 +389,15 @@ def main() -> None:
             row["rel_diff"] = (row["llmprune_ppl"] - row["reference_ppl"]) / row["reference_ppl"]
         del ref, ours
         rows.append(row)
-        ppl = "" if args.no_ppl else (f"reference {row['reference_ppl']:9.3f}  llmprune {row['llmprune_ppl']:9.3f}  "
-                                      f"diff {row['rel_diff']:+.3%}  ")
+        ppl = "" if args.no_ppl else (f"reference {row['reference_ppl']:9.3f}  "
+                                      f"llmprune {row['llmprune_ppl']:9.3f}  diff {row['rel_diff']:+.3%}  ")
         block = "" if row["block_check_min"] is None else f"  block check min {row['block_check_min']:.5f}"
         print(f"{text:<18} {ppl}whole-model mask agreement min {row['mask_agreement_min']:.5f}{block}  "
               f"prune s: ref {ref_seconds:.0f} / ours {report.seconds:.0f}", flush=True)
-        _write_rows(args, rows, previous)
+        write_rows(args, rows, previous)
 
 
-def _write_rows(args, rows: list[dict], previous: dict) -> None:
+def write_rows(args, rows: list[dict], previous: dict) -> None:
     """The rows so far, then the file's earlier rows this run has not reached or does not
     measure, after each method: a late failure or a shorter ``--methods`` loses nothing."""
     if args.json:
@@ -406,8 +425,9 @@ def noise_floor(args, base, tokenizer, windows, tokens, previous: dict) -> None:
                 continue
             config = spec.config(args)
             config = PruneConfig(**{**{f: getattr(config, f) for f in config.__dataclass_fields__},
-                                    "calib": CalibConfig(dataset=args.calib, nsamples=args.nsamples, seqlen=args.seqlen,
-                                                         seed=args.seed, batch_size=batch)})
+                                    "calib": CalibConfig(dataset=args.calib, nsamples=args.nsamples,
+                                                         seqlen=args.seqlen, seed=args.seed,
+                                                         batch_size=batch)})
             models[batch] = copy.deepcopy(base)
             prune(models[batch], tokenizer, config, windows=windows, progress=False)
             if batch not in ppl:
@@ -422,7 +442,7 @@ def noise_floor(args, base, tokenizer, windows, tokens, previous: dict) -> None:
         rows.append(row)
         print(f"{text:<18} spread {row['spread']:.3%} over batches {sorted(ppl)}, lowest mask agreement "
               f"{row['mask_agreement_min']:.5f}", flush=True)
-        _write_rows(args, rows, previous)
+        write_rows(args, rows, previous)
         del first, models
 
 

@@ -37,20 +37,20 @@ sys.path.insert(0, str(ROOT))
 
 from llmprune.config import CalibConfig, PruneConfig  # noqa: E402
 from llmprune.data import calibration_windows, eval_tokens  # noqa: E402
-from llmprune.models import load_model  # noqa: E402
 from llmprune.engine import prune  # noqa: E402
+from llmprune.models import load_model  # noqa: E402
 
 
 class _Caught(Exception):
     pass
 
 
-def _linears(block: nn.Module) -> dict[str, nn.Linear]:
+def linears(block: nn.Module) -> dict[str, nn.Linear]:
     return {n: m for n, m in block.named_modules() if isinstance(m, nn.Linear)}
 
 
 @torch.no_grad()
-def _layer0_inputs(model, windows):
+def layer0_inputs(model, windows):
     """The reference's Catcher: record block 0's input (one sample at a time) and its kwargs."""
     layers = model.model.layers
     inps, kw = [], {}
@@ -83,7 +83,8 @@ class _Wrapped:
 
     def __init__(self, layer: nn.Linear, hessian: bool):
         self.layer, self.nsamples = layer, 0
-        cols, dev = layer.in_features, layer.weight.device  # the reference's WrappedGPT: on the layer's device
+        # the reference's WrappedGPT: on the layer's device
+        cols, dev = layer.in_features, layer.weight.device
         self.scaler_row = torch.zeros(cols, device=dev)
         self.H = torch.zeros(cols, cols, device=dev) if hessian else None
 
@@ -99,7 +100,7 @@ class _Wrapped:
             self.H += scaled.matmul(scaled.t())
 
 
-def _ref_wanda_mask(metric, sparsity, prune_n, prune_m):
+def ref_wanda_mask(metric, sparsity, prune_n, prune_m):
     mask = torch.zeros_like(metric, dtype=torch.bool)
     if prune_n:
         for col in range(0, metric.shape[1], prune_m):
@@ -111,7 +112,7 @@ def _ref_wanda_mask(metric, sparsity, prune_n, prune_m):
     return mask
 
 
-def _ref_sparsegpt(layer: nn.Linear, H, sparsity, prune_n, prune_m, percdamp=0.01, blocksize=128):
+def ref_sparsegpt(layer: nn.Linear, H, sparsity, prune_n, prune_m, percdamp=0.01, blocksize=128):
     W = layer.weight.data.clone().float()
     cols = W.shape[1]
     dead = torch.diag(H) == 0
@@ -149,32 +150,33 @@ def reference_prune(model, windows, method: str, sparsity: float, prune_n: int, 
     layers = model.model.layers
     if method == "magnitude":
         for block in layers:
-            for layer in _linears(block).values():
+            for layer in linears(block).values():
                 W = layer.weight.data
                 metric = W.abs()
                 if prune_n:
-                    mask = _ref_wanda_mask(metric, sparsity, prune_n, prune_m)
+                    mask = ref_wanda_mask(metric, sparsity, prune_n, prune_m)
                 else:
                     thresh = torch.sort(metric.flatten())[0][int(W.numel() * sparsity)]
                     mask = metric <= thresh
                 W[mask] = 0
         return
-    inps, kw = _layer0_inputs(model, windows)
+    inps, kw = layer0_inputs(model, windows)
     outs = torch.zeros_like(inps)
     for block in layers:
-        wrapped = {n: _Wrapped(m, hessian=method == "sparsegpt") for n, m in _linears(block).items()}
-        handles = [wrapped[n].layer.register_forward_hook(lambda mod, a, o, n=n: wrapped[n].add_batch(a[0].data))
+        wrapped = {n: _Wrapped(m, hessian=method == "sparsegpt") for n, m in linears(block).items()}
+        handles = [wrapped[n].layer.register_forward_hook(lambda mod, a, o, n=n, wrapped=wrapped:
+                                                          wrapped[n].add_batch(a[0].data))
                    for n in wrapped]
         for j in range(inps.shape[0]):
             block(inps[j].unsqueeze(0), **kw)
         for h in handles:
             h.remove()
-        for name, wr in wrapped.items():
+        for _name, wr in wrapped.items():
             if method == "wanda":
                 metric = wr.layer.weight.data.abs() * torch.sqrt(wr.scaler_row.reshape(1, -1))
-                wr.layer.weight.data[_ref_wanda_mask(metric, sparsity, prune_n, prune_m)] = 0
+                wr.layer.weight.data[ref_wanda_mask(metric, sparsity, prune_n, prune_m)] = 0
             else:
-                _ref_sparsegpt(wr.layer, wr.H, sparsity, prune_n, prune_m)
+                ref_sparsegpt(wr.layer, wr.H, sparsity, prune_n, prune_m)
         for j in range(inps.shape[0]):
             out = block(inps[j].unsqueeze(0), **kw)
             outs[j] = (out[0] if isinstance(out, tuple) else out)[0]
@@ -190,7 +192,8 @@ def reference_ppl(model, tokens, seqlen, max_windows=None):
     for i in range(n):
         inputs = tokens[i * seqlen:(i + 1) * seqlen].reshape(1, seqlen)
         logits = model(inputs).logits
-        loss = nn.CrossEntropyLoss()(logits[:, :-1, :].reshape(-1, logits.shape[-1]).float(), inputs[:, 1:].reshape(-1))
+        loss = nn.CrossEntropyLoss()(logits[:, :-1, :].reshape(-1, logits.shape[-1]).float(),
+                                     inputs[:, 1:].reshape(-1))
         nlls.append(loss.float() * seqlen)
     return torch.exp(torch.stack(nlls).sum() / (n * seqlen)).item()
 
@@ -230,7 +233,8 @@ def main() -> None:
     ref = reference_ppl(base, tokens, args.seqlen, args.max_windows)
     mine = evaluate_perplexity(base, tokenizer, args.eval, args.seqlen, data_dir=args.data_dir,
                                max_windows=args.max_windows, progress=False).ppl
-    rows.append({"method": "dense", "reference_ppl": ref, "llmprune_ppl": mine, "rel_diff": (mine - ref) / ref})
+    rows.append({"method": "dense", "reference_ppl": ref, "llmprune_ppl": mine,
+                 "rel_diff": (mine - ref) / ref})
     print(f"{'dense':<14} reference {ref:10.3f}  llmprune {mine:10.3f}  diff {rows[0]['rel_diff']:+.4%}"
           "  (llmprune's evaluate_perplexity vs the reference loop)", flush=True)
     for spec in args.methods.split(","):
@@ -248,7 +252,8 @@ def main() -> None:
         ours = copy.deepcopy(base)
         report = prune(ours, tokenizer, config, windows=windows, progress=False)
         agree = []
-        for (n1, p1), (_, p2) in zip(ref_model.model.layers.named_parameters(), ours.model.layers.named_parameters()):
+        for (_n1, p1), (_, p2) in zip(ref_model.model.layers.named_parameters(),
+                                      ours.model.layers.named_parameters()):
             if p1.dim() == 2:
                 agree.append(((p1 == 0) == (p2 == 0)).float().mean().item())
         ref = reference_ppl(ref_model, tokens, args.seqlen, args.max_windows)
@@ -256,11 +261,12 @@ def main() -> None:
         mine = reference_ppl(ours, tokens, args.seqlen, args.max_windows)
         del ours
         row = {"method": spec, "reference_ppl": ref, "llmprune_ppl": mine, "rel_diff": (mine - ref) / ref,
-               "mask_agreement": min(agree), "reference_seconds": ref_seconds, "llmprune_seconds": report.seconds}
+               "mask_agreement": min(agree), "reference_seconds": ref_seconds,
+               "llmprune_seconds": report.seconds}
         rows.append(row)
         print(f"{spec:<14} reference {ref:10.3f}  llmprune {mine:10.3f}  diff {row['rel_diff']:+.4%}  "
-              f"min mask agreement {row['mask_agreement']:.6f}  prune s: ref {ref_seconds:.0f} / ours {report.seconds:.0f}",
-              flush=True)
+              f"min mask agreement {row['mask_agreement']:.6f}  prune s: ref {ref_seconds:.0f} / ours "
+              f"{report.seconds:.0f}", flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps({"args": vars(args), "rows": rows}, indent=2) + "\n")
 

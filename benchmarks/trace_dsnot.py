@@ -24,11 +24,11 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from reference_frontier import _hooked_pass, _Stats, ref_dsnot_mask  # noqa: E402
-from reference_protocol import _layer0_inputs, add_protocol_args, load_protocol  # noqa: E402
+from reference_frontier import RefStats, hooked_pass, ref_dsnot_mask  # noqa: E402
+from reference_protocol import add_protocol_args, layer0_inputs, load_protocol  # noqa: E402
 
-from llmprune.stats import Accumulator  # noqa: E402
 from llmprune.math.dsnot import dsnot  # noqa: E402
+from llmprune.stats import Accumulator  # noqa: E402
 
 
 def _rel(ours: torch.Tensor, ref: torch.Tensor) -> float:
@@ -39,27 +39,30 @@ def _masks(weight, x_mean, var, norm, sparsity):
     """The official initial Wanda mask (lowest int(in * s) per row, stable order) and DSnoT's."""
     wanda = weight.abs() * torch.sqrt(norm).reshape(1, -1)
     k = int(weight.shape[1] * sparsity)
-    start = torch.zeros_like(weight, dtype=torch.bool).scatter_(1, torch.sort(wanda, dim=1, stable=True)[1][:, :k], True)
+    lowest = torch.sort(wanda, dim=1, stable=True)[1][:, :k]
+    start = torch.zeros_like(weight, dtype=torch.bool).scatter_(1, lowest, True)
     return start, dsnot(weight, start, x_mean, var, wanda)[0]
 
 
 @torch.no_grad()
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--layers", default="self_attn.q_proj,self_attn.k_proj,self_attn.v_proj,self_attn.o_proj")
+    parser.add_argument("--layers",
+                        default="self_attn.q_proj,self_attn.k_proj,self_attn.v_proj,self_attn.o_proj")
     parser.add_argument("--sparsities", default="0.5,0.7")
     add_protocol_args(parser, nsamples=8, max_windows=8)
     args = parser.parse_args()
     base, _, windows, _ = load_protocol(args)
-    inps, kw = _layer0_inputs(base, windows)
+    inps, kw = layer0_inputs(base, windows)
     block = base.model.layers[0]
     layers = {n: block.get_submodule(n) for n in args.layers.split(",")}
-    ref = {n: _Stats(m, hessian=False) for n, m in layers.items()}
+    ref = {n: RefStats(m, hessian=False) for n, m in layers.items()}
     ours = {n: Accumulator(m.in_features, m.weight.device, ("norms", "moments"))
             for n, m in layers.items()}
-    hooks = [m.register_forward_hook(lambda mod, a, o, n=n: ours[n].add(a[0].detach())) for n, m in layers.items()]
+    hooks = [m.register_forward_hook(lambda mod, a, o, n=n: ours[n].add(a[0].detach()))
+             for n, m in layers.items()]
     try:
-        _hooked_pass(block, inps, kw, ref)  # one window at a time, as llmprune at calibration batch 1
+        hooked_pass(block, inps, kw, ref)  # one window at a time, as llmprune at calibration batch 1
     finally:
         for h in hooks:
             h.remove()
@@ -74,9 +77,10 @@ def main() -> None:
             start_ref, on_ref = _masks(layer.weight, r.sum_metric_row, r.var, r.scaler_row, s)
             start_own, on_own = _masks(layer.weight, *mine, s)
             differ = on_own != reference
-            print(f"  {s:.0%}: on the reference's statistics {int((on_ref != reference).sum())} weights differ; "
-                  f"on llmprune's: initial Wanda masks differ in {int((start_own != start_ref).sum())} weights, "
-                  f"DSnoT masks in {int(differ.sum())} weights of {int(differ.any(dim=1).sum())} row(s)")
+            print(f"  {s:.0%}: on the reference's statistics {int((on_ref != reference).sum())} weights "
+                  "differ; on llmprune's: initial Wanda masks differ in "
+                  f"{int((start_own != start_ref).sum())} weights, DSnoT masks in {int(differ.sum())} "
+                  f"weights of {int(differ.any(dim=1).sum())} row(s)")
 
 
 if __name__ == "__main__":

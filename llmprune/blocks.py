@@ -34,6 +34,16 @@ def block_device(block: nn.Module) -> torch.device:
     return first_param_device(block)
 
 
+def input_device(model: nn.Module) -> torch.device:
+    """Where input ids must go: the input embeddings' device (first shard under device_map)."""
+    get = getattr(model, "get_input_embeddings", None)
+    embeddings = get() if callable(get) else None
+    weight = getattr(embeddings, "weight", None)
+    if weight is not None:
+        return weight.device
+    return next(model.parameters()).device
+
+
 @dataclass
 class BlockInputs:
     """Inputs of block 0: hidden states for every calibration window, and the block kwargs.
@@ -104,7 +114,8 @@ def capture_block_inputs(
             hidden = captured.pop("hidden")
             if hidden_all is None:
                 device = torch.device(store_device) if store_device is not None else hidden.device
-                hidden_all = torch.empty((nsamples, seqlen, hidden.shape[-1]), dtype=hidden.dtype, device=device)
+                hidden_all = torch.empty((nsamples, seqlen, hidden.shape[-1]),
+                                         dtype=hidden.dtype, device=device)
             hidden_all[start:stop] = hidden.to(hidden_all.device)
     finally:
         handle.remove()

@@ -13,7 +13,7 @@ def check_sparsity(value: float, name: str = "sparsity") -> float:
     try:
         value = float(value)
     except (TypeError, ValueError):
-        raise LlmpruneError(f"{name} {value!r} is not a number: give a fraction in [0, 1)")
+        raise LlmpruneError(f"{name} {value!r} is not a number: give a fraction in [0, 1)") from None
     if not math.isfinite(value) or not 0.0 <= value < 1.0:
         raise LlmpruneError(f"{name} {value} is outside [0, 1): give a fraction such as 0.5")
     return value
@@ -52,7 +52,8 @@ def check_number(value: Any, name: str, low: float | None = None, high: float | 
                  hint: str = "") -> float:
     """A finite number in [low, high] (either bound may be open-ended)."""
     number = float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else math.nan
-    if not math.isfinite(number) or (low is not None and number < low) or (high is not None and number > high):
+    if not math.isfinite(number) or (low is not None and number < low) \
+            or (high is not None and number > high):
         span = f" in [{low:g}, {high:g}]" if low is not None and high is not None else (
             f" >= {low:g}" if low is not None else (f" <= {high:g}" if high is not None else ""))
         raise LlmpruneError(f"{name} {value!r} must be a finite number{span}{hint}")

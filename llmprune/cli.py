@@ -5,7 +5,9 @@ Flag defaults and help texts come from the config dataclasses (``llmprune.config
 (``LlmpruneError``, bad flags) print one line on stderr and exit with code 2, found before the
 model loads where the inputs alone tell, right after it where the model's shapes are needed.
 A failure to write an output after the work is done prints one line and exits with code 1,
-once every other output has been written.
+once every other output has been written; so does any other failure of the machine (a full
+disk, a file-size limit, a read-only folder). Ctrl-C exits with 130 and SIGTERM with 143, after
+the cleanup code has run, with one line and no traceback, from the first import on.
 """
 
 from __future__ import annotations
@@ -13,17 +15,48 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import json
+import os
 import sys
+import warnings
 from pathlib import Path
 
-from llmprune import __version__
-from llmprune.config import (EXECUTORS, CalibConfig, EvalConfig, Pattern, PruneConfig, SlurmConfig, field_default,
-                             field_help)
-from llmprune.config import ExportConfig  # noqa: E402 (issue 9: checkpoint formats, GGUF)
-from llmprune.config import RECOVER_METHODS, RecoverConfig  # issue 10: recovery
-from llmprune.errors import LlmpruneError
-from llmprune.methods import METHODS, needs_for
-from llmprune.registry import option_fields
+try:  # what these import loads for seconds on a busy machine: Ctrl-C then is one line, not a traceback
+    from llmprune import __version__
+    from llmprune.config import (
+        EXECUTORS,
+        RECOVER_METHODS,
+        CalibConfig,
+        EvalConfig,
+        ExportConfig,
+        Pattern,
+        PruneConfig,
+        RecoverConfig,
+        SlurmConfig,
+        field_default,
+        field_help,
+    )
+    from llmprune.errors import LlmpruneError
+    from llmprune.evaluation import check_eval_memory, evaluate
+    from llmprune.executors import check_executor, run_recipe_submitit
+    from llmprune.io import (
+        check_apart,
+        check_input_file,
+        check_output_file,
+        check_save_dir,
+        exit_code,
+        save_pruned,
+        signals_raise,
+        write_json_atomic,
+    )
+    from llmprune.methods import METHODS, needs_for
+    from llmprune.recipes import load_recipe
+    from llmprune.registry import option_fields
+    from llmprune.report import ReportWarning, write_report
+    from llmprune.results import record_pattern, result_record
+except KeyboardInterrupt:
+    sys.stderr.write("llmprune: interrupted\n")
+    raise SystemExit(130) from None
 
 EXIT_USER_ERROR = 2
 _SLURM_FLAGS = ("partition", "gpus_per_job", "time", "mem_gb", "cpus_per_task", "array_parallelism")
@@ -45,7 +78,8 @@ def _shown(value) -> str:
     return str(value)
 
 
-def _field(p: argparse.ArgumentParser, cls: type, name: str, *flags: str, default_label: str | None = None, **kw):
+def _field(p: argparse.ArgumentParser, cls: type, name: str, *flags: str, default_label: str | None = None,
+           **kw):
     """Add a flag whose default and help come from field ``name`` of config class ``cls``."""
     default = field_default(cls, name)
     if isinstance(default, Pattern):
@@ -73,8 +107,8 @@ def _option_flag(p: argparse.ArgumentParser, f: dataclasses.Field) -> None:
         kw["type"] = type(default)
     elif default is None:
         kw["type"] = int if "int" in str(f.type) else float if "float" in str(f.type) else str
-    p.add_argument("--" + f.name.replace("_", "-"), help=f"{f.metadata.get('help', '')} (default: {_shown(default)})",
-                   **kw)
+    p.add_argument("--" + f.name.replace("_", "-"),
+                   help=f"{f.metadata.get('help', '')} (default: {_shown(default)})", **kw)
 
 
 def _add_model(p: argparse.ArgumentParser, model_help: str | None = None) -> None:
@@ -82,9 +116,11 @@ def _add_model(p: argparse.ArgumentParser, model_help: str | None = None) -> Non
         p.add_argument("--model", required=True, help=model_help)
     else:
         p.add_argument("--model", default="smollm2-135m",
-                       help="hub id, local HF directory, .gguf file, or 'smollm2-135m' (default: the bundled model)")
+                       help="hub id, local HF directory, .gguf file, or 'smollm2-135m' (default: the bundled "
+                            "model)")
     p.add_argument("--dtype", default="float32", help="float32 (default on CPU), bfloat16, float16 or auto")
-    p.add_argument("--device", default=None, help="compute device, e.g. cuda, cuda:1 or cpu (default: cuda if available)")
+    p.add_argument("--device", default=None,
+                   help="compute device, e.g. cuda, cuda:1 or cpu (default: cuda if available)")
     p.add_argument("--device-map", default=None,
                    help="accelerate device map for models that do not fit one device, e.g. 'auto' "
                         "(multi-GPU / CPU offload); pruning then runs each block where it lives")
@@ -100,7 +136,8 @@ def _add_eval(p: argparse.ArgumentParser, dataset_flag: str, training: bool = Fa
     else:
         _field(p, CalibConfig, "seqlen", "--seqlen", type=int)
     p.add_argument("--data-dir", default=None,
-                   help="folder with local copies of the datasets (default: $LLMPRUNE_DATA_DIR, else the hub)")
+                   help="folder with local copies of the datasets (default: "
+                        "$LLMPRUNE_DATA_DIR, else the hub)")
     _field(p, EvalConfig, "max_windows", "--max-windows", type=int)
     if training:
         _field(p, EvalConfig, "batch_size", "--eval-batch-size", dest="eval_batch_size")
@@ -114,9 +151,10 @@ def _add_eval(p: argparse.ArgumentParser, dataset_flag: str, training: bool = Fa
 
 # PruneConfig's own fields that are flags of `llmprune prune`, named as the fields
 _CORE_FIELDS = ("method", "sparsity", "pattern", "true_sequential", "include", "exclude", "skip_attention",
-                "skip_mlp", "allocation", "permute", "refine", "reconstruct", "quantize", "offload", "offload_dir",
-                "activations")
-_CORE_KW = {"method": {"metavar": "|".join(METHODS.names())}, "sparsity": {"type": float}, "include": {"metavar": "GLOBS"}, "exclude": {"metavar": "GLOBS"},
+                "skip_mlp", "allocation", "permute", "refine", "reconstruct", "quantize", "offload",
+                "offload_dir", "activations")
+_CORE_KW = {"method": {"metavar": "|".join(METHODS.names())}, "sparsity": {"type": float},
+            "include": {"metavar": "GLOBS"}, "exclude": {"metavar": "GLOBS"},
             "quantize": {"type": str}, "refine": {"type": str},
             "offload": {"type": str, "metavar": "cpu|disk", "default_label": "none"},
             "offload_dir": {"type": str, "metavar": "DIR", "default_label": "none"},
@@ -133,6 +171,18 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model(ev)
     _add_eval(ev, "--dataset")
 
+    _add_prune_command(sub)
+    _add_recover_command(sub)
+    _add_run_command(sub)
+    _add_model_file_commands(sub)
+
+    rp = sub.add_parser("report", help="tables and plots from a results folder")
+    rp.add_argument("results", help="folder of result JSON files")
+    return parser
+
+
+def _add_prune_command(sub) -> None:
+    """``llmprune prune``: the core configs' fields, every registered component's options."""
     pr = sub.add_parser("prune", help="prune a model, then evaluate dense and pruned")
     _add_model(pr)
     for name in _CORE_FIELDS:  # --method, --sparsity, ..., --offload-dir
@@ -148,45 +198,67 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--skip-dense", action="store_true", help="do not evaluate the dense model first")
     pr.add_argument("--save", default=None, metavar="DIR", help="save the pruned model as an HF checkpoint")
     pr.add_argument("--overwrite", action="store_true",
-                    help="let --save replace an earlier llmprune checkpoint (never a folder with other files)")
+                    help="let --save replace an earlier llmprune checkpoint (never a folder "
+                         "with other files)")
     _add_eval(pr, "--eval")
 
-    rc = sub.add_parser("recover", help="train a pruned model towards its dense original, keeping its zeros (kd or LoRA)")
-    _add_model(rc, model_help="the pruned model (student): local HF directory, e.g. a `llmprune prune --save` folder")
-    rc.add_argument("--teacher", required=True, help="the dense model it was pruned from: hub id, directory, .gguf "
-                                                     "file or 'smollm2-135m'")
+
+def _add_recover_command(sub) -> None:
+    """``llmprune recover``: the RecoverConfig fields, the teacher, resumable checkpoints."""
+    rc = sub.add_parser("recover", help="train a pruned model towards its dense original, keeping its zeros "
+                                        "(kd or LoRA)")
+    _add_model(rc, model_help="the pruned model (student): local HF directory, e.g. a `llmprune prune "
+                              "--save` folder")
+    rc.add_argument("--teacher", required=True,
+                    help="the dense model it was pruned from: hub id, directory, .gguf file or "
+                         "'smollm2-135m'")
     for f in dataclasses.fields(RecoverConfig):
         _field(rc, RecoverConfig, f.name, "--" + f.name.replace("_", "-"),
-               **{"lr": {"type": float, "default_label": "the method's"}, "max_minutes": {"type": float}, "max_cpu_minutes": {"type": float}, "method": {"choices": RECOVER_METHODS},
+               **{"lr": {"type": float, "default_label": "the method's"}, "max_minutes": {"type": float},
+                  "max_cpu_minutes": {"type": float}, "method": {"choices": RECOVER_METHODS},
                   "lora_targets": {"metavar": "NAMES"}}.get(f.name, {}))
-    rc.add_argument("--skip-dense", action="store_true", help="do not evaluate the teacher (the dense baseline)")
+    rc.add_argument("--skip-dense", action="store_true",
+                    help="do not evaluate the teacher (the dense baseline)")
     rc.add_argument("--save", default=None, metavar="DIR",
-                    help="save the recovered model as an HF checkpoint; resumable checkpoints go there while it trains")
+                    help="save the recovered model as an HF checkpoint; resumable checkpoints go there while "
+                         "it trains")
     rc.add_argument("--overwrite", action="store_true",
-                    help="let --save replace an earlier llmprune checkpoint (never a folder with other files)")
-    rc.add_argument("--resume", action="store_true", help="continue the interrupted run whose checkpoint is in --save")
+                    help="let --save replace an earlier llmprune checkpoint (never a folder "
+                         "with other files)")
+    rc.add_argument("--resume", action="store_true",
+                    help="continue the interrupted run whose checkpoint is in --save")
     _add_eval(rc, "--eval", training=True)
 
+
+def _add_run_command(sub) -> None:
+    """``llmprune run``: a recipe, its output folder and the executor with its SLURM sizes."""
     rn = sub.add_parser("run", help="run every run of a YAML recipe (resumable), then write the report")
     rn.add_argument("recipe", help="recipe YAML file, e.g. recipes/smollm2_cpu.yaml")
     rn.add_argument("--out", default=None, help="results folder (default: results/<recipe name>)")
     rn.add_argument("--data-dir", default=None, help="folder with local copies of the datasets")
     rn.add_argument("--only", type=_csv, default=None, metavar="NAMES", help="run only these runs")
-    rn.add_argument("--force", action="store_true", help="reuse an output folder that holds another recipe's results")
+    rn.add_argument("--force", action="store_true",
+                    help="reuse an output folder that holds another recipe's results")
     rn.add_argument("--no-progress", action="store_true", help="hide progress bars")
     rn.add_argument("--executor", default="local", choices=EXECUTORS,
                     help="local: every run in this process (default); slurm: one SLURM job per run through "
                          "submitit (a job array); submitit-local: one local process per run through submitit")
     for name in _SLURM_FLAGS:
-        _field(rn, SlurmConfig, name, "--" + name.replace("_", "-"), default=None, type=str if name == "partition" else int,
+        _field(rn, SlurmConfig, name, "--" + name.replace("_", "-"), default=None,
+               type=str if name == "partition" else int,
                default_label=f"the recipe's slurm: block, else {_shown(field_default(SlurmConfig, name))}")
 
-    ins = sub.add_parser("inspect", help="what llmprune finds in a model: blocks, prunable layers, groups, stages, experts")
+
+def _add_model_file_commands(sub) -> None:
+    """``llmprune inspect``, ``compress`` and ``export``: one model in, a description or a file out."""
+    ins = sub.add_parser("inspect", help="what llmprune finds in a model: blocks, prunable layers, groups, "
+                                         "stages, experts")
     ins.add_argument("model", help="hub id, local HF directory, .gguf file, or 'smollm2-135m'")
     ins.add_argument("--dtype", default="float32", help="float32 (default), bfloat16, float16 or auto")
     ins.add_argument("--device", default="cpu", help="where the discovery forward runs (default: cpu)")
 
-    co = sub.add_parser("compress", help="re-write a (pruned) checkpoint as bitmask + nonzero values, optionally int8")
+    co = sub.add_parser("compress",
+                        help="re-write a (pruned) checkpoint as bitmask + nonzero values, optionally int8")
     co.add_argument("src", help="hub id, local HF or compressed directory, .gguf file, or 'smollm2-135m'")
     co.add_argument("dst", help="new folder for the compressed checkpoint")
     _field(co, PruneConfig, "quantize", "--quantize", type=str)
@@ -201,10 +273,6 @@ def build_parser() -> argparse.ArgumentParser:
     _field(ex, ExportConfig, "gguf_type", "--type", dest="gguf_type")
     ex.add_argument("--overwrite", action="store_true", help="replace an existing file at OUT")
 
-    rp = sub.add_parser("report", help="tables and plots from a results folder")
-    rp.add_argument("results", help="folder of result JSON files")
-    return parser
-
 
 # ---------------------------------------------------------------- helpers
 
@@ -214,7 +282,8 @@ def _data_dir(arg: str | None):
 
     path = resolve_data_dir(arg)
     if path is not None and not path.is_dir():
-        raise LlmpruneError(f"data dir {path} does not exist: pass --data-dir with the folder holding the datasets")
+        raise LlmpruneError(f"data dir {path} does not exist: pass --data-dir with the folder holding the "
+                            "datasets")
     return path
 
 
@@ -225,17 +294,37 @@ def _eval_config(args, datasets) -> EvalConfig:
                       max_windows=args.max_windows, zeroshot=args.zeroshot, limit=args.limit)
 
 
-def _check_inputs(eval_config: EvalConfig, data_dir, args, calib: str | None = None) -> None:
-    """Everything that needs no model: data files (or the hub), zero-shot tasks, output paths,
-    the device. Runs before the (slow) model load, so a bad input fails in a second."""
-    from llmprune.data import check_available
-    from llmprune.io import check_output_file, check_save_dir
-    from llmprune.models import check_device, check_model_source, resolve_dtype
+def _model_path(name: str) -> Path | None:
+    """The local file or folder a model reference reads (None for a hub id)."""
+    from llmprune.models import check_model_source
 
-    check_model_source(args.model)
+    source, kwargs = check_model_source(name)
+    if "gguf_file" in kwargs:
+        return Path(source) / kwargs["gguf_file"]
+    return Path(source) if Path(source).exists() else None
+
+
+def _check_inputs(eval_config: EvalConfig, data_dir, args, calib: str | None = None,
+                  paths: tuple[tuple[str, object, str], ...] = ()) -> None:
+    """Everything that needs no model: data files (or the hub), zero-shot tasks, output paths,
+    the device. Runs before the (slow) model load, so a bad input fails in a second.
+    ``paths``: more outputs and inputs (``(flag, path, role)``, see :func:`llmprune.io.check_apart`)
+    that no output may collide with."""
+    from llmprune.data import check_available
+    from llmprune.models import check_device, resolve_dtype
+
+    model = _model_path(args.model)
     resolve_dtype(args.dtype)
     if not args.device_map:
         check_device(args.device)
+    data_flag = "--dataset" if args.command == "eval" else "--eval"
+    data = [(data_flag, name) for name in eval_config.datasets]
+    data += [("--calib", calib)] if calib is not None else []
+    for flag, name in data:
+        check_input_file(name, flag)
+    check_apart([("--json", args.json, "file"), ("--save", getattr(args, "save", None), "folder"), *paths,
+                 ("--model", model, "input")]
+                + [(flag, name, "input") for flag, name in data if Path(name).expanduser().is_file()])
     if args.json:
         check_output_file(args.json, "--json")
     if getattr(args, "save", None):
@@ -250,6 +339,36 @@ def _check_inputs(eval_config: EvalConfig, data_dir, args, calib: str | None = N
         build_tasks(eval_config.zeroshot, data_dir)  # names, files and rows
 
 
+def _check_shapes_early(args, eval_config: EvalConfig, config: PruneConfig | None = None,
+                        seqlens: tuple = ()) -> None:
+    """What the model's config file decides, before its weights load (minutes for a large model
+    on a busy machine): sequence lengths against the maximum positions, then the preflight
+    ``plan`` (the layers --include and --exclude select, N:M divisibility, a structured plan, the
+    calibration memory) and the evaluation memory. On a model of fake tensors built from the
+    config; where one cannot be built the same checks run right after the load, as they always do."""
+    from llmprune.models import check_device, resolve_seqlen, shape_model
+
+    with shape_model(args.model, args.dtype) as model:
+        if model is None:
+            return
+        for seqlen in seqlens:
+            resolve_seqlen(model, seqlen)
+        model.seqlen = resolve_seqlen(model, eval_config.seqlen)  # as load_model sets it
+        # with a device map the blocks are spread: no memory to compare with ("meta" has none)
+        device = "meta" if args.device_map else check_device(args.device)
+        try:
+            if config is not None:
+                from llmprune.engine import plan
+
+                plan(model, config, device)
+            if str(device) == "cpu":  # the fake model's logits are counted where it lives, on the CPU
+                check_eval_memory(model, eval_config)
+        except LlmpruneError:
+            raise
+        except Exception:  # noqa: BLE001 - a check fake tensors cannot run: it runs after the load
+            return
+
+
 def _load(args):
     from llmprune.models import load_model
 
@@ -259,7 +378,8 @@ def _load(args):
 
 def _ppl_table(rows: list[tuple[str, str, object]]) -> str:
     """rows: (model label, dataset, PerplexityResult)."""
-    head = f"{'model':<16} {'dataset':<10} {'seqlen':>6} {'windows':>7} {'tokens':>9} {'ppl':>10} {'seconds':>8} {'tok/s':>8}"
+    head = (f"{'model':<16} {'dataset':<10} {'seqlen':>6} {'windows':>7} {'tokens':>9} {'ppl':>10} "
+            f"{'seconds':>8} {'tok/s':>8}")
     lines = [head, "-" * len(head)]
     for label, name, r in rows:
         lines.append(f"{label:<16} {name:<10} {r.seqlen:>6} {r.windows:>7} {r.tokens:>9} {r.ppl:>10.3f} "
@@ -268,8 +388,6 @@ def _ppl_table(rows: list[tuple[str, str, object]]) -> str:
 
 
 def _quiet_libraries(progress: bool) -> None:
-    import os
-
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
         import transformers
@@ -295,8 +413,6 @@ def _write_outputs(writers: list[tuple[str, object]]) -> int:
 
 
 def _json_writer(path: str, record: dict):
-    from llmprune.io import write_json_atomic
-
     return lambda: f"wrote {write_json_atomic(path, record)}"
 
 
@@ -304,13 +420,11 @@ def _json_writer(path: str, record: dict):
 
 
 def cmd_eval(args) -> int:
-    from llmprune.evaluation import check_eval_memory, evaluate
-    from llmprune.results import result_record
-
-    data_dir = _data_dir(args.data_dir)
     datasets = args.dataset if args.dataset is not None else (() if args.zeroshot else ("ptb",))
-    eval_config = _eval_config(args, datasets)
+    eval_config = _eval_config(args, datasets)  # before torch loads (what follows imports it)
+    data_dir = _data_dir(args.data_dir)
     _check_inputs(eval_config, data_dir, args)
+    _check_shapes_early(args, eval_config)
     model, tokenizer = _load(args)
     check_eval_memory(model, eval_config)
     eval_config, ppl, zs = evaluate(model, tokenizer, eval_config, data_dir, not args.no_progress)
@@ -320,7 +434,8 @@ def cmd_eval(args) -> int:
         print(zs.markdown_table())
     if not args.json:
         return 0
-    record = result_record(name="dense", model=args.model, eval_config=eval_config, perplexity=ppl, zeroshot=zs)
+    record = result_record(name="dense", model=args.model, eval_config=eval_config, perplexity=ppl,
+                           zeroshot=zs)
     return _write_outputs([(args.json, _json_writer(args.json, record))])
 
 
@@ -333,40 +448,44 @@ def _whole_model(store, eval_config: EvalConfig):
 
 
 def cmd_prune(args) -> int:
-    from llmprune.offload import check_offload, load_for_offload
-
-    data_dir = _data_dir(args.data_dir)
+    # the configs first: what they refuse is refused before torch loads (seconds on a busy machine)
     calib = CalibConfig(dataset=args.calib, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed,
                         batch_size=args.calib_batch_size)
     config = PruneConfig(calib=calib, **{name: getattr(args, name) for name in _CORE_FIELDS},
                          options={name: getattr(args, name) for name in option_fields()})
+    eval_config = _eval_config(args, args.eval if args.eval is not None else ("ptb",))
+    from llmprune.offload import check_offload, load_for_offload
+
+    data_dir = _data_dir(args.data_dir)
     export = _export_config(args, args.save, "--save", config.quantize)
     check_offload(config, args.device_map, export.save_format)
-    eval_config = _eval_config(args, args.eval if args.eval is not None else ("ptb",))
-    _check_inputs(eval_config, data_dir, args, calib=config.calib.dataset if needs_for(config) else None)
+    offload_dir = config.offload_dir if config.offload == "disk" else None
+    _check_inputs(eval_config, data_dir, args, calib=config.calib.dataset if needs_for(config) else None,
+                  paths=(("--offload-dir", offload_dir, "workdir"),))
+    _check_shapes_early(args, eval_config, config)
     progress = not args.no_progress
     if config.offload is None:
         model, tokenizer = _load(args)
         store = None
         device = None if args.device_map else args.device  # device map: each block computes where it lives
     else:  # the blocks wait in CPU memory or on disk; each computes on the device in its turn
-        model, tokenizer, store = load_for_offload(args.model, config.offload, dtype=args.dtype, device=args.device,
-                                                   folder=config.offload_dir, seqlen=args.seqlen)
+        model, tokenizer, store = load_for_offload(args.model, config.offload, dtype=args.dtype,
+                                                   device=args.device, folder=config.offload_dir,
+                                                   seqlen=args.seqlen)
         device = store.compute
     try:
-        return _prune_loaded(args, config, export, eval_config, data_dir, progress, model, tokenizer, device, store)
+        return _prune_loaded(args, config, export, eval_config, data_dir, progress, model, tokenizer, device,
+                             store)
     finally:
         if store is not None:
             store.close()
 
 
-def _prune_loaded(args, config: PruneConfig, export: ExportConfig, eval_config: EvalConfig, data_dir, progress: bool,
-                  model, tokenizer, device, store) -> int:
+def _prune_loaded(args, config: PruneConfig, export: ExportConfig, eval_config: EvalConfig, data_dir,
+                  progress: bool, model, tokenizer, device, store) -> int:
     """``llmprune prune`` once the model is loaded: shape checks, dense evaluation, pruning,
     evaluation, outputs."""
-    from llmprune.evaluation import check_eval_memory, evaluate
     from llmprune.engine import plan, run
-    from llmprune.results import record_pattern, result_record
 
     # checks that need only the model's shapes, before any evaluation or calibration
     the_plan = plan(model, config, device)
@@ -383,7 +502,8 @@ def _prune_loaded(args, config: PruneConfig, export: ExportConfig, eval_config: 
         eval_config, ppl, zs = evaluate(model, tokenizer, eval_config, data_dir, progress)
 
     label = f"{config.method} {config.pattern if config.pattern.structured else f'{config.sparsity:.0%}'}"
-    rows = [(args.model + " dense", n, r) for n, r in dense_ppl.items()] + [(label, n, r) for n, r in ppl.items()]
+    rows = [(args.model + " dense", n, r) for n, r in dense_ppl.items()] + [(label, n, r)
+                                                                            for n, r in ppl.items()]
     if rows:
         print(_ppl_table(rows))
     for name, r in ppl.items():
@@ -396,38 +516,36 @@ def _prune_loaded(args, config: PruneConfig, export: ExportConfig, eval_config: 
         print(f"{label}:\n" + zs.markdown_table())
     dense = {"perplexity": {k: v.to_dict() for k, v in dense_ppl.items()},
              "zeroshot": dense_zs.to_dict() if dense_zs is not None else None}
-    record = result_record(name=f"{config.method}-{record_pattern(config)}-{config.sparsity:g}", model=args.model,
-                           config=config, eval_config=eval_config, perplexity=ppl, zeroshot=zs,
-                           prune_report=report, dense=dense)
+    record = result_record(name=f"{config.method}-{record_pattern(config)}-{config.sparsity:g}",
+                           model=args.model, config=config, eval_config=eval_config, perplexity=ppl,
+                           zeroshot=zs, prune_report=report, dense=dense)
     writers = []
     if args.json:
         writers.append((args.json, _json_writer(args.json, record)))
     if args.save:
         def save():
-            if store is not None and store.mode == "disk":  # from the block files, one block in memory at a time
-                from llmprune.offload import save_offloaded
+            # from the block files, one block in memory at a time
+            if store is not None and store.mode == "disk":
+                from llmprune.export import save
 
-                where = save_offloaded(model, store, tokenizer, args.save, record, args.overwrite)
-                return f"saved the pruned model to {where} (written one block at a time)"
+                return save(model, tokenizer, args.save, record, args.overwrite, "shards", store=store)
             return _save(model, tokenizer, args.save, record, args.overwrite, export, config.quantize)
 
         writers.append((f"the checkpoint {args.save}", save))
     return _write_outputs(writers)
 
 
-def cmd_recover(args) -> int:
-    import warnings
+def _recover_inputs(args, config: RecoverConfig) -> tuple:
+    """What ``llmprune recover`` reads besides --model, for :func:`llmprune.io.check_apart`."""
+    data = config.data if Path(config.data).expanduser().is_file() else None
+    return (("--teacher", _model_path(args.teacher), "input"), ("--data", data, "input"))
 
-    from llmprune.evaluation import check_eval_memory, evaluate
-    from llmprune.io import save_pruned
-    from llmprune.models import check_model_source, load_model, resolve_seqlen
-    from llmprune.recover import (RecoverWarning, check_inputs, check_resume, check_teacher, gap_closed,
-                                  pruning_config, pruning_record, recover)
-    from llmprune.results import result_record
 
-    data_dir = _data_dir(args.data_dir)
-    config = RecoverConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(RecoverConfig)})
-    eval_config = _eval_config(args, args.eval if args.eval is not None else ("ptb",))
+def _recover_preflight(args, config: RecoverConfig, eval_config: EvalConfig, data_dir) -> tuple:
+    """What ``llmprune recover`` checks before any model loads. Returns the record of a checkpoint
+    already in --save (or None), the pruned model's record and its PruneConfig (or None)."""
+    from llmprune.recover import check_inputs, check_resume, pruning_config, pruning_record
+
     earlier = pruning_record(args.save) if args.save else None  # a checkpoint already in --save
     if args.resume:
         if not args.save:
@@ -435,14 +553,60 @@ def cmd_recover(args) -> int:
         check_resume(args.save, config)
     elif not args.overwrite and isinstance((earlier or {}).get("recover"), dict) \
             and not earlier["recover"].get("complete"):
-        raise LlmpruneError(f"{args.save} holds an unfinished recovery: add --resume to continue it, or --overwrite "
-                            "to start again")
+        raise LlmpruneError(f"{args.save} holds an unfinished recovery: add --resume to continue it, or "
+                            "--overwrite to start again")
     pruned = pruning_record(args.model) or {}
     pruned_with = pruning_config(pruned)
     check_inputs(config, data_dir, eval_config.datasets, pruned_with)
     args.overwrite = args.overwrite or args.resume  # resuming replaces our own checkpoint
-    _check_inputs(eval_config, data_dir, args)
-    check_model_source(args.teacher)
+    _check_inputs(eval_config, data_dir, args, paths=_recover_inputs(args, config))  # the teacher's name too
+    _check_shapes_early(args, eval_config, seqlens=(config.seqlen,))
+    return earlier, pruned, pruned_with
+
+
+def _recover_noting_checkpoint(args, model, teacher, tokenizer, config: RecoverConfig,
+                               eval_config: EvalConfig, data_dir, progress: bool, dense: dict | None):
+    """:func:`llmprune.recover.recover`, its warnings one line each; on Ctrl-C, the line saying
+    which step the checkpoint in --save holds."""
+    from llmprune.recover import RecoverWarning, pruning_record, recover
+
+    with _one_line_warnings(RecoverWarning):
+        try:
+            return recover(model, teacher, tokenizer, config, data_dir=data_dir, progress=progress,
+                           eval_config=eval_config, checkpoint_dir=args.save, resume=args.resume,
+                           metadata={"model": args.model, "teacher": args.teacher, "dense": dense})
+        except KeyboardInterrupt:
+            done = ((pruning_record(args.save) or {}).get("recover") or {}) if args.save else {}
+            if done.get("steps_done"):
+                print(f"llmprune: {args.save} holds the checkpoint of step {done['steps_done']}: "
+                      "run the same command with --resume to continue", file=sys.stderr)
+            raise
+
+
+def _print_recovery(label: str, report, after: dict, dense: dict | None) -> None:
+    """The training in one line, then per dataset: dense, pruned and recovered perplexity."""
+    from llmprune.recover import gap_closed
+
+    print(f"{label}: {report.steps_done} steps, {report.tokens} tokens, {report.seconds / 60:.1f} min of "
+          f"training ({report.tokens / max(report.seconds, 1e-9):.0f} tokens/s; stopped by "
+          f"{report.stopped}); sparsity {report.sparsity_before:.4%} -> {report.sparsity_after:.4%}")
+    for name, result in (after.get("perplexity") or {}).items():
+        before = report.perplexity_before.get(name, {}).get("ppl")
+        base = ((dense or {}).get("perplexity") or {}).get(name, {}).get("ppl")
+        closed = gap_closed(base, before, result["ppl"])
+        print(f"{name}: " + (f"dense {base:.3f} | " if base is not None else "") +
+              (f"pruned {before:.3f} -> " if before is not None else "") + f"recovered {result['ppl']:.3f}" +
+              (f" (gap to dense closed: {closed:.1%})" if closed is not None else ""))
+
+
+def cmd_recover(args) -> int:
+    from llmprune.models import load_model, resolve_seqlen
+    from llmprune.recover import check_teacher
+
+    data_dir = _data_dir(args.data_dir)
+    config = RecoverConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(RecoverConfig)})
+    eval_config = _eval_config(args, args.eval if args.eval is not None else ("ptb",))
+    earlier, pruned, pruned_with = _recover_preflight(args, config, eval_config, data_dir)
     progress = not args.no_progress
     load = dict(dtype=args.dtype, device=args.device, seqlen=args.eval_seqlen, device_map=args.device_map)
     model, tokenizer = load_model(args.model, **load)
@@ -455,34 +619,13 @@ def cmd_recover(args) -> int:
         _, dense_ppl, dense_zs = evaluate(teacher, tokenizer, eval_config, data_dir, progress)
         dense = {"perplexity": {k: v.to_dict() for k, v in dense_ppl.items()},
                  "zeroshot": dense_zs.to_dict() if dense_zs is not None else None}
-    with warnings.catch_warnings():
-        warnings.showwarning = lambda message, category, *rest, **kw: print(  # one line, no source line
-            f"llmprune: warning: {message}", file=sys.stderr)
-        warnings.simplefilter("always", RecoverWarning)
-        try:
-            report = recover(model, teacher, tokenizer, config, data_dir=data_dir, progress=progress,
-                             eval_config=eval_config, checkpoint_dir=args.save, resume=args.resume,
-                             metadata={"model": args.model, "teacher": args.teacher, "dense": dense})
-        except KeyboardInterrupt:
-            done = ((pruning_record(args.save) or {}).get("recover") or {}) if args.save else {}
-            if done.get("steps_done"):
-                print(f"llmprune: {args.save} holds the checkpoint of step {done['steps_done']}: "
-                      "run the same command with --resume to continue", file=sys.stderr)
-            raise
+    report = _recover_noting_checkpoint(args, model, teacher, tokenizer, config, eval_config, data_dir,
+                                        progress, dense)
     del teacher
 
     after = report.curve[-1] if report.curve else {}
     label = f"{pruned.get('name') or Path(args.model).name}+{config.method}"
-    print(f"{label}: {report.steps_done} steps, {report.tokens} tokens, {report.seconds / 60:.1f} min of training "
-          f"({report.tokens / max(report.seconds, 1e-9):.0f} tokens/s; stopped by {report.stopped}); sparsity "
-          f"{report.sparsity_before:.4%} -> {report.sparsity_after:.4%}")
-    for name, result in (after.get("perplexity") or {}).items():
-        before = report.perplexity_before.get(name, {}).get("ppl")
-        base = ((dense or {}).get("perplexity") or {}).get(name, {}).get("ppl")
-        closed = gap_closed(base, before, result["ppl"])
-        print(f"{name}: " + (f"dense {base:.3f} | " if base is not None else "") +
-              (f"pruned {before:.3f} -> " if before is not None else "") + f"recovered {result['ppl']:.3f}" +
-              (f" (gap to dense closed: {closed:.1%})" if closed is not None else ""))
+    _print_recovery(label, report, after, dense)
     resolved = dataclasses.replace(eval_config, seqlen=resolve_seqlen(model, eval_config.seqlen))
     record = result_record(name=label, model=args.model, config=pruned_with, eval_config=resolved,
                            perplexity=after.get("perplexity"), zeroshot=after.get("zeroshot"),
@@ -493,33 +636,29 @@ def cmd_recover(args) -> int:
         writers.append((args.json, _json_writer(args.json, record)))
     if args.save:
         def save():
-            return f"saved the recovered model to {save_pruned(model, tokenizer, args.save, record, overwrite=True)}"
+            saved = save_pruned(model, tokenizer, args.save, record, overwrite=True)
+            return f"saved the recovered model to {saved}"
 
         writers.append((f"the checkpoint {args.save}", save))
     return _write_outputs(writers)
 
 
 def cmd_run(args) -> int:
-    import dataclasses
-
-    from llmprune.executors import check_executor
-    from llmprune.recipes import load_recipe
-
     given = {name: getattr(args, name) for name in _SLURM_FLAGS if getattr(args, name) is not None}
     check_executor(args.executor, slurm_options_given=bool(given))
     data_dir = _data_dir(args.data_dir)
     out = args.out or Path("results") / Path(args.recipe).stem
-    if args.executor == "local":
-        from llmprune.runner import run_recipe
+    with _one_line_warnings(ReportWarning):  # the report at the end leaves out damaged files, one line each
+        if args.executor == "local":
+            from llmprune.runner import run_recipe
 
-        written = run_recipe(args.recipe, out, data_dir=data_dir, only=args.only, force=args.force,
-                             progress=not args.no_progress)
-    else:
-        from llmprune.executors import run_recipe_submitit
-
-        slurm = dataclasses.replace(load_recipe(args.recipe).slurm or SlurmConfig(), **given)
-        written = run_recipe_submitit(args.recipe, out, data_dir=data_dir, only=args.only, force=args.force,
-                                      executor=args.executor, slurm=slurm, progress=not args.no_progress)
+            written = run_recipe(args.recipe, out, data_dir=data_dir, only=args.only, force=args.force,
+                                 progress=not args.no_progress)
+        else:
+            slurm = dataclasses.replace(load_recipe(args.recipe).slurm or SlurmConfig(), **given)
+            written = run_recipe_submitit(args.recipe, out, data_dir=data_dir, only=args.only,
+                                          force=args.force, executor=args.executor, slurm=slurm,
+                                          progress=not args.no_progress)
     for path in written:
         print(f"wrote {path}")
     return 0
@@ -533,10 +672,23 @@ def cmd_inspect(args) -> int:
     return 0
 
 
-def cmd_report(args) -> int:
-    from llmprune.report import write_report
+@contextlib.contextmanager
+def _one_line_warnings(category: type):
+    """Warnings of ``category`` as one line each on stderr (no source line), every time."""
+    with warnings.catch_warnings():
+        warnings.showwarning = lambda message, category, *rest, **kw: print(
+            f"llmprune: warning: {message}", file=sys.stderr)
+        warnings.simplefilter("always", category)
+        yield
 
-    outputs = write_report(args.results)
+
+def cmd_report(args) -> int:
+    with _one_line_warnings(ReportWarning):
+        try:
+            outputs = write_report(args.results)
+        except OSError as exc:  # a read-only or full folder: the results themselves are untouched
+            print(f"llmprune: error: could not write the report into {args.results}: {exc}", file=sys.stderr)
+            return EXIT_OUTPUT_FAILED
     for path in outputs.values():
         print(f"wrote {path}")
     return 0
@@ -556,40 +708,25 @@ def _export_config(args, target: str | None, flag: str, quantize: str | None) ->
     return export
 
 
-def _save(model, tokenizer, path, record: dict, overwrite: bool, export: ExportConfig, quantize: str | None) -> str:
-    """Write the checkpoint in the chosen format; the line to print."""
-    from llmprune.io import save_pruned
+def _save(model, tokenizer, path, record: dict, overwrite: bool, export: ExportConfig, quantize: str | None,
+          what: str = "--save") -> str:
+    """Write the checkpoint in the chosen format (the format registry's save); the line to print."""
+    from llmprune.export import save
 
-    if export.save_format == "dense":
-        return f"saved the pruned model to {save_pruned(model, tokenizer, path, record, overwrite)}"
-    if export.save_format == "compressed-tensors":
-        from llmprune.export.compressed_tensors import write_compressed_tensors as write
-    else:
-        from llmprune.export.compressed import write_compressed as write
-    counts: dict = {}
-
-    def weights(m, folder):
-        counts.update(write(m, folder, quantize=quantize, dtype=export.save_dtype))
-
-    record = {**record, "checkpoint_format": export.save_format}
-    where = save_pruned(model, tokenizer, path, record, overwrite, write_weights=weights)
-    ratio = counts["encoded_bytes"] / counts["encoded_fp16_bytes"] if counts.get("encoded_fp16_bytes") else float("nan")
-    return (f"saved the {export.save_format} checkpoint to {where}: {counts['file_bytes']:,} bytes; the block "
-            f"Linear weights take {counts['encoded_bytes']:,} bytes, {ratio:.3f}x their fp16 size")
+    return save(model, tokenizer, path, record, overwrite, export.save_format, what=what, quantize=quantize,
+                dtype=export.save_dtype)
 
 
 def cmd_compress(args) -> int:
-    import json
-
-    from llmprune.io import check_save_dir
-    from llmprune.models import check_model_source, load_model
+    from llmprune.models import load_model
 
     quantize = PruneConfig(quantize=args.quantize).quantize
     export = _export_config(args, args.dst, "DST", quantize)
     if export.save_format == "dense":
-        raise LlmpruneError("--format dense is what `llmprune compress` undoes: use compressed or compressed-tensors")
-    check_model_source(args.src)
-    check_save_dir(args.dst, args.overwrite)
+        raise LlmpruneError("--format dense is what `llmprune compress` undoes: use compressed or "
+                            "compressed-tensors")
+    check_apart([("SRC", _model_path(args.src), "input"), ("DST", args.dst, "folder")])
+    check_save_dir(args.dst, args.overwrite, "DST")
     model, tokenizer = load_model(args.src, dtype=args.dtype)
     try:
         record = json.loads((Path(args.src) / "llmprune.json").read_text(encoding="utf-8"))
@@ -598,46 +735,66 @@ def cmd_compress(args) -> int:
     record = {k: v for k, v in record.items() if k != "files"} if isinstance(record, dict) else {}
     record["compressed_from"] = str(args.src)
     return _write_outputs([(f"the checkpoint {args.dst}",
-                            lambda: _save(model, tokenizer, args.dst, record, args.overwrite, export, quantize))])
+                            lambda: _save(model, tokenizer, args.dst, record, args.overwrite, export,
+                                          quantize, "DST"))])
 
 
 def cmd_export(args) -> int:
-    from llmprune.export.gguf import check_exportable, export_gguf, model_config, source_gguf
-    from llmprune.io import check_output_file
-    from llmprune.models import check_model_source, load_model
+    from llmprune.export.gguf import check_exportable, export_gguf
+    from llmprune.models import load_model, model_config, source_gguf
 
     export = ExportConfig(gguf_type=args.gguf_type)
     out = check_output_file(args.out, "OUT")
     if out.suffix != ".gguf":
         raise LlmpruneError(f"OUT {out} must end in .gguf (readers find GGUF files by that name)")
+    check_apart([("MODEL", _model_path(args.model), "input"), ("OUT", out, "file")])
     if out.exists() and not args.overwrite:
         raise LlmpruneError(f"{out} exists: give a new file name or --overwrite")
-    check_model_source(args.model)
     check_exportable(model_config(args.model))  # the family, before the weights load
     model, tokenizer = load_model(args.model, dtype="float32")
-    info = export_gguf(model, tokenizer, out, export.gguf_type, source_gguf(args.model))
+    try:
+        info = export_gguf(model, tokenizer, out, export.gguf_type, source_gguf(args.model))
+    except OSError as exc:  # a full disk, a file-size limit: OUT is left as it was
+        why = (f"{exc}" if exc.errno is not None
+               else f"{exc} (a short write: the disk is full or a file-size limit hit)")
+        print(f"llmprune: error: could not write {out}: {why}", file=sys.stderr)
+        return EXIT_OUTPUT_FAILED
     print(f"wrote {info['path']}: {info['bytes']:,} bytes, {export.gguf_type} "
           f"({', '.join(f'{n} {t}' for t, n in sorted(info['tensor_types'].items()))} tensors), tokenizer "
           f"{info['tokenizer']}")
     return 0
 
 
-COMMANDS = {"eval": cmd_eval, "prune": cmd_prune, "recover": cmd_recover, "run": cmd_run, "inspect": cmd_inspect, "report": cmd_report,
-            "compress": cmd_compress, "export": cmd_export}
+COMMANDS = {"eval": cmd_eval, "prune": cmd_prune, "recover": cmd_recover, "run": cmd_run,
+            "inspect": cmd_inspect, "report": cmd_report, "compress": cmd_compress, "export": cmd_export}
+
+
+_MESSAGE_LIMIT = 2000  # characters of an error shown; a message built from a huge value stays readable
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= _MESSAGE_LIMIT else text[:_MESSAGE_LIMIT] + " …"
 
 
 def main(argv: list[str] | None = None) -> int:
     try:
-        args = build_parser().parse_args(argv)
-        if args.command != "report":  # report reads JSON only: it must not need transformers
-            _quiet_libraries(not getattr(args, "no_progress", False))
-        return COMMANDS[args.command](args)
+        with signals_raise():  # SIGTERM, SIGHUP: cleanup code runs as for Ctrl-C, then 128 + signal
+            args = build_parser().parse_args(argv)
+            if args.command != "report":  # report reads JSON only: it must not need transformers
+                _quiet_libraries(not getattr(args, "no_progress", False))
+            return COMMANDS[args.command](args)
     except LlmpruneError as exc:
-        print(f"llmprune: error: {exc}", file=sys.stderr)
+        print(f"llmprune: error: {_one_line(exc)}", file=sys.stderr)
         return EXIT_USER_ERROR
-    except KeyboardInterrupt:
-        print("llmprune: interrupted", file=sys.stderr)
-        return 130
+    except OSError as exc:  # the machine, not the input: a full disk, a file-size limit, a read-only folder
+        print(f"llmprune: error: {_one_line(exc)}", file=sys.stderr)
+        return EXIT_OUTPUT_FAILED
+    except KeyboardInterrupt as exc:
+        code = exit_code(exc)
+        print("llmprune: interrupted" if code == 130 else f"llmprune: stopped by signal {code - 128}",
+              file=sys.stderr)
+        return code
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -91,7 +91,8 @@ class CalibConfig:
 
     dataset: str = option("c4", "calibration data: c4, wikitext2, ptb or a local .txt/.jsonl file")
     nsamples: int = option(128, "calibration windows")
-    seqlen: int | None = option(None, "window length for calibration and evaluation (default: model context, at most 4096)")
+    seqlen: int | None = option(None, "window length for calibration and evaluation (default: model context, "
+                                      "at most 4096)")
     seed: int = option(0, "calibration sampling seed")
     # 1, as the official Wanda/SparseGPT loops do: on a CPU one 2048-token window at a time keeps a
     # block's activations in cache and is the fastest (SmolLM2, 2 cores: stack forward 25 s at
@@ -117,26 +118,37 @@ class PruneConfig:
     its default (so the records of older versions, which listed every knob, still read back)."""
 
     method: str = option("wanda", "pruning method (`llmprune prune --help` lists them)")
-    sparsity: float | None = option(None, "fraction of weights removed, in [0, 1) (None: 0.5, or 1 - N/M for an N:M pattern)")
+    sparsity: float | None = option(None, "fraction of weights removed, in [0, 1) (None: 0.5, or 1 - N/M for "
+                                          "an N:M pattern)")
     pattern: Pattern = field(default_factory=Pattern, metadata={
         "help": "'unstructured' or N:M = keep N of every M consecutive input weights, e.g. 2:4"})
-    true_sequential: bool = option(False, "prune q/k/v, o, gate/up, down in turn, each from inputs through the pruned stages")
-    include: tuple[str, ...] = option((), "only layers matching these globs over 'layers.{i}.{name}', e.g. 'layers.*.mlp.*' (empty: all)")
+    true_sequential: bool = option(False, "prune q/k/v, o, gate/up, down in turn, each from inputs through "
+                                          "the pruned stages")
+    include: tuple[str, ...] = option((), "only layers matching these globs over 'layers.{i}.{name}', e.g. "
+                                          "'layers.*.mlp.*' (empty: all)")
     exclude: tuple[str, ...] = option((), "skip layers matching these globs")
-    skip_attention: bool = option(False, "leave every attention layer dense (shorthand for an exclude; see `llmprune inspect`)")
+    skip_attention: bool = option(False, "leave every attention layer dense (shorthand for an exclude; see "
+                                         "`llmprune inspect`)")
     skip_mlp: bool = option(False, "leave every MLP layer, experts included, dense")
-    allocation: str = option("uniform", "per-block sparsity: uniform, owl (outlier-weighted) or depth (linear in depth)")
-    permute: bool = option(False, "N:M channel permutation before masking (RIA's heuristic channel reallocation)")
-    refine: str | None = option(None, "refine the mask after the method: dsnot (training-free prune-and-grow)")
-    reconstruct: bool = option(False, "after the mask is chosen, update the kept weights to minimise ||WX - W'X||^2 (OBS sweep, mask fixed)")
-    quantize: str | None = option(None, "weight-only quantization of the pruned layers after pruning: int8 (per output channel, symmetric; zeros stay zero)")
+    allocation: str = option("uniform",
+                             "per-block sparsity: uniform, owl (outlier-weighted) or depth (linear in depth)")
+    permute: bool = option(False,
+                           "N:M channel permutation before masking (RIA's heuristic channel reallocation)")
+    refine: str | None = option(None,
+                                "refine the mask after the method: dsnot (training-free prune-and-grow)")
+    reconstruct: bool = option(False, "after the mask is chosen, update the kept weights to minimise "
+                                      "||WX - W'X||^2 (OBS sweep, mask fixed)")
+    quantize: str | None = option(None, "weight-only quantization of the pruned layers after pruning: int8 "
+                                        "(per output channel, symmetric; zeros stay zero)")
     # out-of-core pruning: placement only, the pruned weights are the same (PLACEMENT_FIELDS)
-    offload: str | None = option(None, "keep the decoder blocks off the compute device, each brought in only for its "
-                                     "turn: cpu (in CPU memory) or disk (safetensors files in offload_dir)")
-    offload_dir: str | None = option(None, "folder for offload disk: the blocks wait there, and are written back there "
-                                         "pruned (a private subfolder, removed at the end)")
-    activations: str | None = option(None, "cpu: keep the calibration activations in CPU memory and move one batch at a "
-                                         "time to the compute device (None: on the compute device)")
+    offload: str | None = option(None, "keep the decoder blocks off the compute device, each brought in only "
+                                       "for its turn: cpu (in CPU memory) or disk (safetensors files in "
+                                       "offload_dir)")
+    offload_dir: str | None = option(None, "folder for offload disk: the blocks wait there, and are written "
+                                           "back there pruned (a private subfolder, removed at the end)")
+    activations: str | None = option(None, "cpu: keep the calibration activations in CPU memory and move one "
+                                           "batch at a time to the compute device (None: on the compute "
+                                           "device)")
     calib: CalibConfig = field(default_factory=CalibConfig)
     options: dict = field(default_factory=dict, hash=False, metadata={
         "help": "the knobs of the components in use, by name (filled with their defaults)"})
@@ -147,8 +159,9 @@ class PruneConfig:
         for name in list(kwargs):
             if name not in core:
                 given[name] = kwargs.pop(name)
-        for name, f in core.items():
-            object.__setattr__(self, name, kwargs[name] if name in kwargs else field_default(PruneConfig, name))
+        for name, _f in core.items():
+            object.__setattr__(self, name, kwargs[name] if name in kwargs
+                               else field_default(PruneConfig, name))
         self._check_core()
         object.__setattr__(self, "options", resolve_options(self, given))
         for spec in self.components():  # combinations each component refuses, before any work
@@ -219,8 +232,10 @@ class PruneConfig:
         if self.refine is not None:
             refine = str(self.refine).strip().lower()
             object.__setattr__(self, "refine", None if refine in ("", "none") else refine)
-        quantize = None if self.quantize is None or str(self.quantize).strip().lower() in ("", "none") else self.quantize
-        object.__setattr__(self, "quantize", None if quantize is None else choice(quantize, QUANT_TYPES, "quantization type"))
+        quantize = (None if self.quantize is None or str(self.quantize).strip().lower() in ("", "none")
+                    else self.quantize)
+        object.__setattr__(self, "quantize",
+                           None if quantize is None else choice(quantize, QUANT_TYPES, "quantization type"))
         self._check_placement()
 
     def _check_placement(self) -> None:
@@ -228,14 +243,16 @@ class PruneConfig:
         object.__setattr__(self, "offload", offload)
         object.__setattr__(self, "activations", none_or_choice(self.activations, ACTIVATION_PLACES,
                                                                 "activations place"))
-        folder = None if self.offload_dir is None or not str(self.offload_dir).strip() else str(self.offload_dir)
+        folder = (None if self.offload_dir is None or not str(self.offload_dir).strip()
+                  else str(self.offload_dir))
         object.__setattr__(self, "offload_dir", folder)
         if offload == "disk" and folder is None:
-            raise LlmpruneError("--offload disk keeps the blocks in files: give --offload-dir DIR (offload_dir in a "
-                                "recipe), a writable folder with room for the model's weights")
+            raise LlmpruneError("--offload disk keeps the blocks in files: give --offload-dir DIR "
+                                "(offload_dir in a recipe), a writable folder with room for the model's "
+                                "weights")
         if folder is not None and offload != "disk":
-            raise LlmpruneError(f"--offload-dir {folder} is where --offload disk keeps the blocks: add --offload disk "
-                                "or drop --offload-dir")
+            raise LlmpruneError(f"--offload-dir {folder} is where --offload disk keeps the blocks: add "
+                                "--offload disk or drop --offload-dir")
 
     def to_dict(self) -> dict[str, Any]:
         """Flat, as recipes and result records write it: the core fields, then the options."""
@@ -250,7 +267,8 @@ def resolve_options(config: PruneConfig, given: Mapping[str, Any]) -> dict[str, 
     unknown = sorted(name for name in given if name not in known)
     if unknown:
         core = [f.name for f in dataclasses.fields(PruneConfig) if f.name != "options"]
-        raise LlmpruneError(f"unknown prune option {unknown[0]!r}: known are {', '.join(sorted(core + list(known)))}")
+        raise LlmpruneError(f"unknown prune option {unknown[0]!r}: known are "
+                            f"{', '.join(sorted(core + list(known)))}")
     values: dict[str, Any] = {}
     for spec in config.components():
         names = [f.name for f in dataclasses.fields(spec.options)]
@@ -261,8 +279,9 @@ def resolve_options(config: PruneConfig, given: Mapping[str, Any]) -> dict[str, 
         values.update({name: getattr(instance, name) for name in names})
     for name, value in given.items():
         if name not in values and value != spec_default(known[name]):
-            raise LlmpruneError(f"{name}={value!r} does not apply here: it belongs to {' and '.join(owners(name))}, "
-                                f"not to method {config.method} with allocation {config.allocation}"
+            raise LlmpruneError(f"{name}={value!r} does not apply here: it belongs to "
+                                f"{' and '.join(owners(name))}, not to method {config.method} with "
+                                f"allocation {config.allocation}"
                                 + (f", refine {config.refine}" if config.refine else "")
                                 + (", reconstruct" if config.reconstruct else "") + "; drop it")
     return values
@@ -272,11 +291,13 @@ def resolve_options(config: PruneConfig, given: Mapping[str, Any]) -> dict[str, 
 class EvalConfig:
     """Perplexity and zero-shot evaluation."""
 
-    datasets: tuple[str, ...] = option(("ptb",), "perplexity datasets, comma separated: wikitext2, ptb, c4, or a local .txt/.jsonl path")
+    datasets: tuple[str, ...] = option(("ptb",), "perplexity datasets, comma separated: wikitext2, ptb, c4, "
+                                                 "or a local .txt/.jsonl path")
     seqlen: int | None = option(None, "evaluation window length (None: the model's context, at most 4096)")
     batch_size: int = option(1, "evaluation windows per forward pass")
     max_windows: int | None = option(None, "evaluate only the first K windows (None: all)")
-    zeroshot: tuple[str, ...] = option((), "zero-shot tasks through lm-eval, e.g. boolq,rte,winogrande,arc_easy,arc_challenge,openbookqa,piqa")
+    zeroshot: tuple[str, ...] = option((), "zero-shot tasks through lm-eval, e.g. "
+                                           "boolq,rte,winogrande,arc_easy,arc_challenge,openbookqa,piqa")
     limit: int | None = option(None, "zero-shot documents per task (None: all)")
 
     def __post_init__(self) -> None:
@@ -308,7 +329,8 @@ class SlurmConfig:
     def __post_init__(self) -> None:
         if self.partition is not None and (not isinstance(self.partition, str) or not self.partition.strip()):
             raise LlmpruneError(f"slurm partition must be a non-empty string, got {self.partition!r}")
-        if isinstance(self.gpus_per_job, bool) or not isinstance(self.gpus_per_job, int) or self.gpus_per_job < 0:
+        if isinstance(self.gpus_per_job, bool) or not isinstance(self.gpus_per_job, int) \
+                or self.gpus_per_job < 0:
             raise LlmpruneError(f"gpus_per_job must be a non-negative integer, got {self.gpus_per_job!r}")
         check_positive(self.time, "slurm time (minutes)")
         check_positive(self.mem_gb, "slurm mem_gb", allow_none=True)
@@ -320,8 +342,12 @@ class SlurmConfig:
 class ExportConfig:
     """How a pruned model is written: checkpoint format (``--save``, ``llmprune compress``) and GGUF type."""
 
-    save_format: str = option("dense", "checkpoint format: dense (HF safetensors), compressed (bitmask + nonzero values; int8 values + scales after --quantize int8) or compressed-tensors (int8 weight-only, needs the compressed-tensors package)")
-    save_dtype: str | None = option(None, "dtype of the stored floating-point values of a compressed checkpoint: float16, bfloat16 or float32 (default: the model's)")
+    save_format: str = option("dense", "checkpoint format: dense (HF safetensors), compressed (bitmask + "
+                                       "nonzero values; int8 values + scales after --quantize int8) or "
+                                       "compressed-tensors (int8 weight-only, needs the compressed-tensors "
+                                       "package)")
+    save_dtype: str | None = option(None, "dtype of the stored floating-point values of a compressed "
+                                          "checkpoint: float16, bfloat16 or float32 (default: the model's)")
     gguf_type: str = option("f16", "GGUF type of the weight matrices: f16 or q8_0 (norms stay f32)")
 
     def __post_init__(self) -> None:
@@ -340,35 +366,42 @@ DEFAULT_RECOVER_LR = {"kd": 5e-5, "lora": 1e-3}  # see RecoverConfig.lr's help
 class RecoverConfig:
     """Recovery after pruning that keeps the zeros (``llmprune recover``, a recipe's ``recover:``)."""
 
-    method: str = option("kd", "kd: train the pruned Linears, masked, on the dense teacher's logits; lora: peft LoRA "
-                             "adapters on them, trained the same way through the mask, then merged")
+    method: str = option("kd", "kd: train the pruned Linears, masked, on the dense teacher's logits; lora: "
+                               "peft LoRA adapters on them, trained the same way through the mask, then "
+                               "merged")
     steps: int = option(100, "optimizer steps")
     seqlen: int = option(512, "training window length in tokens")
     batch_size: int = option(2, "training windows per step")
     lr: float | None = option(None, "peak AdamW learning rate (None: 5e-5 for kd, 1e-3 for lora)")
     warmup_steps: int = option(5, "linear learning-rate warmup steps")
-    lr_schedule: str = option("constant", "after warmup: constant (every point of a run is a finished shorter run) "
-                                        "or linear (decay to 0 at the last step)")
+    lr_schedule: str = option("constant", "after warmup: constant (every point of a run is a finished "
+                                          "shorter run) or linear (decay to 0 at the last step)")
     weight_decay: float = option(0.0, "AdamW weight decay (a pruned weight stays 0 either way)")
     grad_clip: float = option(1.0, "clip the gradient norm to this (0: off)")
     temperature: float = option(1.0, "distillation temperature T: KL between softmax(logits / T), times T^2")
-    alpha: float = option(0.0, "weight of the next-token loss: (1 - alpha) * KL(teacher || student) + alpha * cross-entropy")
-    data: str = option("c4", "training windows: c4, wikitext2, ptb (train splits) or a local .txt/.jsonl file")
+    alpha: float = option(0.0, "weight of the next-token loss: (1 - alpha) * KL(teacher || student) "
+                               "+ alpha * cross-entropy")
+    data: str = option("c4",
+                       "training windows: c4, wikitext2, ptb (train splits) or a local .txt/.jsonl file")
     seed: int = option(1, "training-window seed; keep it apart from the pruning calibration's seed")
     lora_rank: int = option(8, "LoRA rank r")
     lora_alpha: float = option(16.0, "LoRA alpha: the update B @ A is scaled by alpha / r")
-    lora_targets: tuple[str, ...] = option((), "LoRA on the pruned Linears whose names end with these, e.g. q_proj,v_proj "
-                                             "(empty: every pruned Linear)")
-    gradient_checkpointing: bool = option(False, "recompute each block's activations in the backward pass: less memory, slower")
-    checkpoint_every: int = option(50, "write a resumable checkpoint to --save every K steps (0: only the final save)")
+    lora_targets: tuple[str, ...] = option((), "LoRA on the pruned Linears whose names end with these, e.g. "
+                                               "q_proj,v_proj (empty: every pruned Linear)")
+    gradient_checkpointing: bool = option(False, "recompute each block's activations in the backward pass: "
+                                                 "less memory, slower")
+    checkpoint_every: int = option(50, "write a resumable checkpoint to --save every K steps (0: only the "
+                                       "final save)")
     eval_every: int = option(0, "evaluate perplexity every K steps along the way (0: only before and after)")
-    max_minutes: float | None = option(None, "stop after the step that passes this many minutes of training (None: all steps)")
-    max_cpu_minutes: float | None = option(None, "the same budget in this process's CPU minutes, which other jobs on a "
-                                               "shared machine do not eat (None: no limit)")
+    max_minutes: float | None = option(None, "stop after the step that passes this many minutes of training "
+                                             "(None: all steps)")
+    max_cpu_minutes: float | None = option(None, "the same budget in this process's CPU minutes, which other "
+                                                 "jobs on a shared machine do not eat (None: no limit)")
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "method", choice(self.method, RECOVER_METHODS, "recovery method"))
-        object.__setattr__(self, "lr_schedule", choice(self.lr_schedule, LR_SCHEDULES, "learning-rate schedule"))
+        object.__setattr__(self, "lr_schedule",
+                           choice(self.lr_schedule, LR_SCHEDULES, "learning-rate schedule"))
         object.__setattr__(self, "lora_targets", as_tuple(self.lora_targets))
         for name in ("steps", "seqlen", "batch_size", "lora_rank"):
             check_positive(getattr(self, name), name)
@@ -378,12 +411,14 @@ class RecoverConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise LlmpruneError(f"{name} must be a non-negative integer, got {value!r}")
-        positive = ("lr", "temperature", "lora_alpha", "max_minutes", "max_cpu_minutes")  # > 0; the others >= 0
+        # > 0; the others >= 0
+        positive = ("lr", "temperature", "lora_alpha", "max_minutes", "max_cpu_minutes")
         for name in positive + ("weight_decay", "grad_clip", "alpha"):
             value = getattr(self, name)
             if value is None and name in ("lr", "max_minutes", "max_cpu_minutes"):
                 continue
-            number = float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else math.nan
+            number = (float(value) if isinstance(value, (int, float)) and not isinstance(value, bool)
+                      else math.nan)
             if not math.isfinite(number) or number < 0 or (name in positive and number == 0):
                 raise LlmpruneError(f"{name} must be a {'positive' if name in positive else 'non-negative'} "
                                     f"number, got {value!r}")

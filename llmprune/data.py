@@ -33,6 +33,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
+from urllib.parse import urlparse
 
 import torch
 
@@ -153,11 +154,13 @@ def _is_doc_file(path: Path) -> bool:
 def _locate_c4(root: Path, split: str) -> tuple[tuple[Path, ...] | None, list[str]]:
     searched = []
     for folder in (root / "c4", root / "c4-sample"):
-        rule = "with 'validation' in the name" if split == "validation" else "without 'validation' in the name"
+        rule = ("with 'validation' in the name" if split == "validation"
+                else "without 'validation' in the name")
         searched.append(f"{folder}/**/*{{.json,.jsonl,.json.gz}} {rule}")
         if not folder.is_dir():
             continue
-        files = sorted((p for p in folder.rglob("*") if _is_doc_file(p)), key=lambda p: str(p.relative_to(folder)))
+        files = sorted((p for p in folder.rglob("*") if _is_doc_file(p)),
+                       key=lambda p: str(p.relative_to(folder)))
         if split == "validation":
             files = [p for p in files if "validation" in p.name]
         else:
@@ -186,7 +189,8 @@ def _lines(path: Path) -> Iterator[tuple[int, str]]:
             yield from enumerate(f, 1)
     except UnicodeDecodeError as exc:
         where = _first_undecodable_line(path)
-        raise LlmpruneError(f"{path} line {where} is not UTF-8 text ({exc.reason}): replace the file") from None
+        raise LlmpruneError(f"{path} line {where} is not UTF-8 text ({exc.reason}): "
+                            "replace the file") from None
     except (OSError, EOFError, zlib.error) as exc:
         raise LlmpruneError(f"cannot read {path}: {_first_line(exc)} (replace the file)") from None
 
@@ -225,7 +229,8 @@ def _read_parquet_column(path: Path, column: str) -> list[str]:
 
         table = pq.read_table(path, columns=[column])
     except (KeyError, ValueError) as exc:  # missing column (pyarrow raises ArrowInvalid, a ValueError)
-        raise LlmpruneError(f"{path} cannot be read as parquet with a {column!r} column: {_first_line(exc)}") from None
+        raise LlmpruneError(f"{path} cannot be read as parquet with a {column!r} column: "
+                            f"{_first_line(exc)}") from None
     except OSError as exc:
         raise LlmpruneError(f"{path} is not a readable parquet file: {_first_line(exc)}") from None
     rows = table.column(column).to_pylist()
@@ -257,14 +262,16 @@ def _read_documents(path: Path) -> list[str]:
             try:
                 items = json.loads(text)
             except json.JSONDecodeError as exc:
-                raise LlmpruneError(f"{path} line {lineno + exc.lineno - 1} is not valid JSON: {exc.msg}") from None
+                raise LlmpruneError(f"{path} line {lineno + exc.lineno - 1} is not valid "
+                                    f"JSON: {exc.msg}") from None
             if not isinstance(items, list):
                 raise LlmpruneError(f"{path} is not a list of documents")
             return [_doc_text(item, path, f"item {k}") for k, item in enumerate(items)]
         try:
             obj = json.loads(stripped)
         except json.JSONDecodeError as exc:
-            raise LlmpruneError(f"{path} line {lineno} is not valid JSON: {exc.msg} (fix or remove the line)") from None
+            raise LlmpruneError(f"{path} line {lineno} is not valid JSON: {exc.msg} (fix or "
+                                "remove the line)") from None
         docs.append(_doc_text(obj, path, f"line {lineno}"))
     return docs
 
@@ -273,7 +280,8 @@ def _read_documents(path: Path) -> list[str]:
 # The registry of named datasets
 # ---------------------------------------------------------------------------------------------
 
-_C4_HUB_FILES = {"train": "en/c4-train.00000-of-01024.json.gz", "validation": "en/c4-validation.00000-of-00008.json.gz"}
+_C4_HUB_FILES = {"train": "en/c4-train.00000-of-01024.json.gz",
+                 "validation": "en/c4-validation.00000-of-00008.json.gz"}
 
 SPECS: dict[str, _Dataset] = {
     "wikitext2": _Dataset(
@@ -300,7 +308,8 @@ def _local_file_spec(path: Path) -> _Dataset:
     found: Locator = lambda root, split: ((path,), [str(path)])  # noqa: E731 (both splits: the file)
     no_hub = lambda split: None  # noqa: E731
     if lower.endswith(_TEXT_SUFFIXES):
-        return _Dataset(str(path), "file", "file", found, _read_whole_text, no_hub, eval_join="", calib_join="")
+        return _Dataset(str(path), "file", "file", found, _read_whole_text,
+                        no_hub, eval_join="", calib_join="")
     return _Dataset(str(path), "file", "file", found, _read_documents, no_hub)
 
 
@@ -312,12 +321,15 @@ def _lookup(name: str) -> _Dataset:
     looks_like_file = path.name.lower().endswith(_TEXT_SUFFIXES + _DOC_SUFFIXES)
     if looks_like_file or path.exists() or os.sep in key:
         if not path.is_file():
-            raise LlmpruneError(f"dataset file {path} does not exist: give an existing .txt or .jsonl/.json/.json.gz file")
+            raise LlmpruneError(f"dataset file {path} does not exist: give an existing .txt or "
+                                ".jsonl/.json/.json.gz file")
         if not looks_like_file:
-            raise LlmpruneError(f"dataset file {path} has an unsupported type: use .txt, .jsonl, .json or .json.gz")
+            raise LlmpruneError(f"dataset file {path} has an unsupported type: use .txt, .jsonl, .json or "
+                                ".json.gz")
         return _local_file_spec(path.resolve())
     raise LlmpruneError(
-        f"unknown dataset {name!r}: use one of {', '.join(DATASETS)} or the path of a .txt/.jsonl/.json/.json.gz file"
+        f"unknown dataset {name!r}: use one of {', '.join(DATASETS)} or the path of a "
+        ".txt/.jsonl/.json/.json.gz file"
     )
 
 
@@ -330,7 +342,8 @@ def _resolve(name: str, role: str, data_dir) -> tuple[_Dataset, _Source]:
     if root is None:
         return spec, _Source(hub=spec.hub(split))
     if not root.is_dir():
-        raise LlmpruneError(f"data dir {root} does not exist: pass --data-dir (or set {DATA_DIR_ENV}) to an existing folder")
+        raise LlmpruneError(f"data dir {root} does not exist: pass --data-dir (or set {DATA_DIR_ENV}) to an "
+                            "existing folder")
     files, searched = spec.locate(root, split)
     if files is None:
         raise LlmpruneError(
@@ -349,11 +362,10 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
     """Can a TCP connection to the hub be opened? Avoids ``datasets``' ~25 s of retries offline."""
     if any(os.environ.get(var) for var in _PROXY_VARS):
         return True  # a direct probe says nothing behind a proxy: let datasets try
-    from urllib.parse import urlparse
-
     url = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
     try:
-        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout).close()
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)),
+                                 timeout).close()
         return True
     except OSError:
         return False
@@ -396,7 +408,8 @@ def _load_hub(spec: _Dataset, hub: _Hub) -> Sequence[str]:
         if hub.column not in ds.column_names:
             raise ValueError(f"no {hub.column!r} column (columns: {', '.join(ds.column_names)})")
     except Exception as exc:  # network, auth, cache, format: all mean "use local files instead"
-        raise LlmpruneError(f"could not load {hub.describe()} from the hub ({_first_line(exc)}): {fix}") from None
+        raise LlmpruneError(f"could not load {hub.describe()} from the hub "
+                            f"({_first_line(exc)}): {fix}") from None
     return _HubColumn(ds, hub.column)
 
 

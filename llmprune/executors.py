@@ -21,6 +21,7 @@ from typing import Iterable
 
 from llmprune.config import EXECUTORS, SlurmConfig
 from llmprune.errors import LlmpruneError
+from llmprune.report import write_report
 
 SUBMITIT_INSTALL = "pip install submitit"
 SUBMITIT_FOLDER = ".submitit"
@@ -30,8 +31,8 @@ def _submitit():
     try:
         import submitit
     except ImportError:
-        raise LlmpruneError(f"the slurm executors need submitit, which is not installed: run `{SUBMITIT_INSTALL}`"
-                            ) from None
+        raise LlmpruneError("the slurm executors need submitit, which is not installed: run "
+                            f"`{SUBMITIT_INSTALL}`") from None
     return submitit
 
 
@@ -40,14 +41,14 @@ def check_executor(executor: str, slurm_options_given: bool = False) -> None:
     if executor not in EXECUTORS:
         raise LlmpruneError(f"unknown executor {executor!r}: use one of {', '.join(EXECUTORS)}")
     if slurm_options_given and executor != "slurm":  # submitit-local would ignore them silently
-        raise LlmpruneError(f"SLURM options (--partition, --gpus-per-job, --time, ...) need --executor slurm, "
+        raise LlmpruneError("SLURM options (--partition, --gpus-per-job, --time, ...) need --executor slurm, "
                             f"not {executor}")
     if executor == "local":
         return
     _submitit()
     if executor == "slurm" and shutil.which("sbatch") is None:
-        raise LlmpruneError("--executor slurm needs SLURM's sbatch, which is not on PATH: run from a SLURM login "
-                            "node, or use --executor submitit-local to run each job as a local process")
+        raise LlmpruneError("--executor slurm needs SLURM's sbatch, which is not on PATH: run from a SLURM "
+                            "login node, or use --executor submitit-local to run each job as a local process")
 
 
 def run_one(recipe_path: str, out_dir: str, name: str, data_dir: str | None) -> str:
@@ -58,7 +59,7 @@ def run_one(recipe_path: str, out_dir: str, name: str, data_dir: str | None) -> 
     return str(path)
 
 
-def _parameters(slurm: SlurmConfig, cluster: str, recipe_name: str) -> dict:
+def slurm_parameters(slurm: SlurmConfig, cluster: str, recipe_name: str) -> dict:
     params = {"name": f"llmprune-{recipe_name}", "timeout_min": slurm.time}
     if cluster == "slurm":
         params.update(gpus_per_node=slurm.gpus_per_job, slurm_array_parallelism=slurm.array_parallelism)
@@ -102,7 +103,7 @@ def run_recipe_submitit(
     failures: list[str] = []
     if pending:
         pool = submitit.AutoExecutor(folder=out / SUBMITIT_FOLDER, cluster=cluster)
-        pool.update_parameters(**_parameters(slurm, cluster, recipe.name))
+        pool.update_parameters(**slurm_parameters(slurm, cluster, recipe.name))
         names = [job.name for job in pending]
         n = len(names)
         data = str(Path(data_dir).resolve()) if data_dir is not None else None
@@ -120,8 +121,6 @@ def run_recipe_submitit(
         finally:
             bar.close()
     if report and any((out / job.filename).exists() for job in selected):
-        from llmprune.report import write_report
-
         write_report(out)
     if failures:
         raise LlmpruneError(f"{len(failures)} of {len(pending)} jobs failed: " + "; ".join(failures))

@@ -12,6 +12,7 @@ import errno
 import fnmatch
 import json
 import os
+import re
 import shutil
 import signal
 import sys
@@ -28,8 +29,13 @@ def write_atomic(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> 
     which is then renamed over ``path``. Every file llmprune writes itself (results, tables,
     plots, checkpoint metadata) goes through here, so the rules on what may be replaced live in one place.
     """
-    with atomic_target(path) as tmp, open(tmp, "wb") as f:
-        write(f)
+    try:
+        with atomic_target(path) as tmp, open(tmp, "wb") as f:
+            write(f)
+    except OSError as exc:  # ENOSPC, EFBIG on write() name no file: say which one could not be written
+        if exc.filename is None:
+            exc.filename = str(path)
+        raise
     return Path(path)
 
 
@@ -43,7 +49,7 @@ def atomic_target(path: str | os.PathLike, signals: bool = False):
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
-    with _signals_raise() if signals else contextlib.nullcontext():
+    with signals_raise() if signals else contextlib.nullcontext():
         try:
             yield Path(tmp)
             os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes 0600; a plain open() follows the umask
@@ -119,7 +125,8 @@ def _check_parent(path: Path, what: str) -> None:
         raise LlmpruneError(f"{what} {path}: {anchor} is not a folder, so {path.parent} cannot be made; "
                             "give a path inside an existing folder")
     if not os.access(anchor, os.W_OK | os.X_OK):
-        raise LlmpruneError(f"{what} {path}: the folder {anchor} is not writable; give a path you can write to")
+        raise LlmpruneError(f"{what} {path}: the folder {anchor} is not writable; give a path "
+                            "you can write to")
 
 
 def check_output_file(path: str | os.PathLike, what: str = "--json") -> Path:
@@ -133,7 +140,8 @@ def check_output_file(path: str | os.PathLike, what: str = "--json") -> Path:
         raise LlmpruneError(f"{what} {path} is a symbolic link: llmprune writes only regular files it can "
                             "replace atomically; give the real path or a new file name")
     if path.exists() and not path.is_file():
-        raise LlmpruneError(f"{what} {path} is not a regular file (a device, pipe or socket): give a file name")
+        raise LlmpruneError(f"{what} {path} is not a regular file (a device, pipe or socket): "
+                            "give a file name")
     if path.exists() and not os.access(path, os.W_OK):
         raise LlmpruneError(f"{what} {path} is not writable: give another file name")
     _check_parent(path, what)
@@ -161,6 +169,45 @@ def check_output_dir(path: str | os.PathLike, what: str = "--out", holds: str = 
     return path
 
 
+def check_apart(paths: list[tuple[str, str | os.PathLike | None, str]]) -> None:
+    """Refuse, before any work, outputs that would collide with each other or with an input.
+
+    ``paths``: ``(what, path, role)`` with role ``file`` (an output file, e.g. --json),
+    ``folder`` (an output folder replaced as a whole, e.g. --save), ``workdir`` (a folder we only
+    add a private folder to, e.g. --offload-dir) or ``input`` (read, never written). Two paths
+    collide when they are the same (inputs among themselves excepted), or when one lies inside a
+    ``folder`` output: the save would find it there, or replace it. None paths are skipped.
+    """
+    entries = [(what, Path(path).expanduser(), role) for what, path, role in paths if path not in (None, "")]
+    resolved = [(what, path, path.resolve(), role) for what, path, role in entries]
+    for i, (what_a, shown_a, a, role_a) in enumerate(resolved):
+        for what_b, shown_b, b, role_b in resolved[i + 1:]:
+            if role_a == role_b == "input":
+                continue
+            if a == b:
+                raise LlmpruneError(f"{what_a} {shown_a} and {what_b} {shown_b} are the same path: "
+                                    "give each its own")
+            for (what_in, shown_in, inner), (what_out, shown_out, outer, role_out) in (
+                    ((what_a, shown_a, a), (what_b, shown_b, b, role_b)),
+                    ((what_b, shown_b, b), (what_a, shown_a, a, role_a))):
+                if role_out == "folder" and outer in inner.parents:
+                    raise LlmpruneError(f"{what_in} {shown_in} is inside {what_out} {shown_out}, which the "
+                                        f"checkpoint replaces as a whole: give {what_in} a path outside it")
+
+
+def check_input_file(name: str | os.PathLike, what: str) -> None:
+    """An input given as a path that exists must be a regular file or a folder: a pipe, socket or
+    device would block or be read once (a FIFO is not "missing", as the data lookup would say)."""
+    path = Path(name).expanduser()
+    try:
+        exists = path.exists()
+    except OSError:  # a name too long for the file system: not a path
+        return
+    if exists and not path.is_file() and not path.is_dir():
+        raise LlmpruneError(f"{what} {path} is not a regular file (a pipe, socket or device): give a text, "
+                            "jsonl or json file, or a dataset name")
+
+
 # Files a checkpoint of ours holds (save_pretrained's and the tokenizer's, plus llmprune.json);
 # used for checkpoints written before llmprune.json listed its files.
 _CHECKPOINT_FILES = ("config.json", "generation_config.json", "llmprune.json", "tokenizer.json",
@@ -186,7 +233,7 @@ def _ours(folder: Path) -> set[str] | None:
             if p.name in _CHECKPOINT_FILES or any(fnmatch.fnmatchcase(p.name, g) for g in _CHECKPOINT_GLOBS)}
 
 
-def check_save_dir(path: str | os.PathLike, overwrite: bool = False) -> Path:
+def check_save_dir(path: str | os.PathLike, overwrite: bool = False, what: str = "--save") -> Path:
     """Validate a checkpoint folder before any work is done.
 
     A new or empty folder is fine. A non-empty one needs ``overwrite``, and then it must be an
@@ -195,27 +242,29 @@ def check_save_dir(path: str | os.PathLike, overwrite: bool = False) -> Path:
     """
     path = Path(path).expanduser()
     if path.is_symlink():
-        raise LlmpruneError(f"--save {path} is a symbolic link: give the real folder or a new name")
+        raise LlmpruneError(f"{what} {path} is a symbolic link: give the real folder or a new name")
     if path.exists() and not path.is_dir():
-        raise LlmpruneError(f"--save {path} is a file: give a folder name for the checkpoint")
+        raise LlmpruneError(f"{what} {path} is a file: give a folder name for the checkpoint")
     resolved = path.resolve()
     cwd = Path.cwd().resolve()
     if resolved == cwd or resolved in cwd.parents:
-        raise LlmpruneError(f"--save {path} is the current folder or one above it: give a new folder such as ./pruned")
-    _check_parent(resolved, "--save")
+        raise LlmpruneError(f"{what} {path} is the current folder or one above it: give a new folder "
+                            "such as ./pruned")
+    _check_parent(resolved, what)
     if path.is_dir() and any(path.iterdir()):
         if not overwrite:
-            raise LlmpruneError(f"{path} already exists and is not empty: choose a new directory or pass --overwrite")
+            raise LlmpruneError(f"{path} already exists and is not empty: choose a new directory or "
+                                "pass --overwrite")
         ours = _ours(path)
         if ours is None:
-            raise LlmpruneError(f"--overwrite refuses {path}: it is not an llmprune checkpoint (no {SAVE_METADATA}); "
-                                "choose a new directory")
+            raise LlmpruneError(f"--overwrite refuses {path}: it is not an llmprune checkpoint (no "
+                                f"{SAVE_METADATA}); choose a new directory")
         foreign = sorted(p.name for p in path.iterdir() if p.name not in ours)
         if foreign:
-            raise LlmpruneError(f"--overwrite refuses {path}: it holds {foreign[0]!r}, which llmprune did not write; "
-                                "move it away or choose a new directory")
+            raise LlmpruneError(f"--overwrite refuses {path}: it holds {foreign[0]!r}, which llmprune did "
+                                "not write; move it away or choose a new directory")
         if not os.access(path, os.W_OK):
-            raise LlmpruneError(f"--save {path} is not writable: choose another directory")
+            raise LlmpruneError(f"{what} {path} is not writable: choose another directory")
     return path
 
 
@@ -223,13 +272,13 @@ def _remove_stale_temporaries(parent: Path, name: str) -> None:
     """Delete temporaries of ours for ``name`` left by a killed save (their process is gone)."""
     for stale in parent.glob(f".{name}{_TMP_TAG}*"):
         pid = stale.name.rsplit(_TMP_TAG, 1)[-1].split(".", 1)[0]
-        if pid.isdigit() and _alive(int(pid)):
+        if pid.isdigit() and process_alive(int(pid)):
             continue  # another save of the same name is running now
         if stale.is_dir() and not stale.is_symlink():
             shutil.rmtree(stale, ignore_errors=True)
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -257,15 +306,29 @@ def _exchange(a: Path, b: Path) -> bool:
     raise OSError(err, os.strerror(err), str(b))
 
 
+class Interrupted(KeyboardInterrupt):
+    """SIGTERM or SIGHUP, raised where the signal arrived so that cleanup code runs (as for
+    Ctrl-C); ``signum`` gives the exit code, 128 + signum, that the default action would have."""
+
+    def __init__(self, signum: int):
+        super().__init__(f"signal {signum}")
+        self.signum = signum
+
+
+def exit_code(interrupt: KeyboardInterrupt) -> int:
+    """The shell's code for a process stopped by this interrupt: 130 for Ctrl-C, 143 for SIGTERM."""
+    return 128 + getattr(interrupt, "signum", signal.SIGINT)
+
+
 @contextlib.contextmanager
-def _signals_raise():
-    """Turn SIGTERM and SIGHUP into an exception for the duration, so cleanup code runs."""
+def signals_raise():
+    """Turn SIGTERM and SIGHUP into :class:`Interrupted` for the duration, so cleanup code runs."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
 
     def handler(signum, _frame):
-        raise KeyboardInterrupt(f"signal {signum}")
+        raise Interrupted(signum)
 
     previous = {}
     for sig in (getattr(signal, "SIGTERM", None), getattr(signal, "SIGHUP", None)):
@@ -286,26 +349,32 @@ def _gguf_quantization(model):
 
 
 def save_pruned(model, tokenizer, path: str | os.PathLike, metadata: dict, overwrite: bool = False,
-                write_weights: Callable[[Any, Path], Any] | None = None) -> Path:
+                write_weights: Callable[[Any, Path], Any] | None = None, what: str = "--save") -> Path:
     """Save an HF checkpoint (safetensors, config, tokenizer) plus ``llmprune.json``.
 
     Written into a temporary sibling folder, then put under ``path`` in one step: a new folder by
     rename, an existing checkpoint of ours by an atomic exchange (Linux), so ``path`` always holds
-    either the old or the new checkpoint. The temporary is removed on any exception and on SIGTERM
-    or SIGHUP; one left by a killed process is removed by the next save of the same name.
+    either the old or the new checkpoint. Where ``path`` cannot be renamed (a mount point, another
+    file system) the files are copied into it one by one instead (:func:`_copy_into`); if even
+    that fails, the complete checkpoint is kept beside it under a visible name that the error
+    gives. Until the checkpoint is complete, the temporary is removed on any exception and on
+    SIGTERM or SIGHUP; one left by a killed process is removed by the next save of the same name.
     ``llmprune.json`` lists the files written, which is what a later ``overwrite`` may replace.
     ``write_weights(model, folder)`` writes the config and weights in another format than
-    ``save_pretrained`` (llmprune.export.compressed).
+    ``save_pretrained`` (llmprune.export.compressed). A full disk or a file-size limit is an
+    ``OSError`` whatever library hit it (safetensors, tokenizers, torch). ``what`` names ``path``
+    in messages (``--save``, ``DST``).
     Folders and files follow the umask, as ``save_pretrained``'s do.
     """
-    path = check_save_dir(path, overwrite).resolve()
+    path = check_save_dir(path, overwrite, what).resolve()
     path.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale_temporaries(path.parent, path.name)
     is_gguf, quant = _gguf_quantization(model)
     hf_quantizer = getattr(model, "hf_quantizer", None)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}{_TMP_TAG}{os.getpid()}.", dir=path.parent))
     os.chmod(tmp, 0o777 & ~current_umask())
-    with _signals_raise():
+    complete = False
+    with signals_raise():
         try:
             if is_gguf:
                 # a GGUF-loaded model says {quant_method: gguf}; the weights we save are plain
@@ -313,24 +382,23 @@ def save_pruned(model, tokenizer, path: str | os.PathLike, metadata: dict, overw
                 del model.config.quantization_config
                 if hf_quantizer is not None:
                     model.hf_quantizer = None
-            if write_weights is None:
-                model.save_pretrained(tmp, safe_serialization=True)
-            else:
-                write_weights(model, tmp)
-            if tokenizer is not None:
-                tokenizer.save_pretrained(tmp)
+            with io_errors():
+                if write_weights is None:
+                    model.save_pretrained(tmp, safe_serialization=True)
+                else:
+                    write_weights(model, tmp)
+                if tokenizer is not None:
+                    tokenizer.save_pretrained(tmp)
             files = sorted(p.name for p in tmp.iterdir()) + [SAVE_METADATA]
             write_json_atomic(tmp / SAVE_METADATA, {**metadata, "files": sorted(set(files))})
-            if not path.exists():
-                os.rename(tmp, path)
-            elif _exchange(tmp, path):
-                shutil.rmtree(tmp)  # now the old checkpoint, checked to be ours
-            else:
-                old = path.with_name(f".{path.name}{_TMP_TAG}{os.getpid()}.old")
-                os.rename(path, old)
-                os.rename(tmp, path)
-                shutil.rmtree(old)
-        except BaseException:
+            complete = True
+            _place(tmp, path)
+        except Exception as exc:
+            if not complete:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
+            raise _kept(exc, tmp, path) from None  # the work is done and on disk: never delete it
+        except BaseException:  # Ctrl-C, SIGTERM: the user stops the save
             shutil.rmtree(tmp, ignore_errors=True)
             raise
         finally:
@@ -339,3 +407,115 @@ def save_pruned(model, tokenizer, path: str | os.PathLike, metadata: dict, overw
                 if hf_quantizer is not None:
                     model.hf_quantizer = hf_quantizer
     return path
+
+
+# rename(2) errors that mean "this folder cannot be swapped" rather than "this cannot be written":
+# a mount point (EBUSY), another file system (EXDEV), a folder we may write in but not replace
+_CANNOT_RENAME = {errno.EBUSY, errno.EXDEV, errno.EPERM, errno.EACCES, errno.ENOTSUP,
+                  getattr(errno, "EOPNOTSUPP", errno.ENOTSUP)}
+
+
+def _place(tmp: Path, path: Path) -> None:
+    """Put the complete checkpoint ``tmp`` at ``path``: rename, exchange, or copy into place."""
+    try:
+        if not path.exists():
+            os.rename(tmp, path)
+        elif _exchange(tmp, path):
+            shutil.rmtree(tmp)  # now the old checkpoint, checked to be ours
+        else:
+            old = path.with_name(f".{path.name}{_TMP_TAG}{os.getpid()}.old")
+            os.rename(path, old)
+            try:
+                os.rename(tmp, path)
+            except BaseException:
+                os.rename(old, path)
+                raise
+            shutil.rmtree(old)
+        return
+    except OSError as exc:
+        if exc.errno not in _CANNOT_RENAME or not path.is_dir() or path.is_symlink():
+            raise
+    _copy_into(tmp, path)
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _copy_into(tmp: Path, path: Path) -> None:
+    """Copy the checkpoint in ``tmp`` into the existing folder ``path``, file by file, each one
+    atomically. While it runs, ``path``'s llmprune.json lists every file that may be there (the old
+    checkpoint's and the new one's, marked ``incomplete``), so an interrupted copy can still be
+    replaced with ``--overwrite``; the new llmprune.json is written last."""
+    old = _ours(path) or set()
+    meta = json.loads((tmp / SAVE_METADATA).read_text(encoding="utf-8"))
+    new = sorted(p.name for p in tmp.iterdir())
+    present = {p.name for p in path.iterdir()} & old
+    write_json_atomic(path / SAVE_METADATA, {**meta, "files": sorted(present | set(new)), "incomplete": True})
+    for name in new:
+        if name == SAVE_METADATA:
+            continue
+        source = tmp / name
+        if source.is_dir():
+            shutil.copytree(source, path / name, dirs_exist_ok=True)
+        else:
+            with atomic_target(path / name) as target:
+                shutil.copyfile(source, target)
+    for name in sorted(present - set(new) - {SAVE_METADATA}):  # the old checkpoint's files the new one lacks
+        stale = path / name
+        if stale.is_dir() and not stale.is_symlink():
+            shutil.rmtree(stale)
+        else:
+            stale.unlink(missing_ok=True)
+    with atomic_target(path / SAVE_METADATA) as target:
+        shutil.copyfile(tmp / SAVE_METADATA, target)
+
+
+def _kept(exc: Exception, tmp: Path, path: Path) -> OSError:
+    """The error to raise when the complete checkpoint ``tmp`` could not be put at ``path``: it
+    is renamed to a visible name beside ``path`` (a hidden temporary would be removed by the next
+    save; where even that rename fails, it stays where it is) and the message says where."""
+    kept = tmp
+    for n in range(1000):
+        candidate = path.with_name(f"{path.name}.llmprune-saved" + (f"-{n}" if n else ""))
+        if candidate.exists() or candidate.is_symlink():
+            continue
+        with contextlib.suppress(OSError):
+            os.rename(tmp, candidate)
+            kept = candidate
+        break
+    reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+    return OSError(getattr(exc, "errno", None) or errno.EIO,
+                   f"{reason} while moving it into {path}; the complete "
+                   f"checkpoint is in {kept}: move it to {path} yourself")
+
+
+# Rust's io::Error, as safetensors and tokenizers print it
+_IO_CODE = re.compile(r"os error (\d+)|code: (\d+)")
+_IO_TEXT = re.compile(r"No space left|File too large|Read-only file system|Disk quota|file write failed|"
+                      r"Input/output error", re.IGNORECASE)
+
+
+def as_os_error(exc: BaseException) -> OSError | None:
+    """``exc`` as an OSError when it reports a failed write (safetensors' SafetensorError, the
+    tokenizers' Rust errors, torch.save's RuntimeError do not derive from OSError); None when it
+    is something else (a bug keeps its traceback)."""
+    if isinstance(exc, OSError):
+        return exc
+    text = " ".join((str(exc).strip().splitlines() or [type(exc).__name__])[0].split())[:200]
+    code = _IO_CODE.search(text)
+    if code is not None:
+        number = int(code.group(1) or code.group(2))
+        return OSError(number, f"{os.strerror(number)} ({type(exc).__name__}: {text})")
+    if _IO_TEXT.search(text):
+        return OSError(errno.EIO, f"{type(exc).__name__}: {text}")
+    return None
+
+
+@contextlib.contextmanager
+def io_errors():
+    """Turn a library's failed write into an OSError (see :func:`as_os_error`)."""
+    try:
+        yield
+    except Exception as exc:
+        converted = as_os_error(exc)
+        if converted is None or converted is exc:
+            raise
+        raise converted from None

@@ -43,9 +43,29 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from llmprune.blocks import block_device, first_param_device
 from llmprune.config import PruneConfig
 from llmprune.errors import LlmpruneError
-from llmprune.io import _alive, atomic_target, check_output_dir, save_pruned, write_json_atomic
+from llmprune.export.compressed import compressed_metadata
+from llmprune.io import (
+    atomic_target,
+    check_output_dir,
+    io_errors,
+    process_alive,
+    save_pruned,
+    write_json_atomic,
+)
+from llmprune.models import (
+    check_device,
+    check_model_source,
+    get_blocks,
+    layout,
+    load_error,
+    load_model,
+    resolve_dtype,
+    resolve_seqlen,
+)
+from llmprune.registry import FORMATS, FormatSpec
 
 OFFLOAD_TAG = ".llmprune-offload-"  # the private folder's prefix inside --offload-dir
 SAFETENSORS_INDEX = "model.safetensors.index.json"
@@ -66,13 +86,13 @@ def check_offload(config: PruneConfig, device_map=None, save_format: str = "dens
     if config.offload is None:
         return
     if device_map:
-        raise LlmpruneError(f"--offload {config.offload} places the blocks itself: drop --device-map (an accelerate "
-                            "device map) or --offload")
+        raise LlmpruneError(f"--offload {config.offload} places the blocks itself: drop --device-map (an "
+                            "accelerate device map) or --offload")
     if config.offload == "disk":
         if save_format != "dense":
-            raise LlmpruneError(f"--offload disk saves dense safetensors one block at a time; --save-format "
-                                f"{save_format} needs the whole model in memory: save dense, then run `llmprune "
-                                "compress` where the model fits")
+            raise LlmpruneError("--offload disk saves dense safetensors one block at a time; --save-format "
+                                f"{save_format} needs the whole model in memory: save dense, then run "
+                                "`llmprune compress` where the model fits")
         check_offload_dir(config.offload_dir)
 
 
@@ -107,7 +127,7 @@ def _save_safetensors(tensors: dict[str, torch.Tensor], path: Path) -> int:
     """Write ``tensors`` to ``path`` atomically; the bytes of tensor data written."""
     from safetensors.torch import save_file
 
-    with atomic_target(path) as tmp:
+    with atomic_target(path) as tmp, io_errors():  # a full disk is an OSError, not a SafetensorError
         save_file(tensors, str(tmp), metadata={"format": "pt"})
     return sum(t.numel() * t.element_size() for t in tensors.values())
 
@@ -141,7 +161,7 @@ def _remove_stale(folder: Path) -> None:
     prefix = _private_prefix()
     for stale in folder.glob(f"{glob.escape(prefix)}*"):
         pid = stale.name[len(prefix):].split(".", 1)[0]
-        if pid.isdigit() and not _alive(int(pid)) and stale.is_dir() and not stale.is_symlink():
+        if pid.isdigit() and not process_alive(int(pid)) and stale.is_dir() and not stale.is_symlink():
             shutil.rmtree(stale, ignore_errors=True)
 
 
@@ -162,8 +182,6 @@ class Resident:
 
     @contextlib.contextmanager
     def use(self, index: int, write: bool = True):
-        from llmprune.blocks import block_device
-
         block = self.blocks[index]
         home = block_device(block)
         moved = self.compute is not None and home != self.compute and home.type != "meta"
@@ -188,9 +206,8 @@ class BlockStore:
     were never read). ``compute``: where a materialised block computes.
     """
 
-    def __init__(self, model: nn.Module, mode: str, compute: torch.device, folder: str | os.PathLike | None = None):
-        from llmprune.models import get_blocks
-
+    def __init__(self, model: nn.Module, mode: str, compute: torch.device,
+                 folder: str | os.PathLike | None = None):
         if mode not in ("cpu", "disk"):
             raise ValueError(f"unknown offload mode {mode!r}")
         self.model, self.mode, self.compute = model, mode, torch.device(compute)
@@ -206,8 +223,8 @@ class BlockStore:
         self._cleanup = None
         if mode == "disk":
             if folder is None:
-                raise LlmpruneError("--offload disk keeps the blocks in files: give --offload-dir DIR, a writable "
-                                    "folder with room for the model's weights")
+                raise LlmpruneError("--offload disk keeps the blocks in files: give --offload-dir DIR, a "
+                                    "writable folder with room for the model's weights")
             parent = check_offload_dir(folder)
             parent.mkdir(parents=True, exist_ok=True)
             _remove_stale(parent)
@@ -294,7 +311,8 @@ class BlockStore:
                 for module, attr, key in items:
                     old = module._parameters[attr]
                     tensor = f.get_tensor(key)
-                    if tensor.dtype != old.dtype:  # a checkpoint stored in another dtype: cast as from_pretrained does
+                    # a checkpoint stored in another dtype: cast as from_pretrained does
+                    if tensor.dtype != old.dtype:
                         tensor = tensor.to(old.dtype)
                     if tuple(tensor.shape) != tuple(old.shape):
                         raise RuntimeError(f"{key} in {file} has shape {tuple(tensor.shape)}, the model "
@@ -355,8 +373,6 @@ class BlockStore:
     def whole(self, device: torch.device | None = None):
         """The whole model on ``device`` (default: the compute device) for the body, e.g. an
         evaluation, then every block back in the store, unchanged. It must fit."""
-        from llmprune.blocks import first_param_device
-
         target = device or self.compute
         outside = first_param_device(self.model.get_input_embeddings())
         try:
@@ -403,9 +419,6 @@ class BlockStore:
               folder: str | os.PathLike | None = None) -> "BlockStore":
         """A store for a model in memory: cpu moves its blocks to the CPU, disk writes each block
         to the offload folder and frees it. ``compute`` defaults to where block 0 lived."""
-        from llmprune.blocks import block_device
-        from llmprune.models import get_blocks, layout
-
         layout(model)  # discovery needs a forward through real blocks: before they leave
         origin = block_device(get_blocks(model)[0])
         store = cls(model, mode, compute if compute is not None else origin, folder)
@@ -426,12 +439,13 @@ class BlockStore:
         """The offload folder's file system must hold every block once more."""
         need, free = self.block_bytes(), shutil.disk_usage(self.folder).free
         if need > free:
-            raise LlmpruneError(f"--offload-dir {self.folder.parent} has {free / 2**30:.1f} GiB free, but the blocks "
-                                f"need {need / 2**30:.1f} GiB: give a folder on a larger disk")
+            raise LlmpruneError(f"--offload-dir {self.folder.parent} has {free / 2**30:.1f} GiB free, but "
+                                f"the blocks need {need / 2**30:.1f} GiB: give a folder on a larger disk")
 
 
 @contextlib.contextmanager
-def placement(model: nn.Module, config: PruneConfig, compute: torch.device | None, store: BlockStore | None = None):
+def placement(model: nn.Module, config: PruneConfig, compute: torch.device | None,
+              store: BlockStore | None = None):
     """Where the blocks of one ``prune`` call wait: the caller's ``store`` (left as it is at the
     end), a store made for this call when ``config.offload`` is set (the blocks are put back
     where they were at the end, so the caller gets the model as in-memory pruning leaves it),
@@ -440,8 +454,6 @@ def placement(model: nn.Module, config: PruneConfig, compute: torch.device | Non
         yield store
         return
     if config.offload is None:
-        from llmprune.models import get_blocks
-
         yield Resident(get_blocks(model), compute)
         return
     store = BlockStore.spill(model, config.offload, compute, config.offload_dir)
@@ -454,7 +466,8 @@ def placement(model: nn.Module, config: PruneConfig, compute: torch.device | Non
 
 # ---------------------------------------------------------------- loading without the blocks
 
-def load_for_offload(name_or_path: str, mode: str, dtype="auto", device=None, folder=None, seqlen: int | None = None):
+def load_for_offload(name_or_path: str, mode: str, dtype="auto", device=None,
+                     folder=None, seqlen: int | None = None):
     """``(model, tokenizer, store)`` with the blocks in a :class:`BlockStore`.
 
     cpu: the model loads into CPU memory as usual; blocks compute on ``device``. disk: from a
@@ -462,8 +475,6 @@ def load_for_offload(name_or_path: str, mode: str, dtype="auto", device=None, fo
     blocks are read (the blocks are read one at a time later); any other source loads in full
     once, then its blocks are written to ``folder`` and freed.
     """
-    from llmprune.models import check_device, check_model_source, layout, load_model
-
     compute = check_device(device)
     if mode == "cpu":
         model, tokenizer = load_model(name_or_path, dtype=dtype, device="cpu", seqlen=seqlen)
@@ -476,8 +487,6 @@ def load_for_offload(name_or_path: str, mode: str, dtype="auto", device=None, fo
         model, tokenizer = load_model(name_or_path, dtype=dtype, device="cpu", seqlen=seqlen)
         return model, tokenizer, BlockStore.spill(model, "disk", compute, folder)
     model, tokenizer, store = built
-    from llmprune.models import get_blocks, resolve_seqlen
-
     get_blocks(model)
     model.seqlen = resolve_seqlen(model, seqlen)
     with store.streaming(torch.device("cpu")):  # discovery's probe forward, one block in memory at a time
@@ -489,26 +498,45 @@ def load_for_offload(name_or_path: str, mode: str, dtype="auto", device=None, fo
 def _skeleton(source: Path, dtype, compute: torch.device, folder):
     """The model with meta parameters, its non-block weights read from ``source``; None when the
     checkpoint's tensors are not the model's by name and shape (then it is loaded in full)."""
-    import transformers
-    from accelerate import init_empty_weights
-    from packaging.version import Version
-    from safetensors import safe_open
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
-
-    from llmprune.export.compressed import compressed_metadata
-    from llmprune.models import _load_error, get_blocks, resolve_dtype
-
     if compressed_metadata(str(source)) is not None:
         return None
     files = _checkpoint_tensors(source)
     if not files:
         return None
+    shapes = _checkpoint_shapes(files)
+    model, tokenizer = _empty_model(source, dtype, shapes)
+    params = dict(model.named_parameters())  # tied weights once
+    for name, param in params.items():
+        if name not in shapes or shapes[name][0] != tuple(param.shape):
+            return None  # transformers renames or converts this checkpoint on load
+    store = BlockStore(model, "disk", compute, folder)
+    store.source = f"checkpoint {source}"
+    store.check_room()
+    _read_outside_blocks(model, params, files, store)
+    model.eval()
+    return model, tokenizer, store
+
+
+def _checkpoint_shapes(files: dict) -> dict[str, tuple[tuple[int, ...], str]]:
+    """``{name: (shape, safetensors dtype)}`` of every tensor of the checkpoint, from the file headers."""
+    from safetensors import safe_open
+
     shapes: dict[str, tuple[tuple[int, ...], str]] = {}
     for file in set(files.values()):
         with safe_open(str(file), framework="pt") as f:
             for key in f.keys():
                 piece = f.get_slice(key)
                 shapes[key] = (tuple(piece.get_shape()), piece.get_dtype())
+    return shapes
+
+
+def _empty_model(source: Path, dtype, shapes: dict):
+    """``(model, tokenizer)`` of the checkpoint folder ``source``, the model's parameters on meta."""
+    import transformers
+    from accelerate import init_empty_weights
+    from packaging.version import Version
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
     try:
         config = AutoConfig.from_pretrained(source)
         torch_dtype = resolve_dtype(dtype)
@@ -520,17 +548,18 @@ def _skeleton(source: Path, dtype, compute: torch.device, folder):
         model.tie_weights()  # as from_pretrained does: a tied lm_head is the embeddings' parameter
         tokenizer = AutoTokenizer.from_pretrained(source)
     except Exception as exc:  # noqa: BLE001 - as load_model: this model cannot be read
-        raise _load_error(str(source), exc) from None
+        raise load_error(str(source), exc) from None
     if (source / "generation_config.json").is_file():
         model.generation_config = GenerationConfig.from_pretrained(source)
     model.config._name_or_path = str(source)
-    params = dict(model.named_parameters())  # tied weights once
-    for name, param in params.items():
-        if name not in shapes or shapes[name][0] != tuple(param.shape):
-            return None  # transformers renames or converts this checkpoint on load
-    store = BlockStore(model, "disk", compute, folder)
-    store.source = f"checkpoint {source}"
-    store.check_room()
+    return model, tokenizer
+
+
+def _read_outside_blocks(model: nn.Module, params: dict, files: dict, store: BlockStore) -> None:
+    """Read the parameters and persistent buffers outside the decoder blocks from the checkpoint's
+    ``files``; a block's tensors are only noted in ``store.files``, to be read in its turn."""
+    from safetensors import safe_open
+
     blocks = get_blocks(model)
     prefix = store.path + "."
     aliases: dict[int, list[tuple[nn.Module, str]]] = {}  # one tensor under several names (tied lm_head)
@@ -557,12 +586,11 @@ def _skeleton(source: Path, dtype, compute: torch.device, folder):
         module = model.get_submodule(owner)
         with safe_open(str(files[name]), framework="pt", device="cpu") as f:
             module._buffers[attr] = f.get_tensor(name).to(module._buffers[attr].dtype)
-    model.eval()
-    return model, tokenizer, store
 
 
 def _checkpoint_dtype(config, shapes: dict) -> torch.dtype:
-    """``dtype="auto"``: the config's dtype, else the checkpoint's first floating dtype, as from_pretrained."""
+    """``dtype="auto"``: the config's dtype, else the checkpoint's first floating dtype, as
+    from_pretrained."""
     named = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
     if isinstance(named, torch.dtype):
         return named
@@ -624,7 +652,8 @@ def write_blockwise(model: nn.Module, store: BlockStore, folder: Path) -> dict:
     per_block: list[list[str]] = [[] for _ in range(n)]
     rest: list[str] = []
     for name in kept:
-        head, _, tail = name[len(store.path) + 1:].partition(".") if name.startswith(store.path + ".") else ("", "", "")
+        head, _, tail = (name[len(store.path) + 1:].partition(".") if name.startswith(store.path + ".")
+                         else ("", "", ""))
         if head.isdigit() and int(head) < n and tail:
             per_block[int(head)].append(name)
         else:
@@ -686,6 +715,16 @@ def save_offloaded(model: nn.Module, store: BlockStore, tokenizer, path, metadat
     return save_pruned(model, tokenizer, path, metadata, overwrite,
                        write_weights=lambda m, folder: write_blockwise(m, store, folder))
 
+
+def _save_shards(model: nn.Module, tokenizer, path, record: dict, overwrite: bool,
+                 store: BlockStore | None = None, **_) -> str:
+    where = save_offloaded(model, store, tokenizer, path, record, overwrite)
+    return f"saved the pruned model to {where} (written one block at a time)"
+
+
+# the offloaded model's checkpoint, one shard per block: an ordinary sharded HF checkpoint, loaded as dense
+FORMATS.add(FormatSpec("shards", "the offloaded model written one block per shard (a sharded HF checkpoint)",
+                       save=_save_shards, load=None))
 
 __all__ = ["BlockStore", "Resident", "check_offload", "check_offload_dir", "load_for_offload", "placement",
            "save_offloaded", "write_blockwise"]

@@ -23,8 +23,8 @@ PROGRESS_SECONDS_ENV = "LLMPRUNE_PROGRESS_SECONDS"
 DEFAULT_SECONDS = 10.0
 
 
-def progress(total: int | None, desc: str = "", unit: str = "it", disable: bool = False, *, leave: bool = True,
-             initial: int = 0, position: int | None = None, file: TextIO | None = None,
+def progress(total: int | None, desc: str = "", unit: str = "it", disable: bool = False, *,
+             leave: bool = True, initial: int = 0, position: int | None = None, file: TextIO | None = None,
              iterable: Iterable | None = None) -> Any:
     """A progress reporter with tqdm's ``update(n)``, ``close()``, ``set_postfix_str`` and ``with``.
 
@@ -36,8 +36,8 @@ def progress(total: int | None, desc: str = "", unit: str = "it", disable: bool 
     if disable or _isatty(stream):
         from tqdm.auto import tqdm
 
-        return tqdm(iterable, total=total, desc=desc, unit=unit, disable=disable, leave=leave, initial=initial,
-                    position=position, file=stream)
+        return tqdm(iterable, total=total, desc=desc, unit=unit, disable=disable, leave=leave,
+                    initial=initial, position=position, file=stream)
     return LineProgress(total, desc, unit, initial=initial, every=progress_seconds(), file=stream,
                         iterable=iterable)
 
@@ -76,7 +76,8 @@ class LineProgress:
     """Plain-text progress: one whole line per report, no ``\\r``, no escape codes."""
 
     def __init__(self, total: int | None, desc: str = "", unit: str = "it", *, initial: int = 0,
-                 every: float = DEFAULT_SECONDS, file: TextIO | None = None, iterable: Iterable | None = None):
+                 every: float = DEFAULT_SECONDS, file: TextIO | None = None,
+                 iterable: Iterable | None = None) -> None:
         if total is None and iterable is not None and hasattr(iterable, "__len__"):
             total = len(iterable)
         self.total, self.desc, self.unit = total, desc, unit

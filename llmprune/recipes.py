@@ -39,7 +39,9 @@ from __future__ import annotations
 
 import copy
 import itertools
+import math
 import re
+import reprlib
 import string
 import types
 import typing
@@ -49,8 +51,16 @@ from typing import Any, Mapping
 
 import yaml
 
-from llmprune.config import (CalibConfig, EvalConfig, Pattern, PruneConfig, RecoverConfig, SlurmConfig, from_dict,
-                             to_dict)
+from llmprune.config import (
+    CalibConfig,
+    EvalConfig,
+    Pattern,
+    PruneConfig,
+    RecoverConfig,
+    SlurmConfig,
+    from_dict,
+    to_dict,
+)
 from llmprune.errors import LlmpruneError
 from llmprune.registry import OPTION_REGISTRIES
 from llmprune.results import DENSE
@@ -60,6 +70,12 @@ DEVICES = ("auto", "cpu", "cuda", "mps")
 DTYPES = ("float32", "fp32", "float16", "fp16", "bfloat16", "bf16", "auto")
 
 _TOP_KEYS = ("name", "description", "dense", "defaults", "runs", "grid", "slurm")
+# bounds on what a recipe may expand to: YAML aliases share one node between many places, so a
+# 420-byte file can stand for 10^9 values (a "billion laughs"); a grid multiplies its axes
+MAX_RECIPE_BYTES = 1 << 20
+MAX_RECIPE_NODES = 100_000  # values once every alias is expanded (a 1000-run recipe needs ~30 000)
+MAX_RUNS = 10_000
+MAX_NAME_CHARS = 200  # a result file name (slug + ".json") must fit in 255 bytes
 _RUN_SCALARS = {"name": str, "model": str, "dtype": str, "device": str}
 
 
@@ -89,7 +105,8 @@ class Recipe:
     description: str
     runs: tuple[Run, ...]
     dense: bool = True
-    slurm: SlurmConfig | None = None  # job sizes for `llmprune run --executor slurm`; results do not depend on it
+    # job sizes for `llmprune run --executor slurm`; results do not depend on it
+    slurm: SlurmConfig | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """The resolved recipe, as written to ``recipe.json`` next to the results."""
@@ -150,7 +167,8 @@ def _no_duplicate_keys(loader: yaml.SafeLoader, node: yaml.MappingNode, deep: bo
             continue
         key = loader.construct_object(key_node, deep=deep)
         if key in seen:
-            raise LlmpruneError(f"line {key_node.start_mark.line + 1}: key {key!r} appears twice in one mapping")
+            raise LlmpruneError(f"line {key_node.start_mark.line + 1}: key {key!r} appears twice "
+                                "in one mapping")
         seen[key] = True
     return loader.construct_mapping(node, deep=deep)
 
@@ -158,12 +176,64 @@ def _no_duplicate_keys(loader: yaml.SafeLoader, node: yaml.MappingNode, deep: bo
 _Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _no_duplicate_keys)
 
 
+def _children(node: yaml.Node) -> list[yaml.Node]:
+    if isinstance(node, yaml.MappingNode):
+        return [part for pair in node.value for part in pair]
+    if isinstance(node, yaml.SequenceNode):
+        return list(node.value)
+    return []
+
+
+def _check_expansion(root: yaml.Node) -> None:
+    """Refuse a document that stands for more than MAX_RECIPE_NODES values once its aliases are
+    expanded, or that contains itself; counted on the composed node graph (each shared node once,
+    iteratively), so a bomb is refused in microseconds without being built."""
+    sizes: dict[int, int] = {}
+    open_nodes: set[int] = set()
+    stack: list[tuple[yaml.Node, bool]] = [(root, False)]
+    while stack:
+        node, finished = stack.pop()
+        key = id(node)
+        if finished:
+            open_nodes.discard(key)
+            sizes[key] = min(1 + sum(sizes[id(child)] for child in _children(node)), MAX_RECIPE_NODES + 1)
+            continue
+        if key in sizes:
+            continue
+        if key in open_nodes:
+            raise LlmpruneError(f"line {node.start_mark.line + 1}: an alias refers to a value that contains "
+                                "it: a recipe cannot contain itself")
+        open_nodes.add(key)
+        stack.append((node, True))
+        stack.extend((child, False) for child in _children(node) if id(child) not in sizes)
+    if sizes[id(root)] > MAX_RECIPE_NODES:
+        raise LlmpruneError(f"the recipe expands to more than {MAX_RECIPE_NODES:,} values once its aliases "
+                            "(*name) are expanded: write the runs out, or use a grid")
+
+
 def read_yaml(path: str | Path) -> Any:
     path = Path(path)
     if not path.is_file():
-        raise LlmpruneError(f"recipe {path} does not exist: give the path of a recipe YAML such as recipes/smollm2_cpu.yaml")
+        raise LlmpruneError(f"recipe {path} does not exist: give the path of a recipe YAML such as "
+                            "recipes/smollm2_cpu.yaml")
+    if path.stat().st_size > MAX_RECIPE_BYTES:
+        raise LlmpruneError(f"recipe {path} is {path.stat().st_size:,} bytes, more than a recipe needs "
+                            f"({MAX_RECIPE_BYTES:,} at most): give the recipe YAML, not data")
     try:
-        return yaml.load(path.read_text(encoding="utf-8"), Loader=_Loader)
+        loader = _Loader(path.read_text(encoding="utf-8"))
+        try:
+            node = loader.get_single_node()
+            if node is None:
+                return None
+            _check_expansion(node)
+            return loader.construct_document(node)
+        finally:
+            loader.dispose()
+    except RecursionError:
+        raise LlmpruneError(f"{path}: values nested too deeply for a recipe") from None
+    except UnicodeDecodeError as exc:
+        raise LlmpruneError(f"{path} is not UTF-8 text ({exc.reason} at byte {exc.start}): "
+                            "give a recipe YAML") from None
     except LlmpruneError as exc:
         raise LlmpruneError(f"{path}: {exc}") from None
     except yaml.YAMLError as exc:
@@ -188,7 +258,8 @@ def _run_schema() -> dict[str, Any]:
         for spec in registry:
             prune.update(_hints(spec.options))
     prune["calib"] = dict(_hints(CalibConfig))
-    return {**_RUN_SCALARS, "prune": prune, "eval": dict(_hints(EvalConfig)), "recover": dict(_hints(RecoverConfig))}
+    return {**_RUN_SCALARS, "prune": prune, "eval": dict(_hints(EvalConfig)),
+            "recover": dict(_hints(RecoverConfig))}
 
 
 def _describe(hint: Any) -> str:
@@ -228,7 +299,8 @@ def _fits(value: Any, hint: Any) -> bool:
     if hint is Pattern:
         return isinstance(value, (str, Pattern))
     if origin is tuple:
-        return isinstance(value, str) or (isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value))
+        return isinstance(value, str) or (isinstance(value, (list, tuple))
+                                          and all(isinstance(v, str) for v in value))
     return True
 
 
@@ -257,8 +329,19 @@ def _check_value(value: Any, hint: Any, where: str) -> None:
     raise LlmpruneError(f"{where} must be {_describe(hint)}, got {_show(value)}{hint_text}")
 
 
+_SHOWN = reprlib.Repr()  # a value in a message: a few items of a few levels, never the whole of it
+_SHOWN.maxlevel, _SHOWN.maxstring, _SHOWN.maxother, _SHOWN.maxlong = 3, 60, 60, 40
+_SHOWN.maxlist = _SHOWN.maxtuple = _SHOWN.maxdict = _SHOWN.maxset = 6
+
+
 def _show(value: Any) -> str:
-    return f"{value!r} ({type(value).__name__})" if value is not None else "null"
+    return f"{_SHOWN.repr(value)} ({type(value).__name__})" if value is not None else "null"
+
+
+def _clip(text: str, limit: int = 1000) -> str:
+    """A message of at most ``limit`` characters on one line (a value it quotes may be huge)."""
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[:limit] + " …"
 
 
 def deep_merge(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
@@ -285,7 +368,8 @@ def _set_path(target: dict[str, Any], dotted: str, value: Any) -> None:
 
 def _check_axis_path(dotted: Any, schema: Mapping[str, Any], where: str) -> Any:
     if not isinstance(dotted, str) or not dotted:
-        raise LlmpruneError(f"{where}: axis names are dotted keys such as prune.sparsity, got {_show(dotted)}")
+        raise LlmpruneError(f"{where}: axis names are dotted keys such as prune.sparsity, got "
+                            f"{_show(dotted)}")
     sub: Any = schema
     path = where
     for part in dotted.split("."):
@@ -320,6 +404,40 @@ class _Field:
         return _format_value(self.value)
 
 
+# a format spec of a number or text: fill/align, sign, width and precision of at most two digits
+_FORMAT_SPEC = re.compile(r"(?:[^{}]?[<>=^])?[-+ ]?#?0?(?:[1-9][0-9]?)?[,_]?(?:\.[0-9]{1,2})?"
+                          r"[bcdeEfFgGnosxX%]?")
+
+
+class _Template(string.Formatter):
+    """str.format for run names, limited to what names need: plain axis names (no attribute,
+    index or position: ``{method.__init__.__globals__}`` would read the module's globals), no
+    conversion, and small format specs (``{sparsity:.2f}``, not a width of a billion)."""
+
+    def __init__(self, where: str, template: str):
+        self.where, self.template = where, template
+
+    def _refuse(self, what: str) -> LlmpruneError:
+        return LlmpruneError(f"{self.where}.name template {_clip(repr(self.template), 200)} uses "
+                             f"{_clip(what, 100)}: a name template may only name axes, such as "
+                             "{method}-{sparsity:.2f}")
+
+    def get_field(self, field_name: str, args, kwargs):
+        if not field_name.isidentifier():
+            raise self._refuse("{" + field_name + "}")
+        return self.get_value(field_name, args, kwargs), field_name
+
+    def convert_field(self, value, conversion):
+        if conversion is not None:
+            raise self._refuse(f"the conversion !{conversion}")
+        return value
+
+    def format_field(self, value, format_spec: str) -> str:
+        if not _FORMAT_SPEC.fullmatch(format_spec):
+            raise self._refuse(f"the format spec {format_spec!r}")
+        return format(value, format_spec)
+
+
 def _expand_grid(block: Any, index: int, schema: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
     where = f"grid[{index}]"
     if not isinstance(block, Mapping):
@@ -329,11 +447,13 @@ def _expand_grid(block: Any, index: int, schema: dict[str, Any]) -> list[tuple[s
     template = block.pop("name", None)
     _check_keys(block, {k: v for k, v in schema.items() if k != "name"}, where)
     if not isinstance(axes, Mapping) or not axes:
-        raise LlmpruneError(f"{where}.axes must be a mapping of dotted keys to lists, such as prune.sparsity: [0.5, 0.6]")
+        raise LlmpruneError(f"{where}.axes must be a mapping of dotted keys to lists, such as "
+                            "prune.sparsity: [0.5, 0.6]")
     for dotted, values in axes.items():
         hint = _check_axis_path(dotted, schema, f"{where}.axes")
         if not isinstance(values, list) or not values:
-            raise LlmpruneError(f"{where}.axes.{dotted} must be a non-empty list of values, got {_show(values)}")
+            raise LlmpruneError(f"{where}.axes.{dotted} must be a non-empty list of values, got "
+                                f"{_show(values)}")
         for value in values:
             _check_value(value, hint, f"{where}.axes.{dotted}")
     keys = list(axes)
@@ -341,10 +461,16 @@ def _expand_grid(block: Any, index: int, schema: dict[str, Any]) -> list[tuple[s
     for dotted in keys:
         leaves.setdefault(dotted.split(".")[-1], []).append(dotted)
     if template is None:
-        template = "-".join("{" + (k.split(".")[-1] if len(leaves[k.split(".")[-1]]) == 1 else k.replace(".", "_")) + "}"
+        template = "-".join("{" + (k.split(".")[-1] if len(leaves[k.split(".")[-1]]) == 1
+                                   else k.replace(".", "_")) + "}"
                             for k in keys)
     if not isinstance(template, str):
         raise LlmpruneError(f"{where}.name must be a template string such as \"{{method}}-{{sparsity}}\"")
+    count = math.prod(len(axes[k]) for k in keys)
+    if count > MAX_RUNS:
+        raise LlmpruneError(f"{where} makes {count:,} runs, more than {MAX_RUNS:,}: split it into "
+                            "several recipes")
+    formatter = _Template(where, template)
     runs = []
     for combo in itertools.product(*(axes[k] for k in keys)):
         override = copy.deepcopy(block)
@@ -356,7 +482,7 @@ def _expand_grid(block: Any, index: int, schema: dict[str, Any]) -> list[tuple[s
             if len(leaves[leaf]) == 1:
                 fields[leaf] = _Field(value)
         try:
-            name = string.Formatter().vformat(template, (), fields)
+            name = formatter.vformat(template, (), fields)
         except (KeyError, IndexError) as exc:
             raise LlmpruneError(
                 f"{where}.name template {template!r} uses {{{exc.args[0]}}}, which is not an axis: "
@@ -404,7 +530,8 @@ def _resolve_run(data: dict[str, Any], where: str) -> Run:
     if dtype not in DTYPES:
         raise LlmpruneError(f"{where}.dtype {dtype!r} is unknown: use one of {', '.join(DTYPES)}")
     if device not in DEVICES and not re.fullmatch(r"cuda:\d+", device):
-        raise LlmpruneError(f"{where}.device {device!r} is unknown: use one of {', '.join(DEVICES)} or cuda:N")
+        raise LlmpruneError(f"{where}.device {device!r} is unknown: use one of {', '.join(DEVICES)} or "
+                            "cuda:N")
     _check_method(data.get("prune") or {}, f"{where}.prune")
     prune = _wrap(f"{where}.prune", from_dict, PruneConfig, data.get("prune") or {}, f"{where}.prune")
     evaluation = _wrap(f"{where}.eval", from_dict, EvalConfig, data.get("eval") or {}, f"{where}.eval")
@@ -413,6 +540,31 @@ def _resolve_run(data: dict[str, Any], where: str) -> Run:
         recover = _wrap(f"{where}.recover", from_dict, RecoverConfig, data["recover"], f"{where}.recover")
     return Run(name=name, model=data["model"], prune=prune, eval=evaluation, dtype=dtype, device=device,
                recover=recover)
+
+
+def _check_run_name(name_value: Any, where: str, seen: dict[str, str],
+                    slugs: dict[str, str], dense: bool) -> None:
+    """A run name is given, unique, and so is its result file's name (``seen``, ``slugs``: the
+    names so far, updated); the dense baselines' names are kept for them."""
+    if not isinstance(name_value, str) or not name_value.strip():
+        raise LlmpruneError(f"{where}.name is missing: every run needs a name")
+    if name_value in seen:
+        raise LlmpruneError(f"{where}.name {name_value!r} is used twice (first at {seen[name_value]}): run "
+                            "names must be unique")
+    slug = slugify(name_value)
+    if len(slug) > MAX_NAME_CHARS:
+        raise LlmpruneError(f"{where}.name is {len(name_value):,} characters long: its result file name "
+                            "would be longer than a file system allows; keep names under "
+                            f"{MAX_NAME_CHARS} characters")
+    if slug in slugs:
+        raise LlmpruneError(
+            f"{where}.name {name_value!r} gives the same result file name ({slug}.json) as run "
+            f"{slugs[slug]!r}: rename one"
+        )
+    if dense and (name_value == DENSE or name_value.startswith(DENSE + "-")):
+        raise LlmpruneError(f"{where}.name {name_value!r}: names starting with 'dense' are kept for the "
+                            "dense baselines")
+    seen[name_value], slugs[slug] = where, name_value
 
 
 def parse_recipe(data: Any, default_name: str = "recipe") -> Recipe:
@@ -453,31 +605,21 @@ def parse_recipe(data: Any, default_name: str = "recipe") -> Recipe:
         overrides.extend(_expand_grid(block, j, schema))
     if not overrides:
         raise LlmpruneError("the recipe has no runs: add runs: or grid:")
+    if len(overrides) > MAX_RUNS:
+        raise LlmpruneError(f"the recipe has {len(overrides):,} runs, more than {MAX_RUNS:,}: split it into "
+                            "several recipes")
 
     resolved: list[Run] = []
     seen: dict[str, str] = {}
     slugs: dict[str, str] = {}
     for where, override in overrides:
-        name_value = override.get("name")
-        if not isinstance(name_value, str) or not name_value.strip():
-            raise LlmpruneError(f"{where}.name is missing: every run needs a name")
-        if name_value in seen:
-            raise LlmpruneError(f"{where}.name {name_value!r} is used twice (first at {seen[name_value]}): run names must be unique")
-        slug = slugify(name_value)
-        if slug in slugs:
-            raise LlmpruneError(
-                f"{where}.name {name_value!r} gives the same result file name ({slug}.json) as run "
-                f"{slugs[slug]!r}: rename one"
-            )
-        if dense and (name_value == DENSE or name_value.startswith(DENSE + "-")):
-            raise LlmpruneError(f"{where}.name {name_value!r}: names starting with 'dense' are kept for the dense baselines")
-        seen[name_value], slugs[slug] = where, name_value
+        _check_run_name(override.get("name"), where, seen, slugs, dense)
         resolved.append(_resolve_run(deep_merge(defaults, override), where))
     slurm = data.get("slurm")
     if slurm is not None:
         slurm = _wrap("slurm", from_dict, SlurmConfig, slurm, "slurm")
-    return Recipe(name=name.strip(), description=" ".join(description.split()), runs=tuple(resolved), dense=dense,
-                  slurm=slurm)
+    return Recipe(name=name.strip(), description=" ".join(description.split()), runs=tuple(resolved),
+                  dense=dense, slurm=slurm)
 
 
 def load_recipe(path: str | Path) -> Recipe:
@@ -487,7 +629,8 @@ def load_recipe(path: str | Path) -> Recipe:
     try:
         return parse_recipe(data, default_name=path.stem)
     except LlmpruneError as exc:
-        raise LlmpruneError(f"{path}: {exc}") from None
+        raise LlmpruneError(f"{path}: {_clip(str(exc))}") from None
 
 
-__all__ = ["Recipe", "Run", "load_recipe", "parse_recipe", "deep_merge", "slugify", "read_yaml", "RECIPE_SCHEMA"]
+__all__ = ["Recipe", "Run", "load_recipe", "parse_recipe", "deep_merge", "slugify", "read_yaml",
+           "RECIPE_SCHEMA"]

@@ -31,6 +31,7 @@ import dataclasses
 import functools
 import json
 import math
+import pickle
 import sys
 import time
 import types
@@ -42,14 +43,20 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from llmprune.config import RecoverConfig, from_dict, to_dict
+from llmprune.blocks import input_device
+from llmprune.config import PruneConfig, RecoverConfig, from_dict, to_dict
+from llmprune.data import calibration_windows, check_available
 from llmprune.errors import LlmpruneError
+from llmprune.evaluation import evaluate
+from llmprune.io import check_input_file, save_pruned
+from llmprune.models import get_blocks, prunable_linears
 
 STATE_FILE = "recover_state.pt"  # optimizer, schedule, step and trained tensors, beside the weights
 PEFT_INSTALL = "pip install 'llmprune[recover]'  (or: pip install peft)"
 _ADAPTER = "default"
 # settings that do not change the trained weights: a run may resume with other values
-_NOT_FINGERPRINTED = ("checkpoint_every", "eval_every", "max_minutes", "max_cpu_minutes", "gradient_checkpointing")
+_NOT_FINGERPRINTED = ("checkpoint_every", "eval_every", "max_minutes",
+                      "max_cpu_minutes", "gradient_checkpointing")
 
 
 class RecoverWarning(UserWarning):
@@ -70,7 +77,8 @@ def distill_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, inp
     vocab = student_logits.shape[-1]
     s = F.log_softmax(student_logits.float() / temperature, dim=-1).reshape(-1, vocab)  # (B*L, V)
     t = F.log_softmax(teacher_logits.float() / temperature, dim=-1).reshape(-1, vocab)
-    kl = F.kl_div(s, t, log_target=True, reduction="batchmean") * temperature**2  # sum over V, mean over tokens
+    # sum over V, mean over tokens
+    kl = F.kl_div(s, t, log_target=True, reduction="batchmean") * temperature**2
     if alpha == 0:
         return kl
     ce = F.cross_entropy(student_logits[:, :-1].float().reshape(-1, vocab), input_ids[:, 1:].reshape(-1))
@@ -99,8 +107,6 @@ def gap_closed(dense: float | None, before: float | None, after: float | None) -
 
 def _prunable_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter, bool]]:
     """``(name, parameter, is_weight)`` of every prunable layer's weight and bias, once each."""
-    from llmprune.models import get_blocks, prunable_linears
-
     names = {id(p): n for n, p in model.named_parameters()}
     seen, out = set(), []
     for i in range(len(get_blocks(model))):
@@ -109,7 +115,8 @@ def _prunable_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter, bool
                 pairs = [(layer.weight, True), (layer.bias, False)]
             else:  # a WeightView (Conv1D, experts): the parameter it views, whole
                 pairs = [(getattr(layer.module, layer.param), True),
-                         (getattr(layer.module, f"{layer.param}_bias" if layer.fused is not None else "bias", None), False)]
+                         (getattr(layer.module, f"{layer.param}_bias" if layer.fused is not None else "bias",
+                                  None), False)]
             for param, is_weight in pairs:
                 if isinstance(param, nn.Parameter) and id(param) not in seen:
                     seen.add(id(param))
@@ -180,7 +187,8 @@ class _MaskedWeights(_Student):
             p.requires_grad_(False)
         params = _prunable_parameters(model)
         self.named = [(n, p) for n, p, _ in params]
-        self.pruned = {n: p.detach() == 0 for n, p, is_weight in params if is_weight}  # biases are never pruned
+        # biases are never pruned
+        self.pruned = {n: p.detach() == 0 for n, p, is_weight in params if is_weight}
         for _, p in self.named:
             p.requires_grad_(True)
 
@@ -214,7 +222,8 @@ class _MaskedLora(_Student):
         lora_config = peft.LoraConfig(r=config.lora_rank, lora_alpha=config.lora_alpha, lora_dropout=0.0,
                                       bias="none", target_modules=list(self.targets))
         with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
-            warnings.filterwarnings("ignore", ".*is_gradient_checkpointing", FutureWarning)  # peft's, not ours
+            # peft's, not ours
+            warnings.filterwarnings("ignore", ".*is_gradient_checkpointing", FutureWarning)
             torch.manual_seed(config.seed)  # A's initialisation
             self.peft_model = peft.get_peft_model(model, lora_config)
         modules = dict(model.named_modules())
@@ -229,7 +238,8 @@ class _MaskedLora(_Student):
     def save_state_dict(self) -> dict:
         """The plain state dict of the model as it would be merged now (checkpoints mid-run)."""
         modules = dict(self.model.named_modules())
-        out = {k.replace(".base_layer.", "."): v for k, v in self.model.state_dict().items() if ".lora_" not in k}
+        out = {k.replace(".base_layer.", "."): v for k, v in self.model.state_dict().items()
+               if ".lora_" not in k}
         for name in self.targets:
             layer = modules[name]
             delta = layer.get_delta_weight(_ADAPTER).masked_fill(self.pruned[name], 0.0)
@@ -261,21 +271,20 @@ def require_peft():
 def lora_targets(model: nn.Module, suffixes: tuple[str, ...] = ()) -> tuple[str, ...]:
     """Module paths of the pruned ``nn.Linear`` layers LoRA goes on: those with zeros whose name
     ends with one of ``suffixes`` (all of them when empty)."""
-    from llmprune.models import get_blocks, prunable_linears
-
     paths = {id(m): n for n, m in model.named_modules()}
     linears = [(paths[id(layer)], layer) for i in range(len(get_blocks(model)))
                for layer in prunable_linears(model, i).values() if isinstance(layer, nn.Linear)]
     for suffix in suffixes:
         if not any(path == suffix or path.endswith("." + suffix) for path, _ in linears):
             example = linears[0][0].rsplit(".", 1)[-1] if linears else "q_proj"
-            raise LlmpruneError(f"LoRA target {suffix!r} matches no prunable Linear: give name endings such as {example!r}")
+            raise LlmpruneError(f"LoRA target {suffix!r} matches no prunable Linear: give name endings such "
+                                f"as {example!r}")
     chosen = tuple(path for path, layer in linears
                    if (not suffixes or any(path == s or path.endswith("." + s) for s in suffixes))
                    and bool((layer.weight == 0).any()))
     if not chosen:
-        raise LlmpruneError("no pruned Linear layer for LoRA: the chosen layers have no zeros (use --method kd, "
-                            "or other --lora-targets)")
+        raise LlmpruneError("no pruned Linear layer for LoRA: the chosen layers have no zeros (use --method "
+                            "kd, or other --lora-targets)")
     return chosen
 
 
@@ -289,14 +298,15 @@ def check_teacher(student: nn.Module, teacher: nn.Module) -> None:
         return int(model.get_output_embeddings().weight.shape[0])
 
     if vocab(student) != vocab(teacher):
-        raise LlmpruneError(f"the teacher's vocabulary has {vocab(teacher)} tokens and the student's {vocab(student)}: "
-                            "distillation compares their logits token by token, so give the dense model the student "
-                            "was pruned from as --teacher")
+        raise LlmpruneError(f"the teacher's vocabulary has {vocab(teacher)} tokens and the student's "
+                            f"{vocab(student)}: distillation compares their logits token by token, so give "
+                            "the dense model the student was pruned from as --teacher")
     s, t = student.config, teacher.config
     for key in ("model_type", "num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads"):
         if getattr(s, key, None) != getattr(t, key, None):
-            raise LlmpruneError(f"the teacher's architecture differs from the student's ({key} {getattr(t, key, None)} "
-                                f"vs {getattr(s, key, None)}): give the dense model the student was pruned from as --teacher")
+            raise LlmpruneError(f"the teacher's architecture differs from the student's ({key} "
+                                f"{getattr(t, key, None)} vs {getattr(s, key, None)}): give the dense model "
+                                "the student was pruned from as --teacher")
 
 
 def pruning_record(model_path: str) -> dict | None:
@@ -310,8 +320,6 @@ def pruning_record(model_path: str) -> dict | None:
 
 def pruning_config(record: dict | None):
     """The PruneConfig of a pruned checkpoint's record; None when absent or unreadable."""
-    from llmprune.config import PruneConfig
-
     config = (record or {}).get("config")
     if not isinstance(config, dict):
         return None
@@ -325,20 +333,19 @@ def check_inputs(config: RecoverConfig, data_dir=None, eval_datasets: tuple[str,
                  pruned_with=None) -> None:
     """Before any model loads: the training data (train split, never an evaluation file), peft
     for lora, and a seed apart from the pruning calibration's (``pruned_with``: a PruneConfig)."""
-    from llmprune.data import check_available
-
     if config.method == "lora":
         require_peft()
+    check_input_file(config.data, "--data")
     check_available(config.data, data_dir, split="calibration")
     data_path = Path(config.data).expanduser()
     for name in eval_datasets:
         if data_path.is_file() and Path(name).expanduser().resolve() == data_path.resolve():
-            raise LlmpruneError(f"the training data {config.data} is also an evaluation dataset: train on other text "
-                                "(a named dataset trains on its train split)")
+            raise LlmpruneError(f"the training data {config.data} is also an evaluation dataset: train on "
+                                "other text (a named dataset trains on its train split)")
     calib = getattr(pruned_with, "calib", None)
     if calib is not None and calib.dataset == config.data and calib.seed == config.seed:
-        raise LlmpruneError(f"seed {config.seed} on {config.data} draws the pruning calibration's own windows: "
-                            f"give recovery another --seed (e.g. {config.seed + 1})")
+        raise LlmpruneError(f"seed {config.seed} on {config.data} draws the pruning calibration's own "
+                            f"windows: give recovery another --seed (e.g. {config.seed + 1})")
 
 
 def fingerprint(config: RecoverConfig) -> dict:
@@ -355,14 +362,15 @@ def check_resume(folder: str | Path, config: RecoverConfig) -> dict:
         if isinstance(section, dict) and section.get("complete"):
             raise LlmpruneError(f"{folder} holds a finished recovery ({section.get('steps_done')} steps): "
                                 "nothing to resume; --save elsewhere to train again")
-        raise LlmpruneError(f"{folder} holds no recovery checkpoint to resume (was the run stopped before its first "
-                            "checkpoint?): run again without --resume")
+        raise LlmpruneError(f"{folder} holds no recovery checkpoint to resume (was the run stopped before "
+                            "its first checkpoint?): run again without --resume")
     stored = section.get("fingerprint") or {}
     wanted = json.loads(json.dumps(fingerprint(config)))
     for key in sorted(set(stored) | set(wanted)):
         if stored.get(key) != wanted.get(key):
-            raise LlmpruneError(f"the checkpoint in {folder} was made with {key} = {stored.get(key)!r}, this run has "
-                                f"{wanted.get(key)!r}: resume with the same settings, or --save elsewhere")
+            raise LlmpruneError(f"the checkpoint in {folder} was made with {key} = {stored.get(key)!r}, "
+                                f"this run has {wanted.get(key)!r}: resume with the same settings, or "
+                                "--save elsewhere")
     return section
 
 
@@ -395,7 +403,9 @@ class RecoverReport:
 
     @property
     def sparsity_after(self) -> float | None:
-        return None if self.zeros_after is None else (self.zeros_after / self.weights if self.weights else 0.0)
+        if self.zeros_after is None:
+            return None
+        return self.zeros_after / self.weights if self.weights else 0.0
 
     def to_dict(self) -> dict:
         out = dataclasses.asdict(self)
@@ -409,16 +419,9 @@ class RecoverReport:
         return cls(**{k: v for k, v in data.items() if k in names})
 
 
-def _device(model: nn.Module) -> torch.device:
-    from llmprune.evaluation.perplexity import _input_device
-
-    return _input_device(model)
-
-
-def _evaluate(model, tokenizer, eval_config, data_dir, progress: bool, full: bool) -> tuple[dict, dict | None]:
+def _evaluate(model, tokenizer, eval_config, data_dir, progress: bool,
+              full: bool) -> tuple[dict, dict | None]:
     """Perplexities (and, when ``full``, zero-shot accuracies) of the model as it is now."""
-    from llmprune.evaluation import evaluate
-
     was_training = model.training
     model.eval()
     try:
@@ -444,40 +447,36 @@ def recover(model: nn.Module, teacher: nn.Module, tokenizer, config: RecoverConf
     the last checkpoint. ``metadata`` goes into each checkpoint's ``llmprune.json``.
     ``callback(step, report)`` runs after every step.
     """
-    from llmprune.data import calibration_windows
-
     check_teacher(model, teacher)
     if resume and checkpoint_dir is None:
         raise LlmpruneError("resume needs the checkpoint folder (--save) of the interrupted run")
     section = check_resume(checkpoint_dir, config) if resume else None
     zeros, total = sparsity_counts(model)
     if zeros == 0:
-        warnings.warn("the model has no zero weights, so there is no sparsity to keep: recovery trains it as a "
-                      "dense model", RecoverWarning, stacklevel=2)
+        warnings.warn("the model has no zero weights, so there is no sparsity to keep: recovery trains it "
+                      "as a dense model", RecoverWarning, stacklevel=2)
     windows = calibration_windows(config.data, tokenizer, config.steps * config.batch_size, config.seqlen,
                                   config.seed, data_dir)  # (steps * batch, seqlen)
     report = RecoverReport(config=to_dict(config), zeros_before=zeros, weights=total)
     state = None
     if section is not None:
-        state = torch.load(Path(checkpoint_dir) / STATE_FILE, map_location="cpu", weights_only=True)
-        if state["zeros_before"] != zeros:
-            raise LlmpruneError(f"the checkpoint in {checkpoint_dir} was trained from a model with {state['zeros_before']} "
-                                f"zero weights, this --model has {zeros}: resume from the same pruned model")
+        state = _resume_state(checkpoint_dir, zeros)
         report = RecoverReport.from_dict(state["report"])
         report.resumed_at.append(report.steps_done)
 
     student = _MaskedLora(model, config) if config.method == "lora" else _MaskedWeights(model, config)
     finished = False
     try:
-        optimizer = torch.optim.AdamW(student.trainable, lr=config.effective_lr, weight_decay=config.weight_decay)
+        optimizer = torch.optim.AdamW(student.trainable, lr=config.effective_lr,
+                                      weight_decay=config.weight_decay)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, functools.partial(lr_factor, config))
         if state is not None:
             student.load_trained_state(state["trained"])
             optimizer.load_state_dict(state["optimizer"])
             scheduler.load_state_dict(state["scheduler"])
         elif eval_config is not None:
-            report.perplexity_before, report.zeroshot_before = _evaluate(model, tokenizer, eval_config, data_dir,
-                                                                         progress, full=True)
+            report.perplexity_before, report.zeroshot_before = _evaluate(model, tokenizer, eval_config,
+                                                                         data_dir, progress, full=True)
             report.curve.append(_point(report, report.perplexity_before))
         _train(model, teacher, student, optimizer, scheduler, windows, config, report, tokenizer, data_dir,
                progress, eval_config, checkpoint_dir, metadata, callback)
@@ -494,16 +493,76 @@ def recover(model: nn.Module, teacher: nn.Module, tokenizer, config: RecoverConf
     return report
 
 
+_STATE_KEYS = ("report", "zeros_before", "trained", "optimizer", "scheduler")
+
+
+def _resume_state(checkpoint_dir, zeros: int) -> dict:
+    """The training state of the interrupted run in ``checkpoint_dir``; it must have started from a
+    model with the same ``zeros``."""
+    state = _load_state(Path(checkpoint_dir) / STATE_FILE)
+    if state["zeros_before"] != zeros:
+        raise LlmpruneError(f"the checkpoint in {checkpoint_dir} was trained from a model with "
+                            f"{state['zeros_before']} zero weights, this --model has {zeros}: resume from "
+                            "the same pruned model")
+    return state
+
+
+def _load_state(path: Path) -> dict:
+    """The training state a checkpoint of ours holds. Read with ``weights_only`` (tensors and plain
+    containers only, never code); anything else, damaged or planted, is a user error in one line."""
+    fix = "delete the folder's checkpoint and run again without --resume"
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:  # torch's text would suggest weights_only=False: the one thing not to do
+        raise LlmpruneError(f"{path} is not a recovery state llmprune wrote: it holds objects other than "
+                            f"tensors and plain values (refused, nothing in it ran); {fix}") from None
+    except Exception as exc:  # noqa: BLE001 - RuntimeError, EOFError...: damaged or truncated
+        first = " ".join((str(exc).strip().splitlines() or [""])[0].split())[:200]
+        raise LlmpruneError(f"{path} is not a recovery state llmprune wrote ({type(exc).__name__}: {first}); "
+                            f"{fix}") from None
+    missing = [key for key in _STATE_KEYS if not isinstance(state, dict) or key not in state]
+    if missing:
+        raise LlmpruneError(f"{path} is not a recovery state llmprune wrote (no {missing[0]!r}); {fix}")
+    return state
+
+
 def _point(report: RecoverReport, perplexity: dict) -> dict:
     return {"step": report.steps_done, "tokens": report.tokens, "seconds": report.seconds,
             "cpu_seconds": report.cpu_seconds, "perplexity": perplexity}
+
+
+def _budget_spent(config, report) -> str | None:
+    """The time budget (``max_minutes``, ``max_cpu_minutes``) the run has used up, if any."""
+    spent = [(config.max_minutes, report.seconds, "max_minutes"),
+             (config.max_cpu_minutes, report.cpu_seconds, "max_cpu_minutes")]
+    over = [name for budget, seconds, name in spent if budget is not None and seconds >= budget * 60]
+    return over[0] if over else None
+
+
+def _train_step(model, teacher, student, optimizer, scheduler, ids, config, device, teacher_device) -> float:
+    """One masked distillation step on the windows ``ids`` (B, L); returns the loss."""
+    with torch.no_grad():
+        teacher_logits = teacher(input_ids=ids.to(teacher_device), use_cache=False).logits
+    logits = model(input_ids=ids.to(device), use_cache=False).logits  # (B, L, V)
+    loss = distill_loss(logits, teacher_logits.to(logits.device), ids.to(logits.device),
+                        config.temperature, config.alpha)
+    del teacher_logits, logits
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    student.mask_grads()
+    if config.grad_clip:
+        torch.nn.utils.clip_grad_norm_(student.trainable, config.grad_clip)
+    optimizer.step()
+    scheduler.step()
+    student.mask_weights()
+    return float(loss.detach())
 
 
 def _train(model, teacher, student, optimizer, scheduler, windows, config, report, tokenizer, data_dir,
            progress, eval_config, checkpoint_dir, metadata, callback) -> None:
     from tqdm.auto import tqdm
 
-    device, teacher_device = _device(model), _device(teacher)
+    device, teacher_device = input_device(model), input_device(teacher)
     teacher.eval()
     model.train()
     checkpointing = config.gradient_checkpointing
@@ -513,32 +572,17 @@ def _train(model, teacher, student, optimizer, scheduler, windows, config, repor
                disable=not progress)
     try:
         for step in range(report.steps_done, config.steps):
-            spent = [(config.max_minutes, report.seconds, "max_minutes"),
-                     (config.max_cpu_minutes, report.cpu_seconds, "max_cpu_minutes")]
-            over = [name for budget, seconds, name in spent if budget is not None and seconds >= budget * 60]
+            over = _budget_spent(config, report)
             if over:
-                report.stopped = over[0]
+                report.stopped = over
                 break
             wall, cpu = time.perf_counter(), time.process_time()
             ids = windows[step * config.batch_size:(step + 1) * config.batch_size]  # (B, L)
-            with torch.no_grad():
-                teacher_logits = teacher(input_ids=ids.to(teacher_device), use_cache=False).logits
-            logits = model(input_ids=ids.to(device), use_cache=False).logits  # (B, L, V)
-            loss = distill_loss(logits, teacher_logits.to(logits.device), ids.to(logits.device),
-                                config.temperature, config.alpha)
-            del teacher_logits, logits
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            student.mask_grads()
-            if config.grad_clip:
-                torch.nn.utils.clip_grad_norm_(student.trainable, config.grad_clip)
-            optimizer.step()
-            scheduler.step()
-            student.mask_weights()
-            value = float(loss.detach())
+            value = _train_step(model, teacher, student, optimizer, scheduler, ids, config, device,
+                                teacher_device)
             if not math.isfinite(value):
-                raise LlmpruneError(f"the recovery loss became {value} at step {step + 1}: lower the learning rate "
-                                    f"(--lr, now {config.effective_lr:g})")
+                raise LlmpruneError(f"the recovery loss became {value} at step {step + 1}: lower the "
+                                    f"learning rate (--lr, now {config.effective_lr:g})")
             report.steps_done = step + 1
             report.tokens += ids.numel()
             report.seconds += time.perf_counter() - wall
@@ -547,34 +591,38 @@ def _train(model, teacher, student, optimizer, scheduler, windows, config, repor
             bar.update(1)
             bar.set_postfix(loss=f"{value:.4f}", tok_s=f"{report.tokens / max(report.seconds, 1e-9):.0f}")
             last = report.steps_done == config.steps
-            if eval_config is not None and config.eval_every and report.steps_done % config.eval_every == 0 and not last:
-                report.curve.append(_point(report, _evaluate(model, tokenizer, eval_config, data_dir, False, False)[0]))
-            if checkpoint_dir is not None and (last or (config.checkpoint_every
-                                                        and report.steps_done % config.checkpoint_every == 0)):
-                _save_checkpoint(model, tokenizer, student, optimizer, scheduler, config, report, checkpoint_dir,
-                                 metadata)
+            if eval_config is not None and config.eval_every and report.steps_done % config.eval_every == 0 \
+                    and not last:
+                ppl = _evaluate(model, tokenizer, eval_config, data_dir, False, False)[0]
+                report.curve.append(_point(report, ppl))
+            every = config.checkpoint_every and report.steps_done % config.checkpoint_every == 0
+            if checkpoint_dir is not None and (last or every):
+                _save_checkpoint(model, tokenizer, student, optimizer, scheduler, config, report,
+                                 checkpoint_dir, metadata)
             if callback is not None:
                 callback(report.steps_done, report)
         else:
             return
         if checkpoint_dir is not None:  # stopped early by the time budget: keep where it stopped
-            _save_checkpoint(model, tokenizer, student, optimizer, scheduler, config, report, checkpoint_dir, metadata)
+            _save_checkpoint(model, tokenizer, student, optimizer, scheduler, config,
+                             report, checkpoint_dir, metadata)
     finally:
         bar.close()
         if checkpointing:
             model.gradient_checkpointing_disable()
 
 
-def _save_checkpoint(model, tokenizer, student, optimizer, scheduler, config, report, folder, metadata) -> None:
-    from llmprune.io import save_pruned
-
-    state = {"report": report.to_dict(), "zeros_before": report.zeros_before, "trained": student.trained_state(),
-             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}
+def _save_checkpoint(model, tokenizer, student, optimizer, scheduler,
+                     config, report, folder, metadata) -> None:
+    state = {"report": report.to_dict(), "zeros_before": report.zeros_before,
+             "trained": student.trained_state(), "optimizer": optimizer.state_dict(),
+             "scheduler": scheduler.state_dict()}
     state_dict = student.save_state_dict()
 
     def write(model, tmp: Path) -> None:
         # save_pretrained may drop tied keys from the dict it is given: hand it a copy
-        model.save_pretrained(tmp, safe_serialization=True, state_dict=None if state_dict is None else dict(state_dict))
+        model.save_pretrained(tmp, safe_serialization=True,
+                              state_dict=None if state_dict is None else dict(state_dict))
         torch.save(state, tmp / STATE_FILE)
 
     section = {"complete": False, "steps_done": report.steps_done, "steps": config.steps,
@@ -593,6 +641,6 @@ class _CallableModule(types.ModuleType):
 
 sys.modules[__name__].__class__ = _CallableModule
 
-__all__ = ["recover", "RecoverReport", "RecoverWarning", "distill_loss", "lr_factor", "gap_closed", "sparsity_counts",
-           "check_teacher", "check_inputs", "check_resume", "fingerprint", "lora_targets", "pruning_record",
-           "pruning_config", "require_peft", "STATE_FILE"]
+__all__ = ["recover", "RecoverReport", "RecoverWarning", "distill_loss", "lr_factor", "gap_closed",
+           "sparsity_counts", "check_teacher", "check_inputs", "check_resume", "fingerprint", "lora_targets",
+           "pruning_record", "pruning_config", "require_peft", "STATE_FILE"]

@@ -191,5 +191,6 @@ def option_fields() -> dict[str, dataclasses.Field]:
 
 def owners(option_name: str) -> list[str]:
     """'kind name' of every spec declaring ``option_name`` (for error messages)."""
-    return [f"{registry.kind} {spec.name}" for registry in OPTION_REGISTRIES for spec in registry._specs.values()
+    return [f"{registry.kind} {spec.name}" for registry in OPTION_REGISTRIES
+            for spec in registry._specs.values()
             if option_name in {f.name for f in dataclasses.fields(spec.options)}]

@@ -13,9 +13,12 @@ from __future__ import annotations
 
 import os
 import platform
+import re
 from dataclasses import dataclass
+from importlib import metadata
 from typing import Any, Iterable
 
+from llmprune.config import to_dict
 from llmprune.errors import LlmpruneError
 from llmprune.methods import effective_group_metric, get_method, needs_for
 
@@ -24,7 +27,8 @@ DENSE = "dense"  # the method of the unpruned baseline
 RECOVERED_UNKNOWN = "pruned"  # the method of a recovered model whose pruning left no record
 MISSING = "-"  # how tables show a setting a run does not have
 # zero-shot tasks llmprune ships, in the Wanda paper's column order (the report's order too)
-AVAILABLE_TASKS = ("boolq", "rte", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa", "piqa")
+AVAILABLE_TASKS = ("boolq", "rte", "hellaswag", "winogrande", "arc_easy",
+                   "arc_challenge", "openbookqa", "piqa")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -33,8 +37,6 @@ AVAILABLE_TASKS = ("boolq", "rte", "hellaswag", "winogrande", "arc_easy", "arc_c
 
 def versions() -> dict[str, str]:
     """Versions of the packages that decide the numbers."""
-    from importlib import metadata
-
     out = {}
     for package in ("llmprune", "torch", "transformers", "lm_eval", "datasets"):
         try:
@@ -45,7 +47,21 @@ def versions() -> dict[str, str]:
 
 
 def machine() -> str:
-    return f"{platform.system()} {platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}"
+    return (f"{platform.system()} {platform.machine()}, {os.cpu_count()} CPUs, "
+            f"Python {platform.python_version()}")
+
+
+def _config_columns(config) -> tuple:
+    """``(method, sparsity, pattern, group, metric, nsamples, seed, config dict)`` of a record;
+    the dense model's for ``config`` None."""
+    if config is None:
+        return DENSE, 0.0, "unstructured", None, None, None, None, None
+    pattern = record_pattern(config)
+    group, metric = effective_group_metric(config)
+    uses_data = bool(needs_for(config))
+    nsamples = config.calib.nsamples if uses_data else None
+    seed = config.calib.seed if uses_data else None
+    return config.method, config.sparsity, pattern, group, metric, nsamples, seed, config.to_dict()
 
 
 def result_record(
@@ -69,18 +85,7 @@ def result_record(
     ``recover``: what ``llmprune recover`` did to the pruned model (its RecoverReport, with the
     teacher); ``config`` is then the pruning config, or None when the pruned model has no record.
     """
-    from llmprune.config import to_dict
-
-    if config is None:
-        method, sparsity, pattern, group, metric, nsamples, seed = DENSE, 0.0, "unstructured", None, None, None, None
-        config_dict = None
-    else:
-        method, sparsity, pattern = config.method, config.sparsity, record_pattern(config)
-        group, metric = effective_group_metric(config)
-        uses_data = bool(needs_for(config))
-        nsamples = config.calib.nsamples if uses_data else None
-        seed = config.calib.seed if uses_data else None
-        config_dict = config.to_dict()
+    method, sparsity, pattern, group, metric, nsamples, seed, config_dict = _config_columns(config)
     report = prune_report.to_dict() if hasattr(prune_report, "to_dict") else prune_report
     record = {
         "schema": RESULT_SCHEMA,
@@ -95,7 +100,8 @@ def result_record(
         "seed": seed,
         "config": config_dict,
         "eval": to_dict(eval_config) if eval_config is not None else None,
-        "perplexity": {k: (v.to_dict() if hasattr(v, "to_dict") else v) for k, v in (perplexity or {}).items()},
+        "perplexity": {k: (v.to_dict() if hasattr(v, "to_dict") else v)
+                       for k, v in (perplexity or {}).items()},
         "zeroshot": zeroshot.to_dict() if hasattr(zeroshot, "to_dict") else zeroshot,
         "prune": report,
         "prune_seconds": report["seconds"] if report else None,
@@ -203,22 +209,70 @@ class Result:
 
 
 def _float(value: Any) -> float | None:
-    if value is None:
+    if value is None or isinstance(value, bool):
         return None
     try:
         return float(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         return None
 
 
-def _numbers(entries: dict | None, key: str) -> dict[str, float]:
-    """``{name: number}`` from ``{name: {key: number, ...}}`` (or ``{name: number}``), skipping entries without a number."""
+def _numbers(entries: Any, key: str) -> dict[str, float]:
+    """``{name: number}`` from ``{name: {key: number, ...}}`` (or ``{name: number}``), skipping
+    entries without a number."""
     out = {}
-    for name, value in (entries or {}).items():
+    for name, value in (entries.items() if isinstance(entries, dict) else ()):
         number = _float(value.get(key) if isinstance(value, dict) else value)
         if number is not None:
-            out[str(name)] = number
+            out[str(name)[:200]] = number
     return out
+
+
+_PATTERN = re.compile(r"([1-9][0-9]{0,5}):([1-9][0-9]{0,5})")
+
+
+class _Fields:
+    """Typed reads of a record's fields; a wrong type names the file and the field in one line."""
+
+    def __init__(self, record: dict, file: str):
+        self.record, self.file = record, file
+
+    def bad(self, key: str, wanted: str) -> LlmpruneError:
+        shown = repr(self.record.get(key))
+        shown = shown if len(shown) <= 60 else shown[:60] + "…"
+        return LlmpruneError(f"result file {self.file}: field {key!r} must be {wanted}, got {shown}; fix or "
+                             "delete the file")
+
+    def need(self, key: str) -> str:
+        if key not in self.record:
+            raise LlmpruneError(f"result file {self.file} has no {key!r}: it is not a complete "
+                                "llmprune result")
+        return self.text(key)
+
+    def text(self, key: str, default: str | None = None, section: dict | None = None) -> str | None:
+        value = (self.record if section is None else section).get(key)
+        if value is None:
+            return default
+        if not isinstance(value, str) or len(value) > 1000:
+            raise self.bad(key, "a string (of at most 1000 characters)")
+        return value
+
+    def integer(self, key: str, section: dict | None = None, where: str | None = None) -> int | None:
+        value = (self.record if section is None else section).get(key)
+        if value is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, int) or abs(value) >= 10**12:
+            raise LlmpruneError(f"result file {self.file}: field {where or key!r} must be an integer, got "
+                                f"{str(value)[:60]!r}; fix or delete the file")
+        return value
+
+    def mapping(self, key: str) -> dict:
+        value = self.record.get(key)
+        if value is None:
+            return {}
+        if not isinstance(value, dict):
+            raise self.bad(key, "a mapping")
+        return value
 
 
 def record_pattern(config) -> str:
@@ -228,47 +282,49 @@ def record_pattern(config) -> str:
 
 
 def parse_result(record: dict, file: str) -> Result:
-    """The :class:`Result` of one record; ``file`` names it in errors and tables."""
-    def need(key: str) -> Any:
-        if key not in record:
-            raise LlmpruneError(f"result file {file} has no {key!r}: it is not a complete llmprune result")
-        return record[key]
-
-    pattern = str(record.get("pattern") or "unstructured")
+    """The :class:`Result` of one record; ``file`` names it in errors and tables. A field of the
+    wrong type or out of range (a damaged or hand-edited file) is an LlmpruneError naming the
+    file and the field."""
+    f = _Fields(record, file)
+    pattern = f.text("pattern", "unstructured")
     nm = None
     if ":" in pattern:
-        n, m = pattern.split(":", 1)
-        nm = (int(n), int(m))
-    config = record.get("config") or {}
-    evaluation = record.get("eval") or {}
-    zeroshot = record.get("zeroshot") or {}
-    prune = record.get("prune") or {}
-    versions = record.get("versions") or {}
+        found = _PATTERN.fullmatch(pattern)
+        if found is None or int(found.group(1)) >= int(found.group(2)):
+            raise f.bad("pattern", 'unstructured, structured or "N:M" with 0 < N < M')
+        nm = (int(found.group(1)), int(found.group(2)))
+    sparsity = _float(record.get("sparsity") if record.get("sparsity") is not None else 0.0)
+    if sparsity is None or not 0.0 <= sparsity <= 1.0:
+        raise f.bad("sparsity", "a number from 0 to 1")
+    config, evaluation, zeroshot, prune = (f.mapping(key) for key in ("config", "eval", "zeroshot", "prune"))
+    versions = f.mapping("versions")
+    calib = config.get("calib") if isinstance(config.get("calib"), dict) else {}
+    nsamples = f.integer("nsamples")
     return Result(
         file=file,
-        name=str(need("name")),
-        recipe=record.get("recipe"),
-        model=str(need("model")),
-        method=str(need("method")),
-        sparsity=float(record.get("sparsity") or 0.0),
+        name=f.need("name"),
+        recipe=f.text("recipe"),
+        model=f.need("model"),
+        method=f.need("method"),
+        sparsity=sparsity,
         pattern=pattern,
-        group=record.get("group"),
-        metric=record.get("metric"),
-        nsamples=record.get("nsamples"),
-        seed=record.get("seed"),
-        calib=(config.get("calib") or {}).get("dataset") if record.get("nsamples") is not None else None,
-        eval_seqlen=evaluation.get("seqlen"),
-        max_windows=evaluation.get("max_windows"),
+        group=f.text("group"),
+        metric=f.text("metric"),
+        nsamples=nsamples,
+        seed=f.integer("seed"),
+        calib=f.text("dataset", section=calib) if nsamples is not None else None,
+        eval_seqlen=f.integer("seqlen", evaluation, "eval.seqlen"),
+        max_windows=f.integer("max_windows", evaluation, "eval.max_windows"),
         ppl=_numbers(record.get("perplexity"), "ppl"),
         acc=_numbers(zeroshot.get("tasks"), "acc"),
         mean_acc=_float(zeroshot.get("mean_acc")) if zeroshot else None,
-        zs_limit=evaluation.get("limit"),
+        zs_limit=f.integer("limit", evaluation, "eval.limit"),
         prune_seconds=_float(record.get("prune_seconds")),
         actual_sparsity=_float(prune.get("overall_sparsity")),
         variant=_variant(config) + _recovered(record.get("recover")),
-        block_sparsity=_block_sparsity(prune.get("layers") or []),
-        versions=", ".join(f"{k} {versions[k]}" for k in sorted(versions)),
-        machine=str(record.get("machine") or ""),
+        block_sparsity=_block_sparsity(prune.get("layers")),
+        versions=", ".join(f"{k} {versions[k]}" for k in sorted(map(str, versions)))[:1000],
+        machine=str(record.get("machine") or "")[:1000],
         structured=nm is not None,
         nm=nm,
     )
@@ -278,11 +334,11 @@ def _variant(config: dict) -> tuple[str, ...]:
     """Allocation (when not uniform), permutation, refinement, reconstruction of a run's config."""
     out = []
     if config.get("allocation") not in (None, "uniform"):
-        out.append(str(config["allocation"]))
+        out.append(str(config["allocation"])[:100])
     if config.get("permute"):
         out.append("permute")
     if config.get("refine"):
-        out.append(str(config["refine"]))
+        out.append(str(config["refine"])[:100])
     if config.get("reconstruct"):
         out.append("reconstruct")
     return tuple(out)
@@ -290,19 +346,25 @@ def _variant(config: dict) -> tuple[str, ...]:
 
 def _recovered(section) -> tuple[str, ...]:
     """``("kd",)`` / ``("lora",)`` for a run that ``llmprune recover`` trained after pruning."""
-    method = ((section or {}).get("config") or {}).get("method") if isinstance(section, dict) else None
-    return (str(method),) if method else ()
+    inner = section.get("config") if isinstance(section, dict) else None
+    method = inner.get("method") if isinstance(inner, dict) else None
+    return (str(method)[:100],) if method else ()
 
 
-def _block_sparsity(layers: list) -> tuple[float, ...]:
-    """Zeros / weights per block from the record's per-layer counts ("layers.{i}.{name}")."""
-    counts: dict[int, list[int]] = {}
-    for layer in layers:
-        parts = str(layer.get("name", "")).split(".")
-        if len(parts) > 1 and parts[0] == "layers" and parts[1].isdigit():
-            zeros_numel = counts.setdefault(int(parts[1]), [0, 0])
-            zeros_numel[0] += int(layer.get("zeros") or 0)
-            zeros_numel[1] += int(layer.get("numel") or 0)
+def _block_sparsity(layers: Any) -> tuple[float, ...]:
+    """Zeros / weights per block from the record's per-layer counts ("layers.{i}.{name}"); entries
+    that are not such counts are skipped (the plot is the only reader)."""
+    counts: dict[int, list[float]] = {}
+    for layer in layers if isinstance(layers, list) else ():
+        if not isinstance(layer, dict):
+            continue
+        parts = str(layer.get("name", ""))[:100].split(".")
+        zeros, numel = _float(layer.get("zeros") or 0), _float(layer.get("numel") or 0)
+        if len(parts) > 1 and parts[0] == "layers" and parts[1].isdigit() and len(parts[1]) < 7 \
+                and zeros is not None and numel is not None:
+            zeros_numel = counts.setdefault(int(parts[1]), [0.0, 0.0])
+            zeros_numel[0] += zeros
+            zeros_numel[1] += numel
     return tuple(z / n if n else 0.0 for _, (z, n) in sorted(counts.items()))
 
 

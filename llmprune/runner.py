@@ -22,11 +22,27 @@ from typing import Any, Callable, Iterable
 
 import torch
 
+from llmprune import engine
 from llmprune.config import PLACEMENT_FIELDS, EvalConfig, PruneConfig, RecoverConfig, from_dict, to_dict
+from llmprune.data import check_available
 from llmprune.errors import LlmpruneError
-from llmprune.evaluation import evaluate
+from llmprune.evaluation import check_eval_memory, evaluate
+from llmprune.evaluation.zeroshot import build_tasks
+from llmprune.io import check_output_dir, write_json_atomic
 from llmprune.methods import needs_for
+from llmprune.models import (
+    check_device,
+    check_model_source,
+    get_blocks,
+    load_model,
+    prunable_linears,
+    resolve_seqlen,
+)
+from llmprune.offload import check_offload_dir
 from llmprune.recipes import RECIPE_SCHEMA, Recipe, Run, load_recipe, slugify
+from llmprune.recover import check_inputs as check_recover
+from llmprune.recover import recover
+from llmprune.report import write_report
 from llmprune.results import DENSE, is_result, machine, result_record
 
 RECIPE_FILE = "recipe.json"
@@ -79,8 +95,30 @@ def plan(recipe: Recipe) -> list[Job]:
                 if len(evals) > 1:
                     name += f"-eval{j}"
                 jobs.append(Job(name, model, dtype, device, evaluation, None))
-        jobs.extend(Job(run.name, run.model, run.dtype, run.device, run.eval, run.prune, run.recover) for run in runs)
+        jobs.extend(Job(run.name, run.model, run.dtype, run.device, run.eval, run.prune, run.recover)
+                    for run in runs)
+    _check_file_names(jobs)
     return jobs
+
+
+def _check_file_names(jobs: list[Job]) -> None:
+    """Every file the recipe writes has a name of its own, dense baselines and the folder's
+    recipe.json included, after slugging (``_dense`` and ``/dense`` become ``dense.json``) and
+    without regard to case (one file on macOS and Windows): otherwise each run overwrites the
+    other's result and the folder never completes."""
+    def label(job: Job | None) -> str:
+        if job is None:
+            return f"the folder's {RECIPE_FILE}"
+        return f"the dense baseline {job.name!r}" if job.prune is None else f"run {job.name!r}"
+
+    owners: dict[str, Job | None] = {RECIPE_FILE.casefold(): None}
+    for job in jobs:
+        key = job.filename.casefold()
+        if key in owners:
+            other = owners[key]
+            raise LlmpruneError(f"{label(job)} and {label(other)} would both write {job.filename}: rename "
+                                f"the run (names are turned into file names: {job.name!r} -> {job.filename})")
+        owners[key] = job
 
 
 def _normal(obj: Any) -> Any:
@@ -155,7 +193,7 @@ def _recipe_differences(old: dict, new: dict) -> str:
     return "; ".join(parts) or "different settings"
 
 
-def _comparable(recipe_dict: dict) -> dict:
+def comparable_recipe(recipe_dict: dict) -> dict:
     # the description is prose and slurm sizes jobs: editing them does not make the results a
     # different recipe's; nor does an option added to the configs since (its default applies)
     out = {k: v for k, v in recipe_dict.items() if k not in ("description", "slurm")}
@@ -176,7 +214,7 @@ def _claim_out_dir(out_dir: Path, recipe: Recipe, jobs: list[Job], force: bool) 
     old = _read_json(recipe_file) if recipe_file.exists() else None
     results = [p for p in sorted(out_dir.glob("*.json"))
                if p.name != RECIPE_FILE and is_result(_read_json(p))]
-    if old is not None and _comparable(old) == _comparable(new):
+    if old is not None and comparable_recipe(old) == comparable_recipe(new):
         return
     if old is None and not results:
         return
@@ -200,8 +238,6 @@ def _claim_out_dir(out_dir: Path, recipe: Recipe, jobs: list[Job], force: bool) 
 
 def snapshot_weights(model: torch.nn.Module) -> dict[tuple[int, str], torch.Tensor]:
     """A CPU copy of the weights (and biases) of every prunable layer, to undo pruning later."""
-    from llmprune.models import get_blocks, prunable_linears
-
     saved: dict[tuple[int, str], torch.Tensor] = {}
     for i in range(len(get_blocks(model))):
         for name, module in prunable_linears(model, i).items():
@@ -214,8 +250,6 @@ def snapshot_weights(model: torch.nn.Module) -> dict[tuple[int, str], torch.Tens
 @torch.no_grad()
 def restore_weights(model: torch.nn.Module, saved: dict[tuple[int, str], torch.Tensor]) -> None:
     """Copy the snapshot back in place (into whatever Parameter each layer holds now)."""
-    from llmprune.models import get_blocks, prunable_linears
-
     for i in range(len(get_blocks(model))):
         for name, module in prunable_linears(model, i).items():
             module.weight.copy_(saved[(i, name)])
@@ -227,7 +261,8 @@ def _resolve_device(device: str) -> str:
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise LlmpruneError(f"the recipe asks for device {device!r} but CUDA is not available: set device: auto or cpu")
+        raise LlmpruneError(f"the recipe asks for device {device!r} but CUDA is not available: set "
+                            "device: auto or cpu")
     return device
 
 
@@ -241,18 +276,14 @@ def _machine(device: str) -> str:
 def _execute(job: Job, model, tokenizer, recipe: Recipe, device: str, data_dir, progress: bool,
              teacher=None) -> dict:
     """Prune, recover when the run says so (``teacher``: the dense model), evaluate."""
-    from llmprune.engine import prune
-
     report = None
     if job.prune is not None:
-        report = prune(model, tokenizer, job.prune, data_dir=data_dir, progress=progress, model_name=job.model)
+        report = engine.prune(model, tokenizer, job.prune, data_dir=data_dir,
+                              progress=progress, model_name=job.model)
     recovered = None
     if job.recover is None:
         resolved, perplexity, zeroshot = evaluate(model, tokenizer, job.eval, data_dir, progress)
     else:  # recover() evaluates before and after training
-        from llmprune.models import resolve_seqlen
-        from llmprune.recover import recover
-
         result = recover(model, teacher, tokenizer, job.recover, data_dir=data_dir, progress=progress,
                          eval_config=job.eval)
         resolved = dataclasses.replace(job.eval, seqlen=resolve_seqlen(model, job.eval.seqlen))
@@ -279,10 +310,6 @@ def _select(jobs: list[Job], only: str | Iterable[str] | None) -> list[Job]:
 def _check_inputs(jobs: list[Job], data_dir, check_models: bool = True) -> None:
     """Every run's model name, device, data and zero-shot tasks, before the first model loads:
     a typo in the last run of a sweep must not surface hours into it."""
-    from llmprune.data import check_available
-    from llmprune.evaluation.zeroshot import build_tasks
-    from llmprune.models import check_device, check_model_source
-
     seen: set = set()
     for job in jobs:
         checks = [("device", job.device), ("data", job.eval.datasets, "eval"), ("tasks", job.eval.zeroshot)]
@@ -307,15 +334,11 @@ def _check_inputs(jobs: list[Job], data_dir, check_models: bool = True) -> None:
                 for name in check[1]:
                     check_available(name, data_dir, split=check[2])
             elif kind == "offload":
-                from llmprune.offload import check_offload_dir
-
                 try:
                     check_offload_dir(check[1])
                 except LlmpruneError as exc:
                     raise LlmpruneError(f"run {job.name!r}: {exc}") from None
             elif kind == "recover":
-                from llmprune.recover import check_inputs as check_recover
-
                 try:
                     check_recover(check[1], data_dir, check[2], check[3])
                 except LlmpruneError as exc:
@@ -327,13 +350,10 @@ def _check_inputs(jobs: list[Job], data_dir, check_models: bool = True) -> None:
 def _check_shapes(jobs: list[Job], model) -> None:
     """Checks that need the model's shapes (layers matched, N:M divisibility, a shrink method's
     counts, sequence length, memory), for every run on this model, before the first of them runs."""
-    from llmprune.engine import plan
-    from llmprune.evaluation import check_eval_memory
-
     for job in jobs:
         try:
             if job.prune is not None:
-                plan(model, job.prune)  # the same preflight as `llmprune prune`
+                engine.plan(model, job.prune)  # the same preflight as `llmprune prune`
             check_eval_memory(model, job.eval)
         except LlmpruneError as exc:
             raise LlmpruneError(f"run {job.name!r}: {exc}") from None
@@ -346,8 +366,6 @@ def prepare(recipe_path, out_dir, data_dir=None, only=None, force: bool = False,
 
     Returns ``(recipe, out folder, selected jobs, pending jobs)``; pending ones have no result yet.
     """
-    from llmprune.io import check_output_dir, write_json_atomic
-
     recipe = load_recipe(recipe_path)
     jobs = plan(recipe)
     selected = _select(jobs, only)
@@ -358,6 +376,36 @@ def prepare(recipe_path, out_dir, data_dir=None, only=None, force: bool = False,
     _claim_out_dir(out, recipe, jobs, force)
     write_json_atomic(out / RECIPE_FILE, recipe.to_dict())
     return recipe, out, selected, pending
+
+
+def _run_on_model(model_name: str, dtype: str, device: str, jobs: list[Job], loader, recipe: Recipe,
+                  out: Path, data_dir, progress: bool, bar) -> None:
+    """Load the model once and run ``jobs`` on it in turn, its original weights restored between
+    runs; each result file is written as soon as its run ends."""
+    device = _resolve_device(device)
+    bar.set_postfix_str(f"loading {model_name}")
+    model, tokenizer = loader(model_name, dtype=dtype, device=device)
+    _check_shapes(jobs, model)
+    saved = snapshot_weights(model)
+    dirty = False
+    teacher = None  # the dense model, loaded again for the first run that recovers
+    try:
+        for job in jobs:
+            bar.set_postfix_str(job.name)
+            if dirty:
+                restore_weights(model, saved)
+                dirty = False
+            dirty = job.prune is not None  # set before running: a failure leaves it pruned
+            if job.recover is not None and teacher is None:
+                teacher = loader(model_name, dtype=dtype, device=device)[0]
+            record = _execute(job, model, tokenizer, recipe, device, data_dir, progress, teacher)
+            write_json_atomic(out / job.filename, record)
+            bar.update(1)
+    finally:
+        del model, tokenizer, saved, teacher
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
 
 
 def run_recipe(
@@ -380,11 +428,10 @@ def run_recipe(
     """
     from tqdm.auto import tqdm
 
-    from llmprune.io import write_json_atomic
-
-    recipe, out, selected, pending = prepare(recipe_path, out_dir, data_dir, only, force, check_models=loader is None)
+    recipe, out, selected, pending = prepare(recipe_path, out_dir, data_dir, only, force,
+                                             check_models=loader is None)
     if loader is None:
-        from llmprune.models import load_model as loader
+        loader = load_model
 
     bar = tqdm(total=len(selected), initial=len(selected) - len(pending), desc=recipe.name, unit="run",
                disable=not progress, position=0)
@@ -393,36 +440,11 @@ def run_recipe(
         for job in pending:
             groups.setdefault(job.model_key, []).append(job)
         for (model_name, dtype, device), model_jobs in groups.items():
-            device = _resolve_device(device)
-            bar.set_postfix_str(f"loading {model_name}")
-            model, tokenizer = loader(model_name, dtype=dtype, device=device)
-            _check_shapes(model_jobs, model)
-            saved = snapshot_weights(model)
-            dirty = False
-            teacher = None  # the dense model, loaded again for the first run that recovers
-            try:
-                for job in model_jobs:
-                    bar.set_postfix_str(job.name)
-                    if dirty:
-                        restore_weights(model, saved)
-                        dirty = False
-                    dirty = job.prune is not None  # set before running: a failure leaves it pruned
-                    if job.recover is not None and teacher is None:
-                        teacher = loader(model_name, dtype=dtype, device=device)[0]
-                    record = _execute(job, model, tokenizer, recipe, device, data_dir, progress, teacher)
-                    write_json_atomic(out / job.filename, record)
-                    bar.update(1)
-            finally:
-                del model, tokenizer, saved, teacher
-                gc.collect()
-                if torch.cuda.is_available():
-                    torch.cuda.empty_cache()
+            _run_on_model(model_name, dtype, device, model_jobs, loader, recipe, out, data_dir, progress, bar)
     finally:
         bar.close()
 
     if report:
-        from llmprune.report import write_report
-
         write_report(out)
     return [out / job.filename for job in selected]
 

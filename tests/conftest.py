@@ -17,7 +17,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 ROOT = Path(__file__).resolve().parents[1]
-_CORPUS = [
+CORPUS = [
     "the quick brown fox jumps over the lazy dog",
     "a stitch in time saves nine and the early bird catches the worm",
     "pruning removes weights from a network without retraining it",
@@ -31,7 +31,7 @@ def make_tokenizer():
     from transformers import PreTrainedTokenizerFast
 
     bpe = ByteLevelBPETokenizer()
-    bpe.train_from_iterator(_CORPUS, vocab_size=400, min_frequency=1, show_progress=False,
+    bpe.train_from_iterator(CORPUS, vocab_size=400, min_frequency=1, show_progress=False,
                             special_tokens=["<|endoftext|>"])
     tok = PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, eos_token="<|endoftext|>",
                                   pad_token="<|endoftext|>")
@@ -40,8 +40,14 @@ def make_tokenizer():
 
 def make_model(family: str = "llama", layers: int = 2, vocab_size: int = 512, seed: int = 0, **overrides):
     """A tiny random CausalLM of the given family (llama, mistral, qwen2), float32, eval mode."""
-    from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM,
-                              Qwen2Config, Qwen2ForCausalLM)
+    from transformers import (
+        LlamaConfig,
+        LlamaForCausalLM,
+        MistralConfig,
+        MistralForCausalLM,
+        Qwen2Config,
+        Qwen2ForCausalLM,
+    )
 
     classes = {"llama": (LlamaConfig, LlamaForCausalLM), "mistral": (MistralConfig, MistralForCausalLM),
                "qwen2": (Qwen2Config, Qwen2ForCausalLM)}
@@ -56,8 +62,9 @@ def make_model(family: str = "llama", layers: int = 2, vocab_size: int = 512, se
 
 
 # mixture of experts, under each family's names: 4 experts, 2 per token, the first block dense
-MOE_SIZES = dict(num_experts=4, num_local_experts=4, n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
-                 shared_expert_intermediate_size=64, n_shared_experts=1, first_k_dense_replace=1, moe_topk=2)
+MOE_SIZES = dict(num_experts=4, num_local_experts=4, n_routed_experts=4, num_experts_per_tok=2,
+                 moe_intermediate_size=32, shared_expert_intermediate_size=64, n_shared_experts=1,
+                 first_k_dense_replace=1, moe_topk=2)
 
 
 def make_family_model(model_type: str, layers: int = 2, vocab_size: int = 512, seed: int = 0, **overrides):
@@ -72,9 +79,9 @@ def make_family_model(model_type: str, layers: int = 2, vocab_size: int = 512, s
 
     config_cls = CONFIG_MAPPING[model_type]
     defaults = config_cls()
-    sizes = dict(hidden_size=64, intermediate_size=128, ffn_dim=128, num_attention_heads=4, num_key_value_heads=2,
-                 head_dim=16, num_hidden_layers=layers, vocab_size=vocab_size, max_position_embeddings=256,
-                 n_embd=64, n_head=4, n_layer=layers, n_positions=256)
+    sizes = dict(hidden_size=64, intermediate_size=128, ffn_dim=128, num_attention_heads=4,
+                 num_key_value_heads=2, head_dim=16, num_hidden_layers=layers, vocab_size=vocab_size,
+                 max_position_embeddings=256, n_embd=64, n_head=4, n_layer=layers, n_positions=256)
     sizes.update(MOE_SIZES)
     settable = lambda k: not isinstance(getattr(config_cls, k, None), property)  # noqa: E731 (Falcon's head_dim)
     kwargs = {k: v for k, v in sizes.items() if hasattr(defaults, k) and settable(k)}

@@ -7,8 +7,8 @@ import torch
 
 from conftest import make_model
 from llmprune.blocks import block_output, capture_block_inputs, hook_count
-from llmprune.stats import StatsCollector
 from llmprune.models import block_stages, get_blocks, prunable_linears
+from llmprune.stats import StatsCollector
 
 
 def _windows(n=5, seqlen=16, vocab=512, seed=1):

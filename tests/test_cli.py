@@ -106,7 +106,8 @@ def test_missing_data_file_lists_searched_paths(local_setup, tmp_path, capsys):
 
 def test_missing_task_file_fails_before_model_load(tmp_path, capsys):
     (tmp_path / "tasks").mkdir()
-    assert main(["eval", "--model", "nobody/no-such-model", "--zeroshot", "boolq", "--data-dir", str(tmp_path)]) == 2
+    assert main(["eval", "--model", "nobody/no-such-model", "--zeroshot",
+                 "boolq", "--data-dir", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip()
     assert "boolq" in err and str(tmp_path) in err and len(err.splitlines()) == 1
 

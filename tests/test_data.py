@@ -17,13 +17,21 @@ import pytest
 import torch
 
 from llmprune import data
-from llmprune.data import (DATASETS, calibration_windows, clear_caches, describe_source, eval_tokens,
-                           resolve_data_dir)
+from llmprune.data import (
+    DATASETS,
+    calibration_windows,
+    clear_caches,
+    describe_source,
+    eval_tokens,
+    resolve_data_dir,
+)
 from llmprune.errors import LlmpruneError
 
-WIKI_TEST = (" \n = Robert Boulter = \n \n Robert Boulter is an English film , television and theatre actor . \n"
+WIKI_TEST = (" \n = Robert Boulter = \n \n Robert Boulter is an English film , television and theatre "
+             "actor . \n"
              " \n = = Career = = \n \n In 2000 Boulter had a guest @-@ starring role . \n")
-WIKI_TRAIN = (" \n = Valkyria Chronicles III = \n \n Senjō no Valkyria 3 : Unrecorded Chronicles is a game . \n"
+WIKI_TRAIN = (" \n = Valkyria Chronicles III = \n \n Senjō no Valkyria 3 : Unrecorded Chronicles is a "
+              "game . \n"
               " The game began development in 2010 , carrying over a large portion of the work . \n") * 3
 PTB_TEST = " no it was n't black monday \n but while the new york stock exchange did n't fall apart friday \n"
 PTB_TRAIN = (" aer banknote berlitz calloway centrust cluett fromstein gitano \n"
@@ -78,7 +86,8 @@ def reference_c4_windows(tok, docs: list[str], nsamples: int, seqlen: int, seed:
 
 def write_jsonl(path, docs, gz=False):
     path.parent.mkdir(parents=True, exist_ok=True)
-    payload = "".join(json.dumps({"text": d, "timestamp": "2019-04-25T12:57:54Z", "url": "u"}) + "\n" for d in docs)
+    payload = "".join(json.dumps({"text": d, "timestamp": "2019-04-25T12:57:54Z", "url": "u"}) + "\n"
+                      for d in docs)
     if gz:
         with gzip.open(path, "wt", encoding="utf-8") as f:
             f.write(payload)
@@ -90,7 +99,8 @@ def c4_docs(n: int, seed: int = 1) -> list[str]:
     rng = random.Random(seed)
     words = "the quick brown fox jumps over the lazy dog pruning sparse weights".split()
     # Mostly short documents, a few long ones: the rejection loop has to skip.
-    return [" ".join(rng.choice(words) for _ in range(rng.choice([3, 5, 8, 60]))) + "\nend." for _ in range(n)]
+    return [" ".join(rng.choice(words) for _ in range(rng.choice([3, 5, 8, 60]))) + "\nend."
+            for _ in range(n)]
 
 
 # --------------------------------------------------------------------------------------------
@@ -229,7 +239,8 @@ def test_bos_is_added_once(tmp_path, tiny_tokenizer):
     (tmp_path / "ptb").mkdir()
     (tmp_path / "ptb" / "ptb.test.txt").write_text(PTB_TEST, encoding="utf-8")
     ids = eval_tokens("ptb", BosTokenizer(), 4, data_dir=tmp_path)
-    assert ids[0] == 0 and (ids == 0).sum() == (ids_of(tiny_tokenizer, " ".join(hf_ptb_rows(PTB_TEST))) == 0).sum() + 1
+    assert ids[0] == 0
+    assert (ids == 0).sum() == (ids_of(tiny_tokenizer, " ".join(hf_ptb_rows(PTB_TEST))) == 0).sum() + 1
 
 
 def test_draws_leave_the_global_generator_alone(tmp_path, tiny_tokenizer):
@@ -432,8 +443,12 @@ def test_hub_rows_are_read_from_the_dataset(monkeypatch, tiny_tokenizer):
     assert tiny_tokenizer.decode(ids) == " ".join(hf_ptb_rows(PTB_TEST))
 
     docs = c4_docs(30, seed=9)
-    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: (calls.append(a + (k,)),
-                                                                 datasets.Dataset.from_dict({"text": docs}))[1])
+
+    def fake_c4_load(*a, **k):
+        calls.append(a + (k,))
+        return datasets.Dataset.from_dict({"text": docs})
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_c4_load)
     got = calibration_windows("c4", tiny_tokenizer, 4, 30, seed=1)
     assert calls[-1] == ("allenai/c4", None, {"split": "train",
                                               "data_files": {"train": "en/c4-train.00000-of-01024.json.gz"}})

@@ -17,15 +17,20 @@ from conftest import make_model, make_tokenizer
 from llmprune.blocks import hook_count
 from llmprune.cli import main
 from llmprune.config import CalibConfig, PruneConfig
+from llmprune.engine import prune
 from llmprune.errors import LlmpruneError
-from llmprune.export.compressed import (WEIGHTS_FILE, compressed_metadata, pack_bitmask, unpack_bitmask,
-                                        write_compressed)
+from llmprune.export.compressed import (
+    WEIGHTS_FILE,
+    compressed_metadata,
+    pack_bitmask,
+    unpack_bitmask,
+    write_compressed,
+)
 from llmprune.export.gguf import export_gguf, permute_qk, unpermute_qk
 from llmprune.io import save_pruned
-from llmprune.models import load_model
-from llmprune.engine import prune
-from llmprune.math.quantize import dequantize_int8, fake_quantize_, quantize_int8
 from llmprune.math.channels import group_scores, keep_top
+from llmprune.math.quantize import dequantize_int8, fake_quantize_, quantize_int8
+from llmprune.models import load_model
 
 WORDS = ("the quick brown fox jumps over the lazy dog a stitch in time saves nine "
          "pruning removes weights from a network without retraining it ").split()
@@ -54,8 +59,10 @@ def test_int8_is_per_row_symmetric_and_keeps_zeros():
     w = torch.tensor([[0.0, 1.27, -0.635, 0.01], [2.54, 0.0, 0.0, -2.54], [0.0, 0.0, 0.0, 0.0]])
     q, scale = quantize_int8(w)
     assert q.dtype == torch.int8 and scale.shape == (3,)
-    assert scale[0].item() == pytest.approx(0.01, rel=1e-4) and scale[1].item() == pytest.approx(0.02, rel=1e-4)
-    assert q[0].tolist() == [0, 127, -64, 1] and q[1].tolist() == [127, 0, 0, -127]  # round(-63.5) = -64 (even)
+    assert scale[0].item() == pytest.approx(0.01, rel=1e-4)
+    assert scale[1].item() == pytest.approx(0.02, rel=1e-4)
+    # round(-63.5) = -64 (even)
+    assert q[0].tolist() == [0, 127, -64, 1] and q[1].tolist() == [127, 0, 0, -127]
     assert scale[2].item() == 1.0 and not q[2].any()
     back = dequantize_int8(q, scale)
     assert ((back == 0) == (w == 0)).all()  # zeros stay exactly zero
@@ -131,10 +138,12 @@ def test_shrunk_model_equals_zeroed_model_plus_biases(method, structure, sparsit
         inter = big.mlp.gate_proj.out_features
         kept = _kept_rows(small.mlp.gate_proj.weight, big.mlp.gate_proj.weight)
         removed = sorted(set(range(inter)) - set(kept))
-        heads_kept = sorted({r // hd for r in _kept_rows(small.self_attn.q_proj.weight, big.self_attn.q_proj.weight)})
+        heads_kept = sorted({r // hd for r in _kept_rows(small.self_attn.q_proj.weight,
+                                                         big.self_attn.q_proj.weight)})
         cols = [h * hd + d for h in range(8) if h not in heads_kept for d in range(hd)]
         kv_kept = {h // 2 for h in heads_kept}
-        assert {r // hd for r in _kept_rows(small.self_attn.k_proj.weight, big.self_attn.k_proj.weight)} == kv_kept
+        kv_rows = _kept_rows(small.self_attn.k_proj.weight, big.self_attn.k_proj.weight)
+        assert {r // hd for r in kv_rows} == kv_kept
         assert len(heads_kept) == 2 * len(kv_kept)  # a KV head goes with both its query heads
         biases = {}
         if method == "flap":  # the removed inputs' dense mean contribution, computed here independently
@@ -173,7 +182,8 @@ def test_structured_checkpoint_loads_without_llmprune(tmp_path):
     script = (f"import sys; sys.modules['llmprune'] = None\n"  # plain transformers, no llmprune
               f"import torch; from transformers import AutoModelForCausalLM\n"
               f"m = AutoModelForCausalLM.from_pretrained({str(tmp_path / 'small')!r}, dtype=torch.float32)\n"
-              f"torch.save(m(torch.load({str(tmp_path / 'ids.pt')!r})).logits, {str(tmp_path / 'out.pt')!r})\n")
+              f"torch.save(m(torch.load({str(tmp_path / 'ids.pt')!r})).logits, "
+              f"{str(tmp_path / 'out.pt')!r})\n")
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     done = subprocess.run([sys.executable, "-I", "-c", script], capture_output=True, text=True, env=env)
     assert done.returncode == 0, done.stderr
@@ -200,7 +210,8 @@ def test_structured_bad_input_is_one_clear_error():
 def _save_compressed(model, path, quantize=None, dtype=None):
     counts = {}
     save_pruned(model, make_tokenizer(), path, {"model": "tiny"},
-                write_weights=lambda m, f: counts.update(write_compressed(m, f, quantize=quantize, dtype=dtype)))
+                write_weights=lambda m, f: counts.update(write_compressed(m, f, quantize=quantize,
+                                                                          dtype=dtype)))
     return counts
 
 
@@ -236,8 +247,9 @@ def test_compressed_structured_and_cli_model_dir(tmp_path, capsys):
                  "--no-progress"]) == 0
 
 
-@pytest.mark.parametrize("tag, needle", [({}, "no llmprune compressed-format version tag"),
-                                         ({"format": "llmprune.compressed", "version": "99"}, "version '99'")])
+@pytest.mark.parametrize("tag, needle", [
+    ({}, "no llmprune compressed-format version tag"),
+    ({"format": "llmprune.compressed", "version": "99"}, "version '99'")])
 def test_compressed_version_tag_is_checked(tag, needle, tmp_path, capsys):
     from safetensors.torch import load_file, save_file
 
@@ -296,7 +308,8 @@ def test_gguf_writes_bias_compensation_and_drops_zero_biases(tmp_path):
     assert "blk.0.attn_q.bias" not in names and "blk.0.ffn_gate.bias" not in names  # zeros left out
     bias = torch.from_numpy(names["blk.1.ffn_down.bias"].data.copy())
     torch.testing.assert_close(bias, model.model.layers[1].mlp.down_proj.bias.detach())
-    q = torch.from_numpy(gguf.dequantize(names["blk.1.attn_q.weight"].data, names["blk.1.attn_q.weight"].tensor_type))
+    q = torch.from_numpy(gguf.dequantize(names["blk.1.attn_q.weight"].data,
+                                         names["blk.1.attn_q.weight"].tensor_type))
     torch.testing.assert_close(unpermute_qk(q.reshape(-1, 64), model.config.num_attention_heads),
                                model.model.layers[1].self_attn.q_proj.weight.detach(), atol=1e-3, rtol=1e-3)
 
@@ -331,13 +344,14 @@ def test_prune_cli_structured_int8_compressed_then_compress_and_export(tmp_path,
     (root / "eval.txt").write_text(" ".join(docs))
     base = ["prune", "--model", str(model_dir), "--calib", str(root / "calib.jsonl"), "--nsamples", "4",
             "--seqlen", "32", "--eval", str(root / "eval.txt"), "--no-progress", "--skip-dense"]
-    assert main(base + ["--method", "flap", "--sparsity", "0.3", "--structure", "both", "--channel-multiple", "8",
-                        "--quantize", "int8", "--save", str(root / "c"), "--save-format", "compressed",
-                        "--json", str(root / "r.json")]) == 0
+    assert main(base + ["--method", "flap", "--sparsity", "0.3", "--structure", "both",
+                        "--channel-multiple", "8", "--quantize", "int8", "--save", str(root / "c"),
+                        "--save-format", "compressed", "--json", str(root / "r.json")]) == 0
     out = capsys.readouterr().out
     assert "compressed checkpoint" in out
     record = json.loads((root / "r.json").read_text())
-    assert record["prune"]["structured"]["keep_groups"] < 4 and record["prune"]["quantization"]["type"] == "int8"
+    assert record["prune"]["structured"]["keep_groups"] < 4
+    assert record["prune"]["quantization"]["type"] == "int8"
     assert json.loads((root / "c" / "llmprune.json").read_text())["checkpoint_format"] == "compressed"
     # a dense pruned checkpoint, then `compress` and `export` of it
     assert main(base + ["--method", "wanda", "--save", str(root / "d")]) == 0

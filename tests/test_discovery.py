@@ -17,17 +17,24 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from conftest import make_family_model, make_model, make_tokenizer
-from llmprune.engine import mask as pipeline
 from llmprune.blocks import hook_count
-from llmprune.stats import StatsCollector
 from llmprune.cli import main
 from llmprune.config import CalibConfig, PruneConfig
-from llmprune.errors import LlmpruneError
-from llmprune.models import (block_passes, block_stages, describe, get_blocks, layout, prunable_linears,
-                             select_layers)
+from llmprune.engine import mask as pipeline
 from llmprune.engine import prune
 from llmprune.engine.plan import plan_layers
+from llmprune.errors import LlmpruneError
 from llmprune.math.scores import score
+from llmprune.models import (
+    block_passes,
+    block_stages,
+    describe,
+    get_blocks,
+    layout,
+    prunable_linears,
+    select_layers,
+)
+from llmprune.stats import StatsCollector
 
 LLAMA_GROUPS = [("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("self_attn.o_proj",),
                 ("mlp.gate_proj", "mlp.up_proj"), ("mlp.down_proj",)]
@@ -153,7 +160,8 @@ class _CaptureExpertMatmuls(TorchFunctionMode):
         if func in _MATMULS and len(args) >= 2:
             w = args[1]
             for name, p in self.params.items():
-                if isinstance(w, torch.Tensor) and w.untyped_storage().data_ptr() == p.untyped_storage().data_ptr():
+                if isinstance(w, torch.Tensor) \
+                        and w.untyped_storage().data_ptr() == p.untyped_storage().data_ptr():
                     expert = (w.storage_offset() - p.storage_offset()) // p[0].numel()
                     self.seen[(name, expert)].append(args[0].detach().reshape(-1, args[0].shape[-1]).double())
         return func(*args, **(kwargs or {}))
@@ -170,8 +178,8 @@ def _captured_inputs(model, b: int, windows) -> dict[str, tuple[torch.Tensor, to
     handles = []
     for name, m in block.named_modules():
         if isinstance(m, (nn.Linear, Conv1D)):
-            handles.append(m.register_forward_pre_hook(
-                lambda _m, a, name=name: seen[name].append(a[0].detach().reshape(-1, a[0].shape[-1]).double())))
+            handles.append(m.register_forward_pre_hook(lambda _m, a, name=name: seen[name].append(
+                a[0].detach().reshape(-1, a[0].shape[-1]).double())))
     fused = {f"{n}.{p}": t for n, m in block.named_modules() for p, t in m.named_parameters(recurse=False)
              if t.dim() == 3}
     if hasattr(model, "set_experts_implementation") and fused:
@@ -258,7 +266,8 @@ def test_wanda_scores_equal_those_from_directly_captured_inputs(model_type, monk
     for b, used in enumerate(seen):
         captured = _captured_inputs(_hybrid(dense, model, b), b, windows)
         routers = set(layout(model).block_layouts[b].routers)
-        assert set(used) == {n for n in captured if n not in routers}, "layers pruned != matrices in the block"
+        assert set(used) == {n for n in captured if n not in routers}, \
+            "layers pruned != matrices in the block"
         _assert_scores_match(used, captured, tokens, f"layers.{b}.")
     if model_type in ("qwen3_moe", "gpt_oss"):
         assert len(tokens) == 2 * 2 * 4 and sum(tokens.values()) > 0
@@ -320,13 +329,15 @@ def test_an_expert_without_tokens_falls_back_to_magnitude_and_is_reported(monkey
             assert starved.info["routed_tokens"] == 0 and starved.info["fallback"] == "magnitude"
             w = dense[f"model.layers.{b}.mlp.experts.{param}"][3]  # (out, in)
             smallest = w.abs().argsort(dim=1, stable=True)[:, : w.shape[1] // 2]
-            expected = torch.zeros_like(w, dtype=torch.bool).scatter_(1, smallest, True)  # per row, as Wanda's group
+            # per row, as Wanda's group
+            expected = torch.zeros_like(w, dtype=torch.bool).scatter_(1, smallest, True)
             got = getattr(get_blocks(model)[b].mlp.experts, param)[3] == 0
             assert torch.equal(got, expected)
             other = by_name[f"layers.{b}.mlp.experts.0.{param}"]
             assert other.info["routed_tokens"] > 0 and "fallback" not in other.info
     text = report.table()
-    assert "mlp.experts.*.gate_up_proj" in text and "4 got none" in text and "layers.0.mlp.experts.3.down_proj" in text
+    assert "mlp.experts.*.gate_up_proj" in text and "4 got none" in text
+    assert "layers.0.mlp.experts.3.down_proj" in text
 
 
 class _ListMoE(nn.Module):
@@ -336,7 +347,8 @@ class _ListMoE(nn.Module):
         super().__init__()
         self.gate = nn.Linear(hidden, experts, bias=False)
         self.experts = nn.ModuleList(
-            nn.ModuleDict({"w1": nn.Linear(hidden, inner, bias=False), "w3": nn.Linear(hidden, inner, bias=False),
+            nn.ModuleDict({"w1": nn.Linear(hidden, inner, bias=False),
+                           "w3": nn.Linear(hidden, inner, bias=False),
                            "w2": nn.Linear(inner, hidden, bias=False)}) for _ in range(experts))
 
     def forward(self, x):
@@ -368,7 +380,7 @@ def test_experts_kept_as_linear_modules_get_their_routed_tokens(monkeypatch):
     for e in range(4):
         assert tokens[f"layers.0.mlp.experts.{e}.w1"] == captured[f"mlp.experts.{e}.w1"][1].shape[0]
     assert sum(tokens[f"layers.0.mlp.experts.{e}.w2"] for e in range(4)) == windows.numel()
-    for name, (weight, stats) in seen[0].items():
+    for name, (_weight, stats) in seen[0].items():
         if stats.tokens:
             w, x = captured[name]
             torch.testing.assert_close(stats.sq_norm.double(), (x ** 2).sum(0), rtol=1e-4, atol=1e-6)
@@ -395,7 +407,8 @@ def test_include_exclude_on_discovered_names():
     layers = select_layers(model, include=("layers.1.mlp.experts.*",), exclude=("*.down_proj",))
     assert layers[0] == {}
     assert list(layers[1]) == [f"mlp.experts.{e}.gate_up_proj" for e in range(4)]
-    with pytest.raises(LlmpruneError, match=r"no prunable layer matches include pattern 'layers\.\*\.mlp\.down'"):
+    with pytest.raises(LlmpruneError,
+                       match=r"no prunable layer matches include pattern 'layers\.\*\.mlp\.down'"):
         plan_layers(model, _config(include=("layers.*.self_attn.*", "layers.*.mlp.down")))
 
 
@@ -412,14 +425,16 @@ class _NoBlocks(nn.Module):
 
 
 def test_model_without_decoder_blocks_names_what_was_searched():
-    with pytest.raises(LlmpruneError, match=r"no decoder blocks found in _NoBlocks .*ModuleList.*model\.layers"):
+    with pytest.raises(LlmpruneError,
+                       match=r"no decoder blocks found in _NoBlocks .*ModuleList.*model\.layers"):
         get_blocks(_NoBlocks())
 
 
 def test_unsplittable_fused_experts_are_named():
     model = make_family_model("qwen3_moe")
     del get_blocks(model)[1].mlp.experts.is_transposed  # no longer transformers' known layout
-    with pytest.raises(LlmpruneError, match=r"layers\.1\.mlp\.experts \(Qwen3MoeExperts: gate_up_proj \(4, 64, 64\)"):
+    with pytest.raises(LlmpruneError,
+                       match=r"layers\.1\.mlp\.experts \(Qwen3MoeExperts: gate_up_proj \(4, 64, 64\)"):
         layout(model)
 
 
@@ -431,7 +446,8 @@ def saved_models(tmp_path_factory):
         model = make_family_model(model_type)
         model.save_pretrained(root / model_type)
         tokenizer.save_pretrained(root / model_type)
-    (root / "text.txt").write_text(" ".join(["pruning removes weights from a network without retraining it"] * 60))
+    (root / "text.txt").write_text(
+        " ".join(["pruning removes weights from a network without retraining it"] * 60))
     return root
 
 
@@ -446,12 +462,14 @@ def test_inspect_prints_blocks_layers_groups_stages(saved_models, capsys):
 
 
 @pytest.mark.parametrize("args, needle", [
-    (["--include", "layers.*.mlp.nothing"], "no prunable layer matches include pattern 'layers.*.mlp.nothing'"),
+    (["--include", "layers.*.mlp.nothing"],
+     "no prunable layer matches include pattern 'layers.*.mlp.nothing'"),
     (["--skip-attention", "--skip-mlp"], "no prunable layer matches"),
 ])
 def test_bad_selection_exit_2(saved_models, capsys, args, needle):
-    code = main(["prune", "--model", str(saved_models / "qwen3_moe"), "--calib", str(saved_models / "text.txt"),
-                 "--nsamples", "2", "--seqlen", "16", "--eval", str(saved_models / "text.txt"), "--no-progress", *args])
+    text = str(saved_models / "text.txt")
+    code = main(["prune", "--model", str(saved_models / "qwen3_moe"), "--calib", text, "--nsamples", "2",
+                 "--seqlen", "16", "--eval", text, "--no-progress", *args])
     err = capsys.readouterr().err
     assert code == 2 and needle in err and len(err.strip().splitlines()) == 1
 

@@ -10,8 +10,9 @@ from conftest import write_local_setup
 from llmprune.cli import main
 from llmprune.config import SlurmConfig
 from llmprune.errors import LlmpruneError
-from llmprune.executors import _parameters, check_executor, run_recipe_submitit
+from llmprune.executors import check_executor, run_recipe_submitit, slurm_parameters
 from llmprune.recipes import load_recipe
+
 
 @pytest.fixture(scope="module")
 def sweep(tmp_path_factory):
@@ -58,21 +59,21 @@ def test_each_run_is_a_separate_process_and_the_report_builds(sweep, tmp_path):
 def test_slurm_parameters_come_from_the_recipe_block(sweep):
     slurm = load_recipe(sweep[1]).slurm
     assert slurm == SlurmConfig(partition="gpu", time=30, mem_gb=16)
-    params = _parameters(slurm, "slurm", "tiny")
-    assert params == {"name": "llmprune-tiny", "timeout_min": 30, "gpus_per_node": 1, "slurm_array_parallelism": 64,
-                      "slurm_partition": "gpu", "mem_gb": 16}
-    assert "slurm_partition" not in _parameters(slurm, "local", "tiny")
+    params = slurm_parameters(slurm, "slurm", "tiny")
+    assert params == {"name": "llmprune-tiny", "timeout_min": 30, "gpus_per_node": 1,
+                      "slurm_array_parallelism": 64, "slurm_partition": "gpu", "mem_gb": 16}
+    assert "slurm_partition" not in slurm_parameters(slurm, "local", "tiny")
 
 
 def test_slurm_block_does_not_make_the_results_another_recipes(sweep, tmp_path):
     """Editing the job sizes must not refuse the folder the sweep already wrote into."""
-    from llmprune.runner import _comparable
+    from llmprune.runner import comparable_recipe
 
     root, recipe = sweep
     changed = root / "changed.yaml"
     changed.write_text(recipe.read_text().replace("time: 30", "time: 90"))
     a, b = load_recipe(recipe).to_dict(), load_recipe(changed).to_dict()
-    assert a != b and _comparable(a) == _comparable(b)
+    assert a != b and comparable_recipe(a) == comparable_recipe(b)
 
 
 @pytest.mark.parametrize("args, needle", [

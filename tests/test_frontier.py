@@ -13,20 +13,25 @@ import pytest
 import torch
 
 from conftest import make_model
-from llmprune.math.allocation import (depth_targets, depth_sparsities, outlier_ratio, owl_nm_keep,
-                                 owl_sparsities)
 from llmprune.blocks import hook_count
 from llmprune.cli import main as cli_main
 from llmprune.config import CalibConfig, PruneConfig
-from llmprune.errors import LlmpruneError
-from llmprune.math.masks import channel_reallocation, nm_mask, permuted_nm_mask
-from llmprune.engine.mask import prune_weight
-from llmprune.methods import get_method, needs_for
-from llmprune.stats import LayerStats
 from llmprune.engine import prune
+from llmprune.engine.mask import prune_weight
+from llmprune.errors import LlmpruneError
+from llmprune.math.allocation import (
+    depth_sparsities,
+    depth_targets,
+    outlier_ratio,
+    owl_nm_keep,
+    owl_sparsities,
+)
+from llmprune.math.masks import channel_reallocation, nm_mask, permuted_nm_mask
 from llmprune.math.scores import ria_score
 from llmprune.math.solvers.reconstruct import reconstruct
 from llmprune.math.solvers.sparsegpt import sparsegpt_prune
+from llmprune.methods import get_method, needs_for
+from llmprune.stats import LayerStats
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
@@ -86,8 +91,10 @@ def test_owl_on_a_tiny_model_matches_an_independent_dense_pass():
     dense = copy.deepcopy(model)
     # independent: hook every Linear of the dense model in one full forward
     inputs: dict[str, list[torch.Tensor]] = {}
-    handles = [mod.register_forward_pre_hook(lambda mod, a, n=n: inputs.setdefault(n, []).append(a[0].detach()))
-               for n, mod in dense.named_modules() if isinstance(mod, torch.nn.Linear) and ".layers." in f".{n}"]
+    handles = [mod.register_forward_pre_hook(lambda mod, a, n=n: inputs.setdefault(n, []).append(
+                   a[0].detach()))
+               for n, mod in dense.named_modules()
+               if isinstance(mod, torch.nn.Linear) and ".layers." in f".{n}"]
     with torch.no_grad():
         dense(windows)
     for h in handles:
@@ -102,7 +109,8 @@ def test_owl_on_a_tiny_model_matches_an_independent_dense_pass():
                 scores.append(w.abs() * x.pow(2).mean(0).sqrt())
         flat = torch.cat([s.flatten() for s in scores])
         ratios.append(((flat > 5 * flat.mean()).sum() / flat.numel()).item())
-    config = PruneConfig(method="wanda", sparsity=0.7, allocation="owl", calib=CalibConfig(nsamples=4, seqlen=32))
+    config = PruneConfig(method="wanda", sparsity=0.7, allocation="owl",
+                         calib=CalibConfig(nsamples=4, seqlen=32))
     report = prune(model, None, config, windows=windows, progress=False)
     assert report.allocation["outlier_ratio"] == pytest.approx(ratios, abs=1e-6)
     targets = owl_sparsities(ratios, 0.7, 0.08)
@@ -119,7 +127,8 @@ def test_owl_and_sparsegpt_and_magnitude_keep_the_overall_target():
     windows = torch.randint(0, 512, (4, 32))
     for method in ("magnitude", "sparsegpt", "ria"):
         model = make_model(layers=3)
-        config = PruneConfig(method=method, sparsity=0.6, allocation="owl", calib=CalibConfig(nsamples=4, seqlen=32))
+        config = PruneConfig(method=method, sparsity=0.6, allocation="owl",
+                             calib=CalibConfig(nsamples=4, seqlen=32))
         report = prune(model, None, config, windows=windows, progress=False)
         assert len(set(report.allocation["block_sparsity"])) == 3
         assert report.overall_sparsity == pytest.approx(0.6, abs=0.01)
@@ -141,7 +150,8 @@ def test_ria_score_against_loops():
             expected = (abs(w[i, j].item()) / col + abs(w[i, j].item()) / row) * norm ** a
             assert got[i, j].item() == pytest.approx(expected, rel=1e-5)
     # a distinguishes ||x|| from ||x||^2: a = 1 and a = 2 rank differently
-    assert not torch.equal(ria_score(w, sq_norm, tokens, 1.0).argsort(), ria_score(w, sq_norm, tokens, 2.0).argsort())
+    assert not torch.equal(ria_score(w, sq_norm, tokens, 1.0).argsort(),
+                           ria_score(w, sq_norm, tokens, 2.0).argsort())
 
 
 def test_ria_prunes_per_matrix_as_the_official_default():
@@ -162,10 +172,12 @@ def test_ria_matches_the_literal_official_mask():
     st = type("S", (), {"layer": layer, "scaler_row": torch.rand(48) * 4})()
     stats = LayerStats(tokens=1, sq_norm=st.scaler_row)
     ref = ref_ria_mask(st, 0.5, 0, 0)
-    new, _ = prune_weight(get_method("ria"), layer.weight.data, stats, PruneConfig(method="ria", sparsity=0.5))
+    new, _ = prune_weight(get_method("ria"), layer.weight.data, stats,
+                          PruneConfig(method="ria", sparsity=0.5))
     # the official `<= sorted[int(s n)]` prunes one weight more than floor(s n), nothing else differs
     assert ((new == 0) != ref).sum().item() == 1 and ref.sum().item() == (new == 0).sum().item() + 1
-    new24, _ = prune_weight(get_method("ria"), layer.weight.data, stats, PruneConfig(method="ria", pattern="2:4"))
+    new24, _ = prune_weight(get_method("ria"), layer.weight.data, stats,
+                            PruneConfig(method="ria", pattern="2:4"))
     assert torch.equal(new24 == 0, ref_ria_mask(st, 0.5, 2, 4))
 
 
@@ -194,7 +206,8 @@ def _layer_and_data(seed: int, out_f: int = 64, in_f: int = 256, windows: int = 
     shift = torch.randn(in_f, generator=g) * 0.5 + skew  # a mean per channel: DSnoT's signal
     x = (torch.randn(windows, tokens, in_f, generator=g) * scale + shift)  # (windows, tokens, in)
     flat = x.reshape(-1, in_f)
-    stats = LayerStats(tokens=flat.shape[0], sq_norm=flat.pow(2).sum(0), hessian=2 * flat.T @ flat / flat.shape[0],
+    stats = LayerStats(tokens=flat.shape[0], sq_norm=flat.pow(2).sum(0),
+                       hessian=2 * flat.T @ flat / flat.shape[0],
                        x_sum=flat.sum(0), var_sum=x.var(dim=1, unbiased=False).sum(0), windows=windows)
     return w, x, stats
 
@@ -205,11 +218,13 @@ def _mean_output_error(w, mask, x):
     return ((w * mask) @ xbar).pow(2).sum().item()
 
 
-@pytest.mark.parametrize("pattern,sparsity", [("unstructured", 0.5), ("unstructured", 0.7), ("2:4", None), ("1:4", None)])
+@pytest.mark.parametrize("pattern,sparsity", [("unstructured", 0.5),
+                                              ("unstructured", 0.7), ("2:4", None), ("1:4", None)])
 def test_dsnot_keeps_counts_exact_and_lowers_its_error(pattern, sparsity):
     for seed in range(3):
         w, x, stats = _layer_and_data(seed)
-        config = PruneConfig(method="wanda", pattern=pattern, sparsity=sparsity, refine="dsnot", dsnot_skip="none")
+        config = PruneConfig(method="wanda", pattern=pattern, sparsity=sparsity,
+                             refine="dsnot", dsnot_skip="none")
         start = get_method("wanda").select(w, stats, config)
         new, info = prune_weight(get_method("wanda"), w, stats, config, "layers.0.self_attn.q_proj")
         mask = new == 0
@@ -222,7 +237,7 @@ def test_dsnot_keeps_counts_exact_and_lowers_its_error(pattern, sparsity):
 
 
 def test_dsnot_matches_the_literal_official_procedure():
-    from reference_frontier import _Stats, ref_dsnot_mask
+    from reference_frontier import RefStats, ref_dsnot_mask
 
     # skew 1.5: rows run out of kept weights of one sign within 50 cycles and walk on into the
     # other, as happens on SmolLM2 (an implementation that stops there differs)
@@ -230,7 +245,7 @@ def test_dsnot_matches_the_literal_official_procedure():
         w, x, _ = _layer_and_data(seed, in_f=512, skew=skew)
         layer = torch.nn.Linear(512, 64, bias=False)
         layer.weight.data = w.clone()
-        st = _Stats(layer, hessian=False)
+        st = RefStats(layer, hessian=False)
         for j in range(x.shape[0]):
             st.add_batch(x[j])
         stats = LayerStats(tokens=x.shape[0] * x.shape[1], sq_norm=x.reshape(-1, 512).pow(2).sum(0),
@@ -281,7 +296,8 @@ def test_dsnot_list_ends_match_whole_sorted_lists(nm, monkeypatch):
 
 def test_dsnot_after_every_method_in_the_pipeline():
     windows = torch.randint(0, 512, (4, 32))
-    for method, pattern in (("magnitude", "unstructured"), ("sparsegpt", "2:4"), ("ria", "2:4"), ("wanda", "2:4")):
+    for method, pattern in (("magnitude", "unstructured"), ("sparsegpt", "2:4"),
+                            ("ria", "2:4"), ("wanda", "2:4")):
         model = make_model(layers=2)
         config = PruneConfig(method=method, pattern=pattern, refine="dsnot", dsnot_skip="none",
                              permute=method == "ria", calib=CalibConfig(nsamples=4, seqlen=32))
@@ -309,7 +325,8 @@ def test_dsnot_moments_only_where_it_refines_and_the_same_weights(skip, monkeypa
     monkeypatch.setattr(pipeline, "_only_groups", spy)
     lean = make_model(layers=2)
     prune(lean, None, config, windows=windows, progress=False)
-    expected = {"mlp": {"self_attn.q_proj", "self_attn.o_proj"}, "self_attn": {"mlp.gate_proj", "mlp.down_proj"},
+    expected = {"mlp": {"self_attn.q_proj", "self_attn.o_proj"},
+                "self_attn": {"mlp.gate_proj", "mlp.down_proj"},
                 "none": {"self_attn.q_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.down_proj"}}[skip]
     assert seen and all(leads == expected for leads in seen)
     # every group collecting moments (as before the saving) gives bit-identical weights
@@ -343,11 +360,13 @@ def test_wanda_plus_reconstruct_in_the_pipeline_equals_sparsegpt_sweep_on_its_ma
     windows = torch.randint(0, 512, (4, 32))
     plain, rebuilt = make_model(layers=2), make_model(layers=2)
     calib = CalibConfig(nsamples=4, seqlen=32)
-    prune(plain, None, PruneConfig(method="wanda", pattern="2:4", calib=calib), windows=windows, progress=False)
+    prune(plain, None, PruneConfig(method="wanda", pattern="2:4", calib=calib),
+          windows=windows, progress=False)
     report = prune(rebuilt, None, PruneConfig(method="wanda", pattern="2:4", reconstruct=True, calib=calib),
                    windows=windows, progress=False)
     first = rebuilt.model.layers[0].self_attn.q_proj.weight
-    assert torch.equal(first == 0, plain.model.layers[0].self_attn.q_proj.weight == 0)  # block 0: same inputs, same mask
+    # block 0: same inputs, same mask
+    assert torch.equal(first == 0, plain.model.layers[0].self_attn.q_proj.weight == 0)
     assert not torch.equal(first, plain.model.layers[0].self_attn.q_proj.weight)  # but updated weights
     assert all("reconstruct" in layer.info for layer in report.layers)
 
@@ -392,14 +411,16 @@ def test_report_labels_variants_and_plots_sparsity_per_block(tmp_path):
     from llmprune.results import RESULT_SCHEMA
 
     def record(name, method, config, blocks):
-        layers = [{"name": f"layers.{i}.mlp.down_proj", "zeros": int(s * 100), "numel": 100} for i, s in enumerate(blocks)]
+        layers = [{"name": f"layers.{i}.mlp.down_proj", "zeros": int(s * 100), "numel": 100}
+                  for i, s in enumerate(blocks)]
         return {"schema": RESULT_SCHEMA, "name": name, "model": "tiny", "method": method, "sparsity": 0.7,
                 "pattern": "unstructured", "config": config, "eval": {"seqlen": 32},
                 "perplexity": {"ptb": {"ppl": 10.0 + len(name)}}, "prune": {"layers": layers}}
 
     runs = [record("wanda", "wanda", {}, [0.7, 0.7, 0.7]),
             record("owl", "wanda", {"allocation": "owl"}, [0.6, 0.7, 0.8]),
-            record("combo", "wanda", {"allocation": "owl", "refine": "dsnot", "reconstruct": True}, [0.65, 0.7, 0.75]),
+            record("combo", "wanda", {"allocation": "owl", "refine": "dsnot", "reconstruct": True},
+                   [0.65, 0.7, 0.75]),
             record("ria", "ria", {"permute": False}, [0.7, 0.7, 0.7])]
     for r in runs:
         (tmp_path / f"{r['name']}.json").write_text(json.dumps(r))
@@ -423,10 +444,10 @@ def test_parity_summary_reads_100_percent_only_for_identical_masks():
 def test_parity_rows_already_in_the_file_are_never_dropped(tmp_path):
     from types import SimpleNamespace
 
-    from reference_frontier import _write_rows
+    from reference_frontier import write_rows
 
     path = tmp_path / "rows.json"
     previous = {m: {"method": m, "old": True} for m in ("a", "b", "c")}
-    _write_rows(SimpleNamespace(json=str(path)), [{"method": "b", "old": False}], previous)
+    write_rows(SimpleNamespace(json=str(path)), [{"method": "b", "old": False}], previous)
     rows = json.loads(path.read_text())["rows"]
     assert [(r["method"], r["old"]) for r in rows] == [("b", False), ("a", True), ("c", True)]

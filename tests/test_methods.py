@@ -59,7 +59,8 @@ def test_new_method_is_one_spec():
         return Selection(mask, weight / 2, {})
 
     try:
-        METHODS.add(MethodSpec("_halve_test", "Halve", "nobody", "none", "halves", options=NoOptions, select=halve))
+        METHODS.add(MethodSpec("_halve_test", "Halve", "nobody", "none", "halves",
+                               options=NoOptions, select=halve))
         assert get_method("_halve_test").select is halve
         assert needs_for(PruneConfig(method="_halve_test")) == frozenset()
         new, info = prune("_halve_test", torch.ones(2, 2))

@@ -13,10 +13,10 @@ from conftest import make_model
 from llmprune import models
 from llmprune.config import CalibConfig, PruneConfig
 from llmprune.data import calibration_windows
+from llmprune.engine import prune
 from llmprune.errors import LlmpruneError
 from llmprune.evaluation.perplexity import evaluate_perplexity
 from llmprune.models import default_seqlen, get_blocks, load_model, prunable_linears
-from llmprune.pipeline import prune
 
 
 @pytest.mark.parametrize("family", ["llama", "mistral", "qwen2"])
@@ -116,7 +116,8 @@ def test_bundled_smollm2_discovery_equals_the_hand_written_llama_entry(smollm2, 
         report = prune(model, tokenizer, config, windows=windows, progress=False)
         weights = {(i, name): layer.weight.detach().clone() for i in (0, 1, 2, 3, 29)
                    for name, layer in prunable_linears(model, i).items()}
-        ppl = evaluate_perplexity(model, tokenizer, "ptb", 128, data_dir=data_dir, max_windows=2, progress=False).ppl
+        ppl = evaluate_perplexity(model, tokenizer, "ptb", 128, data_dir=data_dir,
+                                  max_windows=2, progress=False).ppl
         runs[source] = (weights, ppl, [layer.name for layer in report.layers])
         del model
     (found, ppl_found, names_found), (entry, ppl_entry, names_entry) = runs["discovered"], runs["override"]

@@ -16,11 +16,11 @@ from conftest import make_model, make_tokenizer, write_local_setup
 from llmprune.blocks import hook_count
 from llmprune.cli import main
 from llmprune.config import CalibConfig, PruneConfig
+from llmprune.engine import prune
 from llmprune.errors import LlmpruneError
 from llmprune.io import save_pruned
 from llmprune.models import get_blocks, load_model
 from llmprune.offload import BlockStore, load_for_offload, save_offloaded
-from llmprune.engine import prune
 
 LAYERS = 3
 
@@ -64,7 +64,7 @@ def checkpoint(tmp_path_factory):
     return root / "model"
 
 
-# ---------------------------------------------------------------- the library: same weights, one block at a time
+# ------------------------------------------------------------ the library: same weights, one block at a time
 
 @pytest.mark.parametrize("mode", ["cpu", "disk"])
 @pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
@@ -83,7 +83,8 @@ def test_offloaded_pruning_gives_the_in_memory_weights_bit_for_bit(base, mode, m
     assert list(tmp_path.iterdir()) == []  # the private folder is gone; the blocks are back in memory
 
 
-@pytest.mark.parametrize("extra", [{"allocation": "owl", "quantize": "int8"}, {"method": "wanda-sp", "sparsity": 0.3},
+@pytest.mark.parametrize("extra", [{"allocation": "owl", "quantize": "int8"},
+                                   {"method": "wanda-sp", "sparsity": 0.3},
                                    {"true_sequential": True, "activations": "cpu"}, {"method": "magnitude"}])
 def test_allocation_structured_and_quantized_runs_are_offloaded_too(base, extra, tmp_path):
     extra = dict(extra)
@@ -126,7 +127,8 @@ def test_at_most_one_block_holds_weights_while_pruning_from_a_checkpoint(checkpo
     monkeypatch.setattr(BlockStore, "materialise", counting)
     handles = [b.register_forward_pre_hook(lambda *_: seen.append(_materialised(blocks))) for b in blocks]
     try:
-        report = prune(model, tokenizer, _config("sparsegpt", pattern="2:4", offload="disk", offload_dir=str(tmp_path)),
+        report = prune(model, tokenizer, _config("sparsegpt", pattern="2:4",
+                                                 offload="disk", offload_dir=str(tmp_path)),
                        windows=_windows(), progress=False, store=store)
     finally:
         for handle in handles:
@@ -141,7 +143,8 @@ def test_at_most_one_block_holds_weights_while_pruning_from_a_checkpoint(checkpo
 def test_a_skeleton_load_is_the_model_from_pretrained(checkpoint, tmp_path):
     """Only the parts outside the blocks are read; materialised, it is from_pretrained's model."""
     reference, _ = load_model(str(checkpoint), dtype="float32")
-    model, _, store = load_for_offload(str(checkpoint), "disk", dtype="float32", device="cpu", folder=tmp_path)
+    model, _, store = load_for_offload(str(checkpoint), "disk", dtype="float32",
+                                       device="cpu", folder=tmp_path)
     assert model.lm_head.weight is model.model.embed_tokens.weight  # tied, as loaded
     assert model.model.embed_tokens.weight.device.type == "cpu"
     with store.whole():
@@ -160,7 +163,8 @@ def test_a_source_with_other_names_is_loaded_once_then_spilled(tmp_path):
     from llmprune.export.compressed import write_compressed
 
     source = make_model("llama", layers=2)
-    save_pruned(source, make_tokenizer(), tmp_path / "packed", {}, write_weights=lambda m, f: write_compressed(m, f))
+    save_pruned(source, make_tokenizer(), tmp_path / "packed", {},
+                write_weights=lambda m, f: write_compressed(m, f))
     expected, _ = load_model(str(tmp_path / "packed"), dtype="float32")
     model, _, store = load_for_offload(str(tmp_path / "packed"), "disk", dtype="float32", device="cpu",
                                        folder=tmp_path / "off")
@@ -185,7 +189,8 @@ def test_a_failed_run_leaves_no_block_files_and_a_usable_model(base, tmp_path, m
 
     monkeypatch.setattr(pipeline_module, "prune_layer", failing)
     with pytest.raises(RuntimeError, match="simulated"):
-        prune(model, None, _config(offload="disk", offload_dir=str(tmp_path)), windows=_windows(), progress=False)
+        prune(model, None, _config(offload="disk", offload_dir=str(tmp_path)),
+              windows=_windows(), progress=False)
     assert list(tmp_path.iterdir()) == [] and _materialised(get_blocks(model)) == LAYERS
     expected = copy.deepcopy(base)  # block 0 pruned, the others as they were
     monkeypatch.setattr(pipeline_module, "prune_layer", real)
@@ -205,7 +210,8 @@ def test_only_this_machines_dead_offload_folders_are_removed(base, tmp_path):
         folder.mkdir()
     store = BlockStore.spill(copy.deepcopy(base), "disk", folder=tmp_path)
     assert not dead.exists() and alive.exists() and elsewhere.exists() and theirs.exists()
-    assert store.folder.parent == tmp_path and store.folder.name.startswith(f".llmprune-offload-{host}+{os.getpid()}.")
+    assert store.folder.parent == tmp_path
+    assert store.folder.name.startswith(f".llmprune-offload-{host}+{os.getpid()}.")
     store.close()
     assert not store.folder.exists()
 
@@ -319,8 +325,8 @@ def test_cli_prunes_and_saves_a_model_it_never_holds_whole(local_setup, tmp_path
 
     monkeypatch.setattr(BlockStore, "materialise", counting)
     monkeypatch.setattr(BlockStore, "whole", never)
-    assert main(_prune_args(local_setup, "--offload", "disk", "--offload-dir", str(tmp_path / "off"), "--eval", "",
-                            "--pattern", "2:4", "--save", str(tmp_path / "pruned"))) == 0
+    assert main(_prune_args(local_setup, "--offload", "disk", "--offload-dir", str(tmp_path / "off"),
+                            "--eval", "", "--pattern", "2:4", "--save", str(tmp_path / "pruned"))) == 0
     assert counts and max(counts) == 1
     from transformers import AutoModelForCausalLM
 
@@ -360,7 +366,8 @@ def no_load(monkeypatch):
     (["--offload", "disk", "--offload-dir", "{tmp}/off", "--save", "{tmp}/s", "--save-format", "compressed"],
      "llmprune compress"),
 ])
-def test_bad_offload_input_is_one_line_before_the_model_loads(local_setup, tmp_path, args, needle, capsys, no_load):
+def test_bad_offload_input_is_one_line_before_the_model_loads(local_setup, tmp_path,
+                                                              args, needle, capsys, no_load):
     (tmp_path / "file").write_text("x")
     (tmp_path / "real").mkdir()
     (tmp_path / "link").symlink_to(tmp_path / "real")
@@ -376,8 +383,10 @@ def test_unwritable_offload_dir_is_named(tmp_path, monkeypatch):
     import os
 
     (tmp_path / "ro").mkdir()
-    monkeypatch.setattr(os, "access", lambda path, mode: Path(path) != tmp_path / "ro")  # root may write anywhere
-    with pytest.raises(LlmpruneError, match=r"--offload-dir .*ro is not writable: .*give a folder you can write to"):
+    # root may write anywhere
+    monkeypatch.setattr(os, "access", lambda path, mode: Path(path) != tmp_path / "ro")
+    with pytest.raises(LlmpruneError,
+                       match=r"--offload-dir .*ro is not writable: .*give a folder you can write to"):
         offload_module.check_offload_dir(tmp_path / "ro")
 
 
@@ -405,12 +414,14 @@ runs:
     (first,) = run_recipe(recipe(""), out, progress=False, report=False)
     before = json.loads(first.read_text())
     # where the blocks wait changes no result: the finished run is not redone
-    run_recipe(recipe(f', offload: disk, offload_dir: "{tmp_path / "off"}"'), out, progress=False, report=False)
+    run_recipe(recipe(f', offload: disk, offload_dir: "{tmp_path / "off"}"'),
+               out, progress=False, report=False)
     assert json.loads(first.read_text()) == before
     (again,) = run_recipe(recipe(f', offload: disk, offload_dir: "{tmp_path / "off"}"'), tmp_path / "out2",
                           progress=False, report=False)
     record = json.loads(again.read_text())
-    assert [v["ppl"] for v in record["perplexity"].values()] == [v["ppl"] for v in before["perplexity"].values()]
+    assert [v["ppl"] for v in record["perplexity"].values()] == \
+        [v["ppl"] for v in before["perplexity"].values()]
     assert record["prune"]["offload"]["peak_blocks"] == 1
     with pytest.raises(LlmpruneError, match="run 'wanda-2:4': --offload-dir .* is a file"):
         (tmp_path / "afile").write_text("x")

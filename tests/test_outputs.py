@@ -21,6 +21,7 @@ from llmprune.config import CalibConfig, EvalConfig, PruneConfig
 from llmprune.errors import LlmpruneError
 from llmprune.io import check_output_file, check_save_dir, save_pruned, write_json_atomic
 
+
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     return write_local_setup(tmp_path_factory.mktemp("outputs"), docs=6)
@@ -180,17 +181,18 @@ def test_stale_temporaries_of_ours_are_removed_on_the_next_save(tmp_path):
 
 def test_a_late_write_failure_keeps_the_other_results(setup, tmp_path, capsys, monkeypatch):
     """The checkpoint cannot be written at the end (disk full): the JSON is still written."""
-    import llmprune.io
+    import transformers
 
     def disk_full(*_a, **_k):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(llmprune.io, "save_pruned", disk_full)
+    monkeypatch.setattr(transformers.PreTrainedModel, "save_pretrained", disk_full)
     out = tmp_path / "r.json"
     code = main(_prune(setup, "--json", str(out), "--save", str(tmp_path / "ckpt")))
     assert code == 1
     assert "No space left" in _one_line_error(capsys)
     assert json.loads(out.read_text())["prune"]["overall_sparsity"] == pytest.approx(0.5)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.json"]  # no half-written checkpoint
 
 
 # ---- model loading, devices and sizes -----------------------------------------------------------
@@ -207,11 +209,13 @@ def test_model_loading_failures_are_one_line(setup, tmp_path, capsys):
     (unknown / "config.json").write_text(json.dumps({"model_type": "frobnitz", "architectures": ["X"]}))
     for model, needle in ((not_gguf, "not a GGUF file"), (truncated, "could not load"),
                           (unknown, "could not load"), (setup / "eval.txt", "is a file")):
-        assert main(["eval", "--model", str(model), "--dataset", str(setup / "eval.txt"), "--no-progress"]) == 2
+        assert main(["eval", "--model", str(model), "--dataset",
+                     str(setup / "eval.txt"), "--no-progress"]) == 2
         assert needle in _one_line_error(capsys), model
 
 
-@pytest.mark.parametrize("device, needle", [("warp9", "unknown device"), ("cuda:7", "CUDA"), ("tpu", "device")])
+@pytest.mark.parametrize("device, needle", [("warp9", "unknown device"),
+                                            ("cuda:7", "CUDA"), ("tpu", "device")])
 def test_unknown_device_is_one_line(setup, device, needle, capsys):
     assert main(["eval", "--model", str(setup / "model"), "--device", device, "--dataset",
                  str(setup / "eval.txt")]) == 2
@@ -240,12 +244,12 @@ def test_eval_batch_that_cannot_fit_is_refused(setup, capsys):
 
 def test_shape_checks_run_right_after_loading_before_evaluation(setup, capsys, monkeypatch):
     """An include matching nothing, or an M not dividing a layer, fails before the dense evaluation."""
-    import llmprune.evaluation
+    import llmprune.cli
 
     def never(*_a, **_k):
         raise AssertionError("evaluation ran before the shape checks")
 
-    monkeypatch.setattr(llmprune.evaluation, "evaluate", never)
+    monkeypatch.setattr(llmprune.cli, "evaluate", never)  # the name cli calls (imported at its top)
     args = [a for a in _prune(setup) if a != "--skip-dense"]
     assert main(args + ["--include", "layers.*.nothing"]) == 2
     assert "no prunable layer matches" in _one_line_error(capsys)
@@ -294,4 +298,5 @@ def test_version_and_python_dash_m(capsys):
     assert capsys.readouterr().out.strip() == f"llmprune {llmprune.__version__}"
     proc = subprocess.run([sys.executable, "-m", "llmprune", "prune", "--pattern", "2:2"],
                           capture_output=True, text=True, cwd=ROOT)
-    assert proc.returncode == 2 and proc.stderr.startswith("llmprune: error:") and "Traceback" not in proc.stderr
+    assert (proc.returncode == 2 and proc.stderr.startswith("llmprune: error:")
+            and "Traceback" not in proc.stderr)

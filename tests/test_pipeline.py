@@ -12,10 +12,10 @@ from conftest import make_model, make_tokenizer
 from llmprune import methods
 from llmprune.blocks import hook_count
 from llmprune.config import CalibConfig, PruneConfig
+from llmprune.engine import prune
 from llmprune.errors import LlmpruneError
 from llmprune.io import save_pruned
 from llmprune.models import get_blocks, prunable_linears
-from llmprune.engine import prune
 
 
 def _windows(n=6, seqlen=32, vocab=512, seed=3):

@@ -39,7 +39,8 @@ def test_it_prunes_with_exact_counts_and_its_option_changes_the_mask():
     masks = []
     for seed in (0, 0, 1):
         model = make_model(layers=1)
-        report = prune(model, None, PruneConfig(method="random", sparsity=0.25, random_seed=seed), progress=False)
+        report = prune(model, None, PruneConfig(method="random", sparsity=0.25, random_seed=seed),
+                       progress=False)
         weight = model.model.layers[0].mlp.down_proj.weight
         assert ((weight == 0).sum(dim=1) == weight.shape[1] // 4).all()  # per row, exact
         assert report.overall_sparsity == pytest.approx(0.25)
@@ -52,8 +53,8 @@ def test_it_runs_from_the_cli_and_the_report_labels_it(tmp_path):
     out = tmp_path / "res"
     out.mkdir()
     code = cli_main(["prune", "--model", str(root / "model"), "--method", "random", "--sparsity", "0.5",
-                     "--random-seed", "3", "--eval", str(root / "eval.txt"), "--seqlen", "16", "--max-windows", "1",
-                     "--no-progress", "--json", str(out / "random.json")])
+                     "--random-seed", "3", "--eval", str(root / "eval.txt"), "--seqlen", "16",
+                     "--max-windows", "1", "--no-progress", "--json", str(out / "random.json")])
     assert code == 0
     record = json.loads((out / "random.json").read_text())
     assert record["method"] == "random" and record["config"]["random_seed"] == 3

@@ -37,11 +37,14 @@ def test_defaults_deep_merge_with_run_overrides():
                                           "calib": {"dataset": "c4", "nsamples": 32, "seqlen": 64}},
                   "eval": {"datasets": ["ptb"], "seqlen": 64}},
         runs=[{"name": "a", "prune": {"method": "magnitude"}},
-              {"name": "b", "prune": {"pattern": "2:4", "calib": {"nsamples": 8}}, "eval": {"datasets": ["c4", "ptb"]}}],
+              {"name": "b", "prune": {"pattern": "2:4", "calib": {"nsamples": 8}},
+               "eval": {"datasets": ["c4", "ptb"]}}],
     ))
     a, b = recipe.runs
-    assert (a.prune.method, a.prune.sparsity, a.prune.calib.nsamples, a.prune.calib.seqlen) == ("magnitude", 0.5, 32, 64)
-    assert (b.prune.method, b.prune.pattern, b.prune.calib.nsamples, b.prune.calib.dataset) == ("wanda", Pattern(2, 4), 8, "c4")
+    assert (a.prune.method, a.prune.sparsity, a.prune.calib.nsamples, a.prune.calib.seqlen) == \
+        ("magnitude", 0.5, 32, 64)
+    assert (b.prune.method, b.prune.pattern, b.prune.calib.nsamples, b.prune.calib.dataset) == \
+        ("wanda", Pattern(2, 4), 8, "c4")
     assert b.eval.datasets == ("c4", "ptb") and b.eval.seqlen == 64
     assert a.eval.datasets == ("ptb",)
 
@@ -55,7 +58,8 @@ def test_deep_merge_replaces_lists_and_scalars_and_keeps_inputs():
 
 def test_grid_expands_a_product_with_generated_names():
     recipe = parse_recipe(_recipe(grid=[
-        {"name": "{method}-{sparsity:.0%}", "axes": {"prune.method": ["magnitude", "wanda"], "prune.sparsity": [0.1, 0.5]}},
+        {"name": "{method}-{sparsity:.0%}",
+         "axes": {"prune.method": ["magnitude", "wanda"], "prune.sparsity": [0.1, 0.5]}},
         {"axes": {"prune.calib.nsamples": [1, 2]}, "prune": {"method": "sparsegpt"}},
     ]))
     assert recipe.names == ["magnitude-10%", "magnitude-50%", "wanda-10%", "wanda-50%", "1", "2"]
@@ -78,10 +82,12 @@ def test_yaml_anchors_and_merge_keys_work(tmp_path):
 
 
 @pytest.mark.parametrize("data, needle", [
-    (_recipe([{"name": "a"}, {"name": "b"}, {"name": "c"}, {"name": "d", "prune": {"calib": {"nsampels": 3}}}]),
+    (_recipe([{"name": "a"}, {"name": "b"}, {"name": "c"},
+              {"name": "d", "prune": {"calib": {"nsampels": 3}}}]),
      "unknown key runs[3].prune.calib.nsampels"),
     (_recipe([{"name": "a", "evl": {}}]), "unknown key runs[0].evl"),
-    (_recipe([{"name": "a"}], defaults={"model": "m", "prune": {"sparsty": 0.5}}), "unknown key defaults.prune.sparsty"),
+    (_recipe([{"name": "a"}], defaults={"model": "m", "prune": {"sparsty": 0.5}}),
+     "unknown key defaults.prune.sparsty"),
     (_recipe([{"name": "a"}], extra=1), "unknown key extra"),
     (_recipe(grid={"axes": {"prune.calib.nsampels": [1]}}), "unknown key grid[0].axes.prune.calib.nsampels"),
 ])
@@ -91,26 +97,30 @@ def test_unknown_key_is_named_with_its_path(data, needle):
 
 @pytest.mark.parametrize("data, needle", [
     (_recipe([{"name": "a", "prune": {"sparsity": "half"}}]), "runs[0].prune.sparsity must be a number"),
-    (_recipe([{"name": "a", "prune": {"calib": {"nsamples": "32"}}}]), "runs[0].prune.calib.nsamples must be an integer"),
+    (_recipe([{"name": "a", "prune": {"calib": {"nsamples": "32"}}}]),
+     "runs[0].prune.calib.nsamples must be an integer"),
     (_recipe([{"name": "a", "eval": {"datasets": 5}}]), "runs[0].eval.datasets must be a list of strings"),
     (_recipe([{"name": "a", "prune": {"pattern": 124}}]), 'quote N:M patterns'),
     (_recipe([{"name": "a", "prune": None}]), "runs[0].prune must be a mapping"),
     (_recipe([{"name": 3}]), "runs[0].name must be a string"),
     (_recipe({"name": "a"}), "runs must be a list"),
-    (_recipe(grid={"axes": {"prune.calib.nsamples": [1, "x"]}}), "grid[0].axes.prune.calib.nsamples must be an integer"),
+    (_recipe(grid={"axes": {"prune.calib.nsamples": [1, "x"]}}),
+     "grid[0].axes.prune.calib.nsamples must be an integer"),
 ])
 def test_wrong_type_is_named_with_its_path(data, needle):
     assert needle in _error(data)
 
 
 @pytest.mark.parametrize("data, needle", [
-    (_recipe([{"name": "a", "prune": {"sparsity": 0.6, "pattern": "2:4"}}]), "runs[0].prune: sparsity 0.6 disagrees"),
+    (_recipe([{"name": "a", "prune": {"sparsity": 0.6, "pattern": "2:4"}}]),
+     "runs[0].prune: sparsity 0.6 disagrees"),
     (_recipe([{"name": "a", "prune": {"method": "wnada"}}]), "runs[0].prune: unknown pruning method 'wnada'"),
     (_recipe([{"name": "a", "prune": {"method": "dense"}}]), "dense baselines are evaluated automatically"),
     (_recipe([{"name": "a", "dtype": "float8"}]), "runs[0].dtype 'float8' is unknown"),
     (_recipe([{"name": "a"}], defaults={}), "runs[0].model is missing"),
     (_recipe([]), "no runs"),
-    (_recipe(grid={"name": "{method}-{foo}", "axes": {"prune.method": ["wanda"]}}), "uses {foo}, which is not an axis"),
+    (_recipe(grid={"name": "{method}-{foo}", "axes": {"prune.method": ["wanda"]}}),
+     "uses {foo}, which is not an axis"),
 ])
 def test_bad_values_are_named_with_their_path(data, needle):
     assert needle in _error(data)
@@ -179,16 +189,18 @@ def test_shipped_recipes_are_the_stated_tables():
         assert run.prune.calib.seqlen == run.eval.seqlen == seqlen
         assert (run.prune.calib.dataset, run.prune.calib.nsamples, run.prune.sparsity) == ("c4", 128, 0.5)
         assert run.eval.datasets == ("wikitext2",)
-        assert set(run.eval.zeroshot) == {"boolq", "rte", "hellaswag", "winogrande", "arc_easy", "arc_challenge",
-                                          "openbookqa"}
+        assert set(run.eval.zeroshot) == {"boolq", "rte", "hellaswag", "winogrande", "arc_easy",
+                                          "arc_challenge", "openbookqa"}
     assert {(r.prune.method, str(r.prune.pattern)) for r in paper.runs} == {
         (m, p) for m in ("magnitude", "sparsegpt", "wanda") for p in ("unstructured", "4:8", "2:4")}
     assert [j.name for j in plan(paper) if j.prune is None] == ["dense-llama-7b", "dense-Llama-2-7b-hf"]
 
     cpu = load_recipe(ROOT / "recipes" / "smollm2_cpu.yaml")
     assert len(cpu.runs) == 9 and {r.model for r in cpu.runs} == {"smollm2-135m"}
-    assert {(r.prune.calib.nsamples, r.prune.calib.seqlen, r.eval.seqlen) for r in cpu.runs} == {(8, 2048, 2048)}
-    assert {r.eval.datasets for r in cpu.runs} == {("ptb",)} and {r.eval.max_windows for r in cpu.runs} == {16}
+    assert {(r.prune.calib.nsamples, r.prune.calib.seqlen, r.eval.seqlen) for r in cpu.runs} == \
+        {(8, 2048, 2048)}
+    assert {r.eval.datasets for r in cpu.runs} == {("ptb",)}
+    assert {r.eval.max_windows for r in cpu.runs} == {16}
     # zero-shot for Wanda 50% only (and so for its dense baseline)
     assert {r.name for r in cpu.runs if r.eval.zeroshot} == {"wanda-unstructured"}
 
@@ -198,5 +210,6 @@ def test_shipped_recipes_are_the_stated_tables():
     assert {(r.prune.group, r.prune.metric) for r in group.runs} == {
         (g, m) for g in ("row", "column", "layer") for m in ("weight", "activation", "wanda")}
     sweep = load_recipe(ROOT / "recipes" / "sweep_sparsity.yaml")
-    assert sorted({r.prune.sparsity for r in sweep.runs}) == pytest.approx([0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8])
+    assert sorted({r.prune.sparsity for r in sweep.runs}) == \
+        pytest.approx([0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8])
     assert {r.prune.method for r in sweep.runs} == {"magnitude", "sparsegpt", "wanda"}

@@ -5,21 +5,27 @@ from __future__ import annotations
 import copy
 import json
 import math
-import warnings
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import _CORPUS, make_model, make_tokenizer
+from conftest import CORPUS, make_model, make_tokenizer
 from llmprune.cli import main
 from llmprune.config import EvalConfig, PruneConfig, RecoverConfig
+from llmprune.engine import prune
 from llmprune.errors import LlmpruneError
 from llmprune.io import save_pruned
 from llmprune.models import get_blocks, prunable_linears
-from llmprune.pipeline import prune
-from llmprune.recover import (RecoverWarning, check_inputs, check_resume, distill_loss, gap_closed, lr_factor,
-                              recover, sparsity_counts)
+from llmprune.recover import (
+    RecoverWarning,
+    check_inputs,
+    check_resume,
+    distill_loss,
+    gap_closed,
+    lr_factor,
+    recover,
+)
 
 pytest.importorskip("peft", reason="the lora tests need peft: pip install -e '.[test]'")
 
@@ -34,8 +40,8 @@ def texts(tmp_path_factory):
     """A training text and a different evaluation text (local files: no data dir needed)."""
     folder = tmp_path_factory.mktemp("texts")
     train, held_out = folder / "train.txt", folder / "eval.txt"
-    train.write_text("\n".join(_CORPUS * 4), encoding="utf-8")
-    held_out.write_text("\n".join(reversed(_CORPUS)), encoding="utf-8")
+    train.write_text("\n".join(CORPUS * 4), encoding="utf-8")
+    held_out.write_text("\n".join(reversed(CORPUS)), encoding="utf-8")
     return str(train), str(held_out)
 
 
@@ -149,7 +155,8 @@ def test_lora_checkpoint_loads_with_from_pretrained_and_same_zeros(tokenizer, te
     assert (ckpt / "recover_state.pt").is_file() and not (ckpt / "adapter_config.json").exists()
     out = save_pruned(student, tokenizer, tmp_path / "final", {"recover": {"complete": True}})
     reloaded = AutoModelForCausalLM.from_pretrained(out).eval()
-    assert sorted(p.name for p in out.iterdir()) == sorted(json.loads((out / "llmprune.json").read_text())["files"])
+    assert sorted(p.name for p in out.iterdir()) == \
+        sorted(json.loads((out / "llmprune.json").read_text())["files"])
     assert not any("lora" in k for k in reloaded.state_dict())
     for name, mask in zeros.items():
         i, rest = name.split(".", 1)
@@ -166,20 +173,22 @@ def test_lora_trains_only_the_chosen_targets(tokenizer, texts):
     teacher = _teacher()
     student = _pruned(teacher, tokenizer)
     before = _weights(student)
-    recover(student, teacher, tokenizer, _config(texts, method="lora", lr=1e-2, lora_targets=("q_proj", "v_proj")),
-            progress=False)
+    recover(student, teacher, tokenizer,
+            _config(texts, method="lora", lr=1e-2, lora_targets=("q_proj", "v_proj")), progress=False)
     for name, weight in _weights(student).items():
-        assert torch.equal(weight, before[name]) == (name.rsplit(".", 1)[-1] not in ("q_proj", "v_proj")), name
+        untouched = name.rsplit(".", 1)[-1] not in ("q_proj", "v_proj")
+        assert torch.equal(weight, before[name]) == untouched, name
     with pytest.raises(LlmpruneError, match="matches no prunable Linear"):
-        recover(student, teacher, tokenizer, _config(texts, method="lora", lora_targets=("qproj",)), progress=False)
+        recover(student, teacher, tokenizer,
+                _config(texts, method="lora", lora_targets=("qproj",)), progress=False)
 
 
 def test_evaluation_before_along_and_after(tokenizer, texts):
     teacher = _teacher()
     student = _pruned(teacher, tokenizer)
     evaluation = EvalConfig(datasets=(texts[1],), seqlen=16)
-    report = recover(student, teacher, tokenizer, _config(texts, steps=4, eval_every=2, lr=3e-3), progress=False,
-                     eval_config=evaluation)
+    report = recover(student, teacher, tokenizer, _config(texts, steps=4, eval_every=2, lr=3e-3),
+                     progress=False, eval_config=evaluation)
     assert [p["step"] for p in report.curve] == [0, 2, 4]
     assert report.perplexity_before == report.curve[0]["perplexity"]
     assert [p["tokens"] for p in report.curve] == [0, 64, 128]
@@ -215,9 +224,11 @@ def test_resume_after_interruption_gives_the_uninterrupted_result(tokenizer, tex
     ckpt = tmp_path / "ckpt"
     first = copy.deepcopy(pruned)
     with pytest.raises(_Stop):  # stopped after step 3: the checkpoint of step 2 is what is left
-        recover(first, teacher, tokenizer, config, progress=False, checkpoint_dir=ckpt, callback=_interrupt_at(3))
+        recover(first, teacher, tokenizer, config, progress=False,
+                checkpoint_dir=ckpt, callback=_interrupt_at(3))
     assert check_resume(ckpt, config)["steps_done"] == 2
-    assert torch.equal(_zeros(first)["0.self_attn.q_proj"], _zeros(pruned)["0.self_attn.q_proj"])  # left as pruned
+    # left as pruned
+    assert torch.equal(_zeros(first)["0.self_attn.q_proj"], _zeros(pruned)["0.self_attn.q_proj"])
     assert not any("lora" in n for n, _ in first.named_parameters())
 
     second = copy.deepcopy(pruned)  # a new process: the pruned model loaded again
@@ -241,8 +252,8 @@ def test_max_minutes_stops_and_keeps_a_checkpoint(tokenizer, texts, tmp_path):
                      checkpoint_dir=tmp_path / "c")
     assert report.steps_done == 1 and report.stopped == "max_minutes"
     assert check_resume(tmp_path / "c", _config(texts, steps=50))["steps_done"] == 1
-    cpu = recover(_pruned(teacher, tokenizer), teacher, tokenizer, _config(texts, steps=50, max_cpu_minutes=1e-9),
-                  progress=False)
+    cpu = recover(_pruned(teacher, tokenizer), teacher, tokenizer,
+                  _config(texts, steps=50, max_cpu_minutes=1e-9), progress=False)
     assert cpu.steps_done == 1 and cpu.stopped == "max_cpu_minutes" and cpu.cpu_seconds > 0
 
 
@@ -258,7 +269,8 @@ def test_teacher_must_match_vocabulary_and_architecture(tokenizer, texts):
     with pytest.raises(LlmpruneError, match="architecture differs .*num_hidden_layers"):
         recover(student, _teacher(layers=3), tokenizer, _config(texts), progress=False)
     with pytest.raises(LlmpruneError, match="architecture differs .*model_type"):
-        recover(student, make_model("qwen2", initializer_range=0.2), tokenizer, _config(texts), progress=False)
+        recover(student, make_model("qwen2", initializer_range=0.2), tokenizer,
+                _config(texts), progress=False)
 
 
 @pytest.mark.parametrize("bad, message", [({"steps": 0}, "steps must be a positive integer"),
@@ -324,8 +336,9 @@ def saved_models(tokenizer, tmp_path):
 
 
 def _cli(dense, pruned, texts, *extra):
-    return ["recover", "--model", pruned, "--teacher", dense, "--steps", "4", "--seqlen", "16", "--batch-size", "2",
-            "--data", texts[0], "--eval", texts[1], "--eval-seqlen", "16", "--no-progress", "--device", "cpu", *extra]
+    return ["recover", "--model", pruned, "--teacher", dense, "--steps", "4", "--seqlen", "16",
+            "--batch-size", "2", "--data", texts[0], "--eval", texts[1], "--eval-seqlen", "16",
+            "--no-progress", "--device", "cpu", *extra]
 
 
 def test_cli_recover_writes_result_and_plain_checkpoint(saved_models, texts, tmp_path, capsys):
@@ -376,7 +389,8 @@ def test_cli_teacher_mismatch_exit_2(saved_models, texts, tokenizer, tmp_path, c
     assert "vocabulary" in err and len(err.splitlines()) == 1
 
 
-def test_cli_resume_of_another_config_exit_2_and_resume_works(saved_models, texts, tmp_path, capsys, monkeypatch):
+def test_cli_resume_of_another_config_exit_2_and_resume_works(saved_models, texts,
+                                                              tmp_path, capsys, monkeypatch):
     import llmprune.recover as recover_module
 
     dense, pruned, _ = saved_models
@@ -443,15 +457,20 @@ def test_recipe_prunes_then_recovers(tokenizer, texts, tmp_path):
     plain = json.loads((tmp_path / "out" / "plain.json").read_text())
     kd = json.loads((tmp_path / "out" / "kd.json").read_text())
     assert "recover" not in plain and kd["recover"]["steps_done"] == 2
-    assert kd["recover"]["perplexity_before"][texts[1]]["ppl"] == pytest.approx(plain["perplexity"][texts[1]]["ppl"])
+    assert kd["recover"]["perplexity_before"][texts[1]]["ppl"] == \
+        pytest.approx(plain["perplexity"][texts[1]]["ppl"])
     assert kd["perplexity"][texts[1]]["ppl"] != plain["perplexity"][texts[1]]["ppl"]
     assert kd["recover"]["zeros_after"] == kd["recover"]["zeros_before"]
-    mtimes = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "out").glob("*.json") if p.name != "recipe.json"}
-    run_recipe(recipe, tmp_path / "out", loader=loader, progress=False, report=False)  # resumable: nothing reruns
-    assert mtimes == {p.name: p.stat().st_mtime_ns for p in (tmp_path / "out").glob("*.json") if p.name != "recipe.json"}
+    mtimes = {p.name: p.stat().st_mtime_ns
+              for p in (tmp_path / "out").glob("*.json") if p.name != "recipe.json"}
+    # resumable: nothing reruns
+    run_recipe(recipe, tmp_path / "out", loader=loader, progress=False, report=False)
+    assert mtimes == {p.name: p.stat().st_mtime_ns
+                      for p in (tmp_path / "out").glob("*.json") if p.name != "recipe.json"}
 
     bad = tmp_path / "bad.yaml"
-    bad.write_text(yaml.safe_dump({"name": "b", "runs": [{"name": "x", "model": "m", "recover": {"stepz": 2}}]}))
+    bad.write_text(yaml.safe_dump({"name": "b",
+                                   "runs": [{"name": "x", "model": "m", "recover": {"stepz": 2}}]}))
     with pytest.raises(LlmpruneError, match=r"unknown key runs\[0\]\.recover\.stepz"):
         load_recipe(bad)
 
@@ -466,10 +485,11 @@ def test_smollm2_two_to_four_stays_two_to_four_through_lora(smollm2, data_dir):
     student = copy.deepcopy(teacher)
     prune(student, tokenizer, PruneConfig(method="magnitude", pattern="2:4"), progress=False)
     zeros = _zeros(student)
-    report = recover(student, teacher, tokenizer, RecoverConfig(method="lora", steps=2, seqlen=32, batch_size=1,
-                                                                data="c4", seed=1), data_dir=data_dir, progress=False)
+    config = RecoverConfig(method="lora", steps=2, seqlen=32, batch_size=1, data="c4", seed=1)
+    report = recover(student, teacher, tokenizer, config, data_dir=data_dir, progress=False)
     assert report.zeros_after == report.zeros_before
-    assert report.sparsity_before == pytest.approx(0.5, abs=1e-4)  # the GGUF weights hold a few zeros of their own
+    # the GGUF weights hold a few zeros of their own
+    assert report.sparsity_before == pytest.approx(0.5, abs=1e-4)
     for name, weight in _weights(student).items():
         assert torch.equal(weight == 0, zeros[name]), name
     assert not any("lora" in n for n, _ in student.named_parameters())

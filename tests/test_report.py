@@ -39,7 +39,8 @@ def record(name, method, sparsity=0.5, pattern="unstructured", ppl=None, group=N
                                       "calib": {"dataset": "c4", "nsamples": nsamples, "seed": 0}},
         "eval": {"datasets": sorted(ppl or {}), "seqlen": seqlen, "batch_size": 1, "max_windows": None,
                  "zeroshot": sorted(acc or {}), "limit": None},
-        "perplexity": {d: {"dataset": d, "ppl": v, "windows": 3, "seqlen": seqlen} for d, v in (ppl or {}).items()},
+        "perplexity": {d: {"dataset": d, "ppl": v, "windows": 3, "seqlen": seqlen}
+                       for d, v in (ppl or {}).items()},
         "zeroshot": zeroshot,
         "prune": None if dense else {"seconds": seconds, "overall_sparsity": sparsity},
         "prune_seconds": None if dense else seconds,
@@ -71,12 +72,15 @@ def paper(tmp_path):
     folder = tmp_path / "paper"
     write(folder,
           record("dense", "dense", ppl={"ptb": 10.0, "wikitext2": 5.0}, acc={"boolq": 0.70, "rte": 0.60}),
-          record("magnitude-unstructured", "magnitude", ppl={"ptb": 40.0, "wikitext2": 17.29}, acc={"boolq": 0.5, "rte": 0.5}),
+          record("magnitude-unstructured", "magnitude", ppl={"ptb": 40.0, "wikitext2": 17.29},
+                 acc={"boolq": 0.5, "rte": 0.5}),
           record("magnitude-2:4", "magnitude", pattern="2:4", ppl={"ptb": 90.5, "wikitext2": 42.13}),
-          record("wanda-unstructured", "wanda", ppl={"ptb": 12.345, "wikitext2": 7.26}, acc={"boolq": 0.68, "rte": 0.58}),
+          record("wanda-unstructured", "wanda", ppl={"ptb": 12.345, "wikitext2": 7.26},
+                 acc={"boolq": 0.68, "rte": 0.58}),
           record("wanda-4:8", "wanda", pattern="4:8", ppl={"ptb": 14.0, "wikitext2": 8.57}),
           record("wanda-2:4", "wanda", pattern="2:4", ppl={"ptb": 16.0, "wikitext2": 11.53}),
-          record("sparsegpt-2:4", "sparsegpt", pattern="2:4", ppl={"ptb": 15.0, "wikitext2": 11.0}, seconds=20.25))
+          record("sparsegpt-2:4", "sparsegpt", pattern="2:4",
+                 ppl={"ptb": 15.0, "wikitext2": 11.0}, seconds=20.25))
     (folder / "recipe.json").write_text(json.dumps({"schema": "llmprune.recipe/1", "name": "fixture",
                                                     "description": "A fixture table.", "runs": []}))
     (folder / "notes.json").write_text(json.dumps({"not": "a result"}))
@@ -98,7 +102,8 @@ def test_paper_table_has_methods_as_rows_and_patterns_as_columns(paper):
     assert "| Wanda | 7.26 | 8.57 | 11.53 |" in table_after(md, "Perplexity on wikitext2: tiny")
     # mean zero-shot accuracy, in percent, and the per-task table
     assert table_after(md, "Mean zero-shot accuracy") == [
-        "| Method | 50% |", "| :--- | ---: |", "| Dense | 65.00 |", "| Magnitude | 50.00 |", "| Wanda | 63.00 |"]
+        "| Method | 50% |", "| :--- | ---: |", "| Dense | 65.00 |",
+        "| Magnitude | 50.00 |", "| Wanda | 63.00 |"]
     assert "| wanda-unstructured | Wanda | 50% | 68.00 | 58.00 | 63.00 |" in md
     # the full per-run table: every run, every setting, prune seconds
     runs = table_after(md, "All runs")
@@ -106,7 +111,8 @@ def test_paper_table_has_methods_as_rows_and_patterns_as_columns(paper):
                        "ppl wikitext2 | mean acc (%) | prune s |")
     assert len(runs) == 2 + 7
     assert "| sparsegpt-2:4 | tiny | sparsegpt | 50% | 2:4 | - | - | 32 | 15.00 | 11.00 | - | 20.2 |" in runs
-    assert "| magnitude-unstructured | tiny | magnitude | 50% | unstructured | layer | weight | - | 40.00 | 17.29 | 50.00 | 1.5 |" in runs
+    assert ("| magnitude-unstructured | tiny | magnitude | 50% | unstructured | layer | weight | - | 40.00 | "
+            "17.29 | 50.00 | 1.5 |") in runs
     # sparsity does not vary among unstructured runs: no sparsity plot, but the pattern bars
     assert not any(name.startswith("ppl_vs_sparsity") for name in written)
     assert _is_png(written["ppl_by_pattern_ptb_tiny.png"])
@@ -119,7 +125,8 @@ def test_csv_has_one_row_per_run(paper):
                                          "wanda-unstructured", "wanda-4:8", "wanda-2:4"]
     wanda = rows[4]
     assert float(wanda["ppl_ptb"]) == 12.345 and float(wanda["acc_boolq"]) == 0.68
-    assert float(wanda["mean_acc"]) == pytest.approx(0.63) and wanda["group"] == "row" and wanda["nsamples"] == "32"
+    assert float(wanda["mean_acc"]) == pytest.approx(0.63) and wanda["group"] == "row"
+    assert wanda["nsamples"] == "32"
     assert rows[0]["method"] == "dense" and rows[0]["prune_seconds"] == "" and rows[0]["sparsity"] == "0.0"
 
 
@@ -156,8 +163,8 @@ def test_sparsity_sweep_plot(tmp_path):
 def test_nsamples_ablation_puts_nsamples_on_the_columns_and_plots_log2(tmp_path):
     folder = tmp_path / "nsamples"
     write(folder, record("dense", "dense", ppl={"ptb": 10.0}),
-          *[record(f"{m}-n{n}", m, nsamples=n, ppl={"ptb": base + 8 / n}) for m, base in (("wanda", 12), ("sparsegpt", 11))
-            for n in (1, 2, 4, 8)])
+          *[record(f"{m}-n{n}", m, nsamples=n, ppl={"ptb": base + 8 / n})
+            for m, base in (("wanda", 12), ("sparsegpt", 11)) for n in (1, 2, 4, 8)])
     written = write_report(folder)
     md = written["summary.md"].read_text()
     assert table_after(md, "Perplexity on ptb")[0] == "| Method / nsamples | 1 | 2 | 4 | 8 |"
@@ -172,7 +179,8 @@ def test_group_metric_ablation_table_and_grouped_bars(tmp_path):
     ppl = {("row", "weight"): 20.0, ("row", "activation"): 900.0, ("row", "wanda"): 12.0,
            ("layer", "weight"): 40.0, ("layer", "activation"): 800.0, ("layer", "wanda"): 14.0}
     write(folder, record("dense", "dense", ppl={"ptb": 10.0}),
-          *[record(f"wanda-{g}-{m}", "wanda", group=g, metric=m, nsamples=None if m == "weight" else 32, ppl={"ptb": v})
+          *[record(f"wanda-{g}-{m}", "wanda", group=g, metric=m,
+                   nsamples=None if m == "weight" else 32, ppl={"ptb": v})
             for (g, m), v in ppl.items()])
     written = write_report(folder)
     md = written["summary.md"].read_text()
@@ -248,8 +256,10 @@ def test_report_imports_no_torch_transformers_or_lm_eval(paper):
     expected = {name: path.read_bytes() for name, path in write_report(paper).items()}
     for name in expected:
         (paper / name).unlink()
-    done = subprocess.run([sys.executable, "-c", NO_TORCH, str(paper)], capture_output=True, text=True, timeout=300)
+    done = subprocess.run([sys.executable, "-c", NO_TORCH, str(paper)],
+                          capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     # the same bytes as in-process, zero-shot tables (task order) and the pattern plot included
     assert {name: (paper / name).read_bytes() for name in expected} == expected
-    assert "ppl_by_pattern_ptb_tiny.png" in expected and "Zero-shot accuracy per task" in expected["summary.md"].decode()
+    assert "ppl_by_pattern_ptb_tiny.png" in expected
+    assert "Zero-shot accuracy per task" in expected["summary.md"].decode()

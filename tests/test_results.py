@@ -10,12 +10,21 @@ import pytest
 import torch
 
 from llmprune.config import EvalConfig, PruneConfig
-from llmprune.io import write_json_atomic, write_text_atomic
 from llmprune.engine.mask import prune_weight
+from llmprune.io import write_json_atomic, write_text_atomic
 from llmprune.methods import METHODS
+from llmprune.results import (
+    AVAILABLE_TASKS,
+    DENSE,
+    RESULT_SCHEMA,
+    effective_group_metric,
+    embedded_dense,
+    is_result,
+    parse_result,
+    result_record,
+    task_order,
+)
 from llmprune.stats import LayerStats
-from llmprune.results import (AVAILABLE_TASKS, DENSE, RESULT_SCHEMA, effective_group_metric, embedded_dense,
-                              is_result, parse_result, result_record, task_order)
 
 # what the papers prescribe (Wanda: per output row, |W|*||X||; magnitude and SparseGPT: per layer)
 PAPER_DEFAULTS = {"magnitude": ("layer", "weight"), "wanda": ("row", "wanda"), "sparsegpt": ("layer", None)}
@@ -24,7 +33,8 @@ PAPER_DEFAULTS = {"magnitude": ("layer", "weight"), "wanda": ("row", "wanda"), "
 def test_schema_id_is_stable():
     # files written by earlier versions must keep being read: changing this is a new schema
     assert RESULT_SCHEMA == "llmprune.result/1" and DENSE == "dense"
-    assert AVAILABLE_TASKS[:7] == ("boolq", "rte", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa")
+    assert AVAILABLE_TASKS[:7] == ("boolq", "rte", "hellaswag", "winogrande", "arc_easy",
+                                   "arc_challenge", "openbookqa")
 
 
 @pytest.mark.parametrize("method", sorted(PAPER_DEFAULTS))
@@ -37,14 +47,17 @@ def test_effective_group_metric_fills_defaults_and_honours_choices(method):
     if method != "sparsegpt":  # sparsegpt refuses group/metric options
         assert effective_group_metric(PruneConfig(method=method, group="column", metric="activation")) == \
             ("column", "activation")
-        assert effective_group_metric(PruneConfig(method=method, pattern="2:4", group="column")) == (None, metric)
+        assert effective_group_metric(PruneConfig(method=method, pattern="2:4", group="column")) == \
+            (None, metric)
         # the variant's threshold is per output row, whatever the group says
-        assert effective_group_metric(PruneConfig(method=method, use_variant=True, group="layer")) == ("row", metric)
+        assert effective_group_metric(PruneConfig(method=method, use_variant=True, group="layer")) == \
+            ("row", metric)
 
 
 @pytest.mark.parametrize("options", [{}, {"group": "column"}, {"group": "layer", "metric": "activation"},
-                                     {"metric": "weight"}, {"pattern": "2:4"}, {"pattern": "1:4", "group": "row"},
-                                     {"use_variant": True}, {"use_variant": True, "group": "layer"}])
+                                     {"metric": "weight"}, {"pattern": "2:4"},
+                                     {"pattern": "1:4", "group": "row"}, {"use_variant": True},
+                                     {"use_variant": True, "group": "layer"}])
 @pytest.mark.parametrize("method", ["magnitude", "wanda"])
 def test_effective_group_metric_is_what_the_method_prunes_with(method, options):
     config = PruneConfig(method=method, **options)
@@ -55,7 +68,8 @@ def test_effective_group_metric_is_what_the_method_prunes_with(method, options):
 
 
 def _wanda_record(**extra):
-    config = PruneConfig(method="wanda", pattern="2:4", calib={"dataset": "wikitext2", "nsamples": 16, "seed": 3})
+    config = PruneConfig(method="wanda", pattern="2:4",
+                         calib={"dataset": "wikitext2", "nsamples": 16, "seed": 3})
     return result_record(
         name="wanda-2:4", model="org/tiny", config=config,
         eval_config=EvalConfig(datasets=("ptb",), seqlen=64, zeroshot=("rte", "boolq"), limit=10),
@@ -69,7 +83,8 @@ def test_record_round_trip_through_a_file(tmp_path):
     record = json.loads(path.read_text())
     assert is_result(record) and not is_result({"schema": "llmprune.recipe/1"}) and not is_result([record])
     r = parse_result(record, path.name)
-    assert (r.file, r.name, r.model, r.method, r.recipe) == ("wanda.json", "wanda-2:4", "org/tiny", "wanda", "r")
+    assert (r.file, r.name, r.model, r.method, r.recipe) == \
+        ("wanda.json", "wanda-2:4", "org/tiny", "wanda", "r")
     assert (r.sparsity, r.pattern, r.nm, r.structured, r.setting_label) == (0.5, "2:4", (2, 4), True, "2:4")
     assert (r.group, r.metric, r.nsamples, r.seed, r.calib) == (None, "wanda", 16, 3, "wikitext2")
     assert (r.eval_seqlen, r.max_windows, r.zs_limit) == (64, None, 10)
@@ -81,7 +96,8 @@ def test_record_round_trip_through_a_file(tmp_path):
 
 def test_dense_and_data_free_records(tmp_path):
     dense = parse_result(result_record(name=DENSE, model="m", eval_config=EvalConfig()), "d.json")
-    assert dense.dense and (dense.sparsity, dense.group, dense.metric, dense.nsamples) == (0.0, None, None, None)
+    assert dense.dense
+    assert (dense.sparsity, dense.group, dense.metric, dense.nsamples) == (0.0, None, None, None)
     magnitude = result_record(name="mag", model="m", config=PruneConfig(method="magnitude", sparsity=0.7))
     assert (magnitude["group"], magnitude["metric"], magnitude["nsamples"], magnitude["seed"]) == \
         ("layer", "weight", None, None)  # no calibration data used: none recorded
@@ -131,9 +147,9 @@ def test_reading_and_writing_json_needs_no_torch(tmp_path):
             "for name in ('torch', 'transformers', 'lm_eval'):\n"
             "    sys.modules[name] = None\n"
             "import json, llmprune.io, llmprune.report, llmprune.results as results\n"
-            "path = llmprune.io.write_json_atomic(sys.argv[1], {'schema': results.RESULT_SCHEMA, 'name': 'n', "
-            "'model': 'm', 'method': 'dense'})\n"
+            "path = llmprune.io.write_json_atomic(sys.argv[1], {'schema': results.RESULT_SCHEMA, "
+            "'name': 'n', 'model': 'm', 'method': 'dense'})\n"
             "assert results.parse_result(json.loads(path.read_text()), path.name).dense\n")
-    done = subprocess.run([sys.executable, "-c", code, str(tmp_path / "r.json")], capture_output=True, text=True,
-                          timeout=120)
+    done = subprocess.run([sys.executable, "-c", code, str(tmp_path / "r.json")], capture_output=True,
+                          text=True, timeout=120)
     assert done.returncode == 0, done.stderr

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-import llmprune.evaluation.perplexity as perplexity_module
 import llmprune.engine as pipeline_module
+import llmprune.evaluation.perplexity as perplexity_module
 from conftest import make_model, make_tokenizer
 from llmprune.blocks import hook_count
 from llmprune.errors import LlmpruneError
@@ -50,13 +50,14 @@ class Loader:
 
 def write_recipe(folder: Path, data: Path, runs: str, name: str = "tiny", extra: str = "") -> Path:
     path = folder / f"{name}.yaml"
+    calib = data / "calib.jsonl"
     path.write_text(f"""
 name: {name}
 description: a tiny test recipe
 defaults:
   model: tiny-llama
   device: cpu
-  prune: {{sparsity: 0.5, calib: {{dataset: "{data / 'calib.jsonl'}", nsamples: 4, seqlen: 32, batch_size: 2}}}}
+  prune: {{sparsity: 0.5, calib: {{dataset: "{calib}", nsamples: 4, seqlen: 32, batch_size: 2}}}}
   eval: {{datasets: ["{data / 'eval.txt'}"], seqlen: 32}}
 {extra}
 runs:
@@ -103,13 +104,15 @@ def test_run_writes_results_dense_baseline_recipe_and_report(tmp_path, data, tok
     dense, magnitude, wanda = (json.loads(p.read_text()) for p in paths)
     assert dense["method"] == DENSE and dense["sparsity"] == 0.0 and dense["config"] is None
     assert dense["prune"] is None and dense["prune_seconds"] is None
-    assert magnitude["method"] == "magnitude" and (magnitude["group"], magnitude["metric"]) == ("layer", "weight")
+    assert magnitude["method"] == "magnitude"
+    assert (magnitude["group"], magnitude["metric"]) == ("layer", "weight")
     assert magnitude["nsamples"] is None  # magnitude uses no calibration data
     assert wanda["pattern"] == "2:4" and wanda["metric"] == "wanda" and wanda["nsamples"] == 4
     assert wanda["prune"]["overall_sparsity"] == pytest.approx(0.5)
     for record in (magnitude, wanda):  # the record shows the group/metric every layer was pruned with
         layers = record["prune"]["layers"]
-        assert {(la["info"]["group"], la["info"]["metric"]) for la in layers} == {(record["group"], record["metric"])}
+        assert {(la["info"]["group"], la["info"]["metric"]) for la in layers} == \
+            {(record["group"], record["metric"])}
     for record in (dense, magnitude, wanda):
         assert record["schema"] == RESULT_SCHEMA and record["recipe"] == "tiny"
         assert record["eval"]["seqlen"] == 32 and record["model"] == "tiny-llama"
@@ -154,7 +157,8 @@ def test_crash_then_rerun_resumes_without_recomputing(tmp_path, data, tokenizer,
 
 def test_restored_weights_give_the_numbers_of_a_fresh_load(tmp_path, data, tokenizer):
     recipe = write_recipe(tmp_path, data, TWO_RUNS)
-    shared = run_recipe(recipe, tmp_path / "a", loader=Loader(tokenizer), progress=False)  # wanda runs after a restore
+    # wanda runs after a restore
+    shared = run_recipe(recipe, tmp_path / "a", loader=Loader(tokenizer), progress=False)
     fresh_loader = Loader(tokenizer)
     fresh = run_recipe(recipe, tmp_path / "b", only="wanda-2:4", loader=fresh_loader, progress=False)
     assert [p.name for p in fresh] == ["wanda-2_4.json"] and len(fresh_loader.calls) == 1
@@ -184,7 +188,8 @@ def test_snapshot_and_restore_undo_pruning_in_place(tokenizer):
     assert len(saved) == sum(len(prunable_linears(model, i)) for i in range(len(get_blocks(model))))
 
 
-def test_different_recipe_in_the_same_out_dir_is_refused_unless_forced(tmp_path, data, tokenizer, count_prunes):
+def test_different_recipe_in_the_same_out_dir_is_refused_unless_forced(tmp_path,
+                                                                       data, tokenizer, count_prunes):
     out = tmp_path / "out"
     first = write_recipe(tmp_path, data, TWO_RUNS)
     run_recipe(first, out, loader=Loader(tokenizer), progress=False)
@@ -193,7 +198,8 @@ def test_different_recipe_in_the_same_out_dir_is_refused_unless_forced(tmp_path,
   - {name: sparsegpt-50, prune: {method: sparsegpt}}
 """, name="other")
     count_prunes["calls"].clear()
-    with pytest.raises(LlmpruneError, match=r"refusing to write into .*different recipe.*runs added: sparsegpt-50.*--force"):
+    with pytest.raises(LlmpruneError,
+                       match=r"refusing to write into .*different recipe.*runs added: sparsegpt-50.*--force"):
         run_recipe(other, out, loader=Loader(tokenizer), progress=False)
     assert count_prunes["calls"] == []
     assert json.loads((out / "recipe.json").read_text())["name"] == "tiny"
@@ -215,9 +221,10 @@ def test_folder_of_loose_results_is_refused(tmp_path, data, tokenizer):
 
 
 def test_unknown_only_name_is_a_user_error(tmp_path, data, tokenizer):
-    with pytest.raises(LlmpruneError, match="'nope' is not a run of this recipe: runs are dense, magnitude-50"):
-        run_recipe(write_recipe(tmp_path, data, TWO_RUNS), tmp_path / "out", only="nope", loader=Loader(tokenizer),
-                   progress=False)
+    with pytest.raises(LlmpruneError,
+                       match="'nope' is not a run of this recipe: runs are dense, magnitude-50"):
+        run_recipe(write_recipe(tmp_path, data, TWO_RUNS), tmp_path / "out", only="nope",
+                   loader=Loader(tokenizer), progress=False)
 
 
 def test_dense_baselines_once_per_model_and_eval_settings(tmp_path, data):
@@ -243,12 +250,14 @@ def test_zeroshot_results_reach_the_record_and_the_report(tmp_path, data, tokeni
         zeroshot = json.loads(path.read_text())["zeroshot"]
         assert zeroshot["tasks"]["rte"]["n"] == 4 and 0.0 <= zeroshot["mean_acc"] <= 1.0
     md = (tmp_path / "out" / "summary.md").read_text()
-    assert "## Mean zero-shot accuracy (%): tiny-llama" in md and "Tasks: rte; first 4 documents per task." in md
+    assert "## Mean zero-shot accuracy (%): tiny-llama" in md
+    assert "Tasks: rte; first 4 documents per task." in md
 
 
 def test_every_run_is_checked_before_the_first_model_loads(tmp_path, data, tokenizer):
     """A missing data file in the last run fails the sweep at once, not after the first runs."""
-    runs = TWO_RUNS + f'  - {{name: late, prune: {{method: wanda}}, eval: {{datasets: ["{tmp_path / "gone.txt"}"]}}}}\n'
+    gone = tmp_path / "gone.txt"
+    runs = TWO_RUNS + f'  - {{name: late, prune: {{method: wanda}}, eval: {{datasets: ["{gone}"]}}}}\n'
     loader = Loader(tokenizer)
     with pytest.raises(LlmpruneError, match="gone.txt"):
         run_recipe(write_recipe(tmp_path, data, runs), tmp_path / "out", loader=loader, progress=False)
@@ -258,15 +267,18 @@ def test_every_run_is_checked_before_the_first_model_loads(tmp_path, data, token
 def test_shape_errors_of_a_later_run_fail_before_the_first_run(tmp_path, data, tokenizer):
     runs = TWO_RUNS + "  - {name: bad-include, prune: {method: wanda, include: ['*.nothing']}}\n"
     with pytest.raises(LlmpruneError, match="bad-include.*no prunable layer"):
-        run_recipe(write_recipe(tmp_path, data, runs), tmp_path / "out", loader=Loader(tokenizer), progress=False)
-    assert not list((tmp_path / "out").glob("magnitude*.json")) and not list((tmp_path / "out").glob("dense*.json"))
+        run_recipe(write_recipe(tmp_path, data, runs), tmp_path / "out",
+                   loader=Loader(tokenizer), progress=False)
+    assert not list((tmp_path / "out").glob("magnitude*.json"))
+    assert not list((tmp_path / "out").glob("dense*.json"))
 
 
 def test_out_that_cannot_be_made_is_refused_first(tmp_path, data, tokenizer):
     (tmp_path / "file").write_text("x")
     loader = Loader(tokenizer)
     with pytest.raises(LlmpruneError, match="not a folder"):
-        run_recipe(write_recipe(tmp_path, data, TWO_RUNS), tmp_path / "file" / "out", loader=loader, progress=False)
+        run_recipe(write_recipe(tmp_path, data, TWO_RUNS), tmp_path / "file" / "out",
+                   loader=loader, progress=False)
     assert loader.calls == []
 
 

@@ -204,7 +204,7 @@ def test_cholesky_failure_raises_llmprune_error(bad):
 # ---- the solver before issue 11, kept verbatim as the reference for bit-identity -----------------
 # (llmprune/solvers/sparsegpt.py as it was: one Python step per column with boolean indexing and
 # fresh tensors; the fast sweep must reproduce its masks, weights and loss bit for bit. Not the
-# official code's masks: benchmarks/reference_protocol.py's _ref_sparsegpt prunes ``<= threshold``
+# official code's masks: benchmarks/reference_protocol.py's ref_sparsegpt prunes ``<= threshold``
 # and counts zeros for N:M.)
 
 REF_MAX_RETRIES = 3

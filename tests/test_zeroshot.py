@@ -50,12 +50,14 @@ def _ai2(row):
 def to_hub(task: str, row: dict, label: str | None) -> dict:
     """One original release row in the schema of the hub dataset lm-eval's registered task reads."""
     if task == "boolq":
-        return {"question": row["question"], "passage": row["passage"], "idx": row["idx"], "label": int(row["label"] is True)}
+        return {"question": row["question"], "passage": row["passage"], "idx": row["idx"],
+                "label": int(row["label"] is True)}
     if task == "rte":
         return {"sentence1": row["premise"], "sentence2": row["hypothesis"], "idx": row["idx"],
                 "label": {"entailment": 0, "not_entailment": 1}[row["label"]]}
     if task == "winogrande":
-        return {"sentence": row["sentence"], "option1": row["option1"], "option2": row["option2"], "answer": label}
+        return {"sentence": row["sentence"], "option1": row["option1"],
+                "option2": row["option2"], "answer": label}
     if task in ("arc_easy", "arc_challenge"):
         stem, choices = _ai2(row)
         return {"id": row["id"], "question": stem, "choices": choices, "answerKey": row["answerKey"]}
@@ -86,7 +88,8 @@ def registered_task(task: str, docs: list[dict]):
     cfg = load_yaml(Path(lm_eval.__file__).parent / "tasks" / REGISTERED_YAML[task], resolve_func=True)
     cfg.pop("tag", None)
     splits = [cfg[k] for k in ("training_split", "validation_split", "test_split") if cfg.get(k)]
-    cfg["custom_dataset"] = lambda **_: datasets.DatasetDict({s: datasets.Dataset.from_list(docs) for s in splits})
+    cfg["custom_dataset"] = lambda **_: datasets.DatasetDict({s: datasets.Dataset.from_list(docs)
+                                                              for s in splits})
     return ConfigurableTask(config=cfg)
 
 
@@ -106,7 +109,8 @@ def assert_same_prompts(local, registered, indices):
         ours, theirs = local_docs[i], reg_docs[j]
         assert local.doc_to_text(ours) == registered.doc_to_text(theirs), i
         assert local.doc_to_choice(ours) == registered.doc_to_choice(theirs), i
-        assert local.doc_to_target(ours) == registered.doc_to_target(theirs), i  # gold index (or continuation)
+        # gold index (or continuation)
+        assert local.doc_to_target(ours) == registered.doc_to_target(theirs), i
     assert local.config.output_type == registered.config.output_type
     assert local.config.target_delimiter == registered.config.target_delimiter
     assert sorted(local._metric_fn_list) == sorted(registered._metric_fn_list)
@@ -127,13 +131,18 @@ def test_local_task_matches_registered(task, data_dir):
 
 
 def _hellaswag_rows():
-    base = {"activity_label": "Removing ice from car", "ctx_a": "Then, the man writes over the snow covering the window of a car, and a woman wearing winter clothes smiles.",
-            "ctx_b": "then", "split": "val", "split_type": "indomain", "source_id": "activitynet~v_-1IBHYS3L-Y"}
+    base = {"activity_label": "Removing ice from car",
+            "ctx_a": "Then, the man writes over the snow covering the window of a car, and a woman wearing "
+                     "winter clothes smiles.",
+            "ctx_b": "then", "split": "val", "split_type": "indomain",
+            "source_id": "activitynet~v_-1IBHYS3L-Y"}
     rows = []
     for i in range(3):
         rows.append({"ind": 24 + i, **base, "ctx": base["ctx_a"] + " " + base["ctx_b"], "label": i,
-                     "endings": [", the man adds wax to the windshield and cuts it.", " [title] a person board a ski lift.",
-                                 ", the man puts on a christmas coat, knitted with netting.", "  the man continues removing the snow [step] on his car."]})
+                     "endings": [", the man adds wax to the windshield and cuts it.",
+                                 " [title] a person board a ski lift.",
+                                 ", the man puts on a christmas coat, knitted with netting.",
+                                 "  the man continues removing the snow [step] on his car."]})
     rows[2]["activity_label"] = "Home and Garden"
     rows[2]["ctx_a"] = "[header] How to wash a car [title] Park in the shade."
     return rows
@@ -157,7 +166,8 @@ def test_zeroshot_tiny_model_all_shared_tasks(data_dir):
 
     model, tokenizer = make_model(vocab_size=512), make_tokenizer()
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    result = zs.zeroshot(model, tokenizer, ",".join(SHARED_TASKS), limit=4, batch_size=2, data_dir=data_dir, progress=False)
+    result = zs.zeroshot(model, tokenizer, ",".join(SHARED_TASKS), limit=4, batch_size=2,
+                         data_dir=data_dir, progress=False)
     assert list(result.tasks) == list(SHARED_TASKS)
     for name, t in result.tasks.items():
         assert 0.0 <= t.acc <= 1.0 and t.n == 4 and t.n_total > 4, name
@@ -176,7 +186,8 @@ def test_zeroshot_tiny_model_all_shared_tasks(data_dir):
 
 def test_smollm2_arc_easy_above_chance(smollm2, data_dir):
     model, tokenizer = smollm2
-    result = zs.zeroshot(model, tokenizer, ["arc_easy"], limit=24, batch_size=8, data_dir=data_dir, progress=False)
+    result = zs.zeroshot(model, tokenizer, ["arc_easy"], limit=24, batch_size=8,
+                         data_dir=data_dir, progress=False)
     acc = result.tasks["arc_easy"].acc
     print(f"SmolLM2-135M arc_easy acc on the first 24 docs: {acc:.4f}")
     # chance is 0.25; measured 0.5417 (13/24; 0.475 on 40 docs). Deterministic: same docs, same weights.
@@ -217,14 +228,17 @@ def _write(tmp_path, relative, text):
     return path
 
 
-GOOD_ARC = json.dumps({"id": "x1", "question": {"stem": "Which?", "choices": [{"text": "a", "label": "A"}, {"text": "b", "label": "B"}]},
+GOOD_ARC = json.dumps({"id": "x1",
+                       "question": {"stem": "Which?",
+                                    "choices": [{"text": "a", "label": "A"}, {"text": "b", "label": "B"}]},
                        "answerKey": "B"})
 
 
 @pytest.mark.parametrize("bad, message", [
     ("{not json", r"ARC-Easy-Test\.jsonl:2: not valid JSON"),
     (json.dumps({"id": "x2", "answerKey": "A"}), r"ARC-Easy-Test\.jsonl:2: missing key 'question'"),
-    (GOOD_ARC.replace('"answerKey": "B"', '"answerKey": "C"'), r"ARC-Easy-Test\.jsonl:2: answerKey 'C' is not one of"),
+    (GOOD_ARC.replace('"answerKey": "B"', '"answerKey": "C"'),
+     r"ARC-Easy-Test\.jsonl:2: answerKey 'C' is not one of"),
 ])
 def test_malformed_row_names_file_and_line(tmp_path, bad, message):
     _write(tmp_path, FILES["arc_easy"][0], GOOD_ARC + "\n" + bad + "\n")
@@ -234,7 +248,8 @@ def test_malformed_row_names_file_and_line(tmp_path, bad, message):
 
 
 def test_bad_labels(tmp_path):
-    _write(tmp_path, FILES["rte"][0], json.dumps({"premise": "p", "hypothesis": "h", "label": "maybe", "idx": 0}) + "\n")
+    _write(tmp_path, FILES["rte"][0],
+           json.dumps({"premise": "p", "hypothesis": "h", "label": "maybe", "idx": 0}) + "\n")
     with pytest.raises(LlmpruneError, match=r"val\.jsonl:1: label must be 'entailment' or 'not_entailment'"):
         zs.build_tasks("rte", tmp_path)
     _write(tmp_path, FILES["piqa"][0], json.dumps({"goal": "g", "sol1": "a", "sol2": "b"}) + "\n")

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from llmprune.blocks import available_bytes, block_device, block_output, capture_block_inputs
+from llmprune.config import PruneConfig
 from llmprune.data import calibration_windows, describe_source
 from llmprune.errors import LlmpruneError
 from llmprune.methods import needs_for
@@ -40,17 +41,17 @@ def check_calibration_memory(model: nn.Module, config: PruneConfig, device=None)
         if free is not None and calib.nsamples * per_window > free:
             raise LlmpruneError(
                 f"calibration with nsamples {calib.nsamples} x seqlen {seqlen} needs about "
-                f"{calib.nsamples * per_window / 2**30:.1f} GiB of CPU memory for the activations (--activations "
-                f"cpu), but {free / 2**30:.1f} GiB are free: use --nsamples {int(free // per_window)} or fewer, "
-                "or a shorter --seqlen")
+                f"{calib.nsamples * per_window / 2**30:.1f} GiB of CPU memory for the activations "
+                f"(--activations cpu), but {free / 2**30:.1f} GiB are free: use --nsamples "
+                f"{int(free // per_window)} or fewer, or a shorter --seqlen")
         need = batch + min(calib.batch_size, calib.nsamples) * per_window
     free = available_bytes(dev)
     if free is not None and need > free:
         fits = max(int((free - batch) // per_window), 0)
         raise LlmpruneError(
-            f"calibration with nsamples {calib.nsamples} x seqlen {seqlen} needs about {need / 2**30:.1f} GiB of "
-            f"activations on {dev.type}, but {free / 2**30:.1f} GiB are free: use --nsamples {fits} or fewer, "
-            "a shorter --seqlen, or a smaller --calib-batch-size"
+            f"calibration with nsamples {calib.nsamples} x seqlen {seqlen} needs about {need / 2**30:.1f} "
+            f"GiB of activations on {dev.type}, but {free / 2**30:.1f} GiB are free: use --nsamples {fits} "
+            "or fewer, a shorter --seqlen, or a smaller --calib-batch-size"
         )
 
 
@@ -103,8 +104,9 @@ def calibration_inputs(model, tokenizer, config: PruneConfig, data_dir, windows,
         resolve_seqlen(model, windows.shape[1])  # refuse windows longer than the model's positions
         source = "windows given by the caller"
     nsamples, seqlen = windows.shape
-    description = {"dataset": calib.dataset, "source": source, "nsamples": int(nsamples), "seqlen": int(seqlen),
-                   "seed": calib.seed, "batch_size": calib.batch_size, "tokens": int(nsamples * seqlen)}
+    description = {"dataset": calib.dataset, "source": source, "nsamples": int(nsamples),
+                   "seqlen": int(seqlen), "seed": calib.seed, "batch_size": calib.batch_size,
+                   "tokens": int(nsamples * seqlen)}
     blocks = get_blocks(model)
     inputs = capture_block_inputs(model, blocks[0], windows, calib.batch_size,
                                   store_device=store_device or block_device(blocks[0]))

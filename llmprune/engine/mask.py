@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from llmprune.blocks import block_device, block_output, kwargs_on
-from llmprune.engine.inputs import PhaseTimer, batches, propagate
+from llmprune.engine.inputs import PhaseTimer, batches
 from llmprune.engine.report import LayerReport
 from llmprune.errors import LlmpruneError
 from llmprune.math.allocation import BlockTargets, outlier_ratio
@@ -54,7 +54,8 @@ def prune_weight(method: MethodSpec, weight: torch.Tensor, stats: LayerStats | N
     return finish(Selection(mask, new, sel.info))
 
 
-def prune_layer(name: str, module: nn.Linear, stats: LayerStats | None, config: PruneConfig, method) -> LayerReport:
+def prune_layer(name: str, module: nn.Linear, stats: LayerStats | None, config: PruneConfig,
+                method) -> LayerReport:
     weight = module.weight.data
     routed = getattr(module, "routed", False) and stats is not None
     if routed and stats.tokens == 0:  # an expert no calibration token reached: nothing to weigh |W| by
@@ -87,7 +88,8 @@ def _check_finite(stats: LayerStats, block: int, group: tuple[str, ...]) -> None
 
 def calibrate_and_prune(block: nn.Module, index: int, plan: BlockPlan, hidden: torch.Tensor, kwargs: dict,
                         config: PruneConfig, method, needs: frozenset[str],
-                        timer: PhaseTimer | None = None, device: torch.device | None = None) -> list[LayerReport]:
+                        timer: PhaseTimer | None = None,
+                        device: torch.device | None = None) -> list[LayerReport]:
     """Statistics pass(es) with hooks on the block's dense weights, then the method on each layer.
 
     One pass for all stages, or with ``true_sequential`` one pass per stage, each from inputs
@@ -116,9 +118,10 @@ def calibrate_and_prune(block: nn.Module, index: int, plan: BlockPlan, hidden: t
                 for name in group:
                     layer_stats = stats
                     if name in block_values:
-                        layer_stats = LayerStats(**{**stats.__dict__, "extra": {**stats.extra, **block_values[name]}})
-                    reports.append(prune_layer(f"layers.{index}.{name}", plan.layers[name], layer_stats, config,
-                                               method))
+                        layer_stats = LayerStats(**{**stats.__dict__,
+                                                    "extra": {**stats.extra, **block_values[name]}})
+                    reports.append(prune_layer(f"layers.{index}.{name}", plan.layers[name], layer_stats,
+                                               config, method))
     return reports
 
 
@@ -196,8 +199,8 @@ def allocate(blocks, plans: list[BlockPlan], inputs, config: PruneConfig,
     used = [i for i, r in enumerate(ratios) if r is not None]
     part = spec.run(len(used), config, [ratios[i] for i in used])
     m = config.pattern.m
-    targets = BlockTargets(spec.name, [config.sparsity] * len(blocks), [config.pattern.n] * len(blocks) if m else None,
-                           ratios)
+    targets = BlockTargets(spec.name, [config.sparsity] * len(blocks),
+                           [config.pattern.n] * len(blocks) if m else None, ratios)
     for j, i in enumerate(used):
         targets.sparsity[i] = part.sparsity[j]
         if m:

@@ -24,6 +24,7 @@ from llmprune.methods import block_needs, get_method, needs_for
 from llmprune.models import block_passes, block_stages, select_layers
 from llmprune.registry import COLLECTORS, MethodSpec
 
+
 @dataclass
 class BlockPlan:
     """The layers of one block that will be pruned, and their stages (shared-input groups in
@@ -81,9 +82,11 @@ def plan(model: nn.Module, config: PruneConfig, device: str | torch.device | Non
     """Check ``config`` against ``model`` and return the plan; a user error raises LlmpruneError."""
     method = get_method(config.method)
     if method.supports.shrink:
-        result = Plan(config, method, needs_for(config), block_needs(config), structured=plan_structured(model, config))
+        result = Plan(config, method, needs_for(config), block_needs(config),
+                      structured=plan_structured(model, config))
     else:
-        result = Plan(config, method, needs_for(config), block_needs(config), blocks=plan_layers(model, config))
+        result = Plan(config, method, needs_for(config), block_needs(config),
+                      blocks=plan_layers(model, config))
         _check_block_collectors(result)
     check_calibration_memory(model, config, device)
     return result
@@ -97,6 +100,7 @@ def _check_block_collectors(result: Plan) -> None:
     for i, bp in enumerate(result.blocks):
         for name, layer in bp.layers.items():
             if not isinstance(layer, nn.Linear):
-                raise LlmpruneError(f"{result.method.name} needs {block[0]} (a backward pass through each block), "
-                                    f"which llmprune computes for nn.Linear layers only; layers.{i}.{name} is a "
-                                    f"{type(layer).__name__}: exclude it (--exclude) or use another method")
+                raise LlmpruneError(f"{result.method.name} needs {block[0]} (a backward pass through each "
+                                    "block), which llmprune computes for nn.Linear layers only; "
+                                    f"layers.{i}.{name} is a {type(layer).__name__}: exclude it (--exclude) "
+                                    "or use another method")

@@ -80,20 +80,24 @@ class PruneReport:
         lines.append(f"pruned in {self.seconds:.1f} s ({blocks} blocks, {per_block:.2f} s per block)")
         if self.offload:
             o = self.offload
-            lines.append(f"offload {o['mode']} (compute on {o['compute']}): {o['loads']} block loads, {o['writes']} "
-                         f"write-backs, at most {o['peak_blocks']} block(s) materialised at once"
-                         + (f"; {o['bytes_read'] / 2**20:.1f} MiB read, {o['bytes_written'] / 2**20:.1f} MiB written"
-                            if o["mode"] == "disk" else ""))
+            lines.append(f"offload {o['mode']} (compute on {o['compute']}): {o['loads']} block loads, "
+                         f"{o['writes']} write-backs, at most {o['peak_blocks']} block(s) materialised at "
+                         "once"
+                         + (f"; {o['bytes_read'] / 2**20:.1f} MiB read, "
+                            f"{o['bytes_written'] / 2**20:.1f} MiB written" if o["mode"] == "disk" else ""))
         experts = self.expert_tokens()
         if experts:
             counts = sorted(experts.values())
             starved = [name for name, n in experts.items() if n == 0]
-            named = ", ".join(starved[:8]) + (f", ... ({len(starved) - 8} more in the JSON)" if len(starved) > 8 else "")
-            lines.append(f"experts: {len(counts)} expert matrices, calibration tokens routed to each: min {counts[0]}, "
-                         f"median {counts[len(counts) // 2]}, max {counts[-1]}"
-                         + (f"; {len(starved)} got none and were pruned by magnitude: {named}" if starved else ""))
+            named = ", ".join(starved[:8]) + (f", ... ({len(starved) - 8} more in the JSON)"
+                                              if len(starved) > 8 else "")
+            lines.append(f"experts: {len(counts)} expert matrices, calibration tokens routed to each: min "
+                         f"{counts[0]}, median {counts[len(counts) // 2]}, max {counts[-1]}"
+                         + (f"; {len(starved)} got none and were pruned by magnitude: {named}"
+                            if starved else ""))
         return "\n".join(lines)
 
     def expert_tokens(self) -> dict[str, int]:
         """Calibration tokens routed to each expert matrix (MoE models), by layer name."""
-        return {layer.name: layer.info["routed_tokens"] for layer in self.layers if "routed_tokens" in layer.info}
+        return {layer.name: layer.info["routed_tokens"] for layer in self.layers
+                if "routed_tokens" in layer.info}

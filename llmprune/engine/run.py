@@ -53,8 +53,8 @@ class MaskStrategy:
                 for name, module in layers.items():
                     reports.append(prune_layer(f"layers.{i}.{name}", module, None, config, self.plan.method))
         else:
-            reports += calibrate_and_prune(block, i, self.plan.blocks[i], hidden, kwargs, config, self.plan.method,
-                                           self.plan.block_needs, timer, device=dev)
+            reports += calibrate_and_prune(block, i, self.plan.blocks[i], hidden, kwargs, config,
+                                           self.plan.method, self.plan.block_needs, timer, device=dev)
             if not last:
                 with timer("propagate", dev):
                     inputs.hidden = propagate(block, hidden, kwargs, self.config.calib.batch_size, device=dev)
@@ -95,7 +95,8 @@ def _blocks(the_plan: Plan, model: nn.Module, tokenizer, data_dir, progress: boo
     quantized: list[dict] = []
     timer = PhaseTimer()
     what = config.structure if the_plan.strategy == "shrink" else config.pattern
-    with progress_bar(len(blocks), f"{config.method} {what} {config.sparsity:.0%}", "block", not progress) as bar:
+    with progress_bar(len(blocks),
+                      f"{config.method} {what} {config.sparsity:.0%}", "block", not progress) as bar:
         for i in range(len(blocks)):
             t_block = time.perf_counter()
             timer.new_block()
@@ -105,7 +106,8 @@ def _blocks(the_plan: Plan, model: nn.Module, tokenizer, data_dir, progress: boo
                 if inputs is not None and the_plan.block_needs:
                     hidden = inputs.hidden if config.activations == "cpu" else inputs.hidden.to(dev)
                     kwargs = kwargs_on(inputs.kwargs, dev)
-                new, layers = strategy.block(i, block, inputs, hidden, kwargs, dev, timer, i + 1 == len(blocks))
+                new, layers = strategy.block(i, block, inputs, hidden, kwargs,
+                                             dev, timer, i + 1 == len(blocks))
                 reports += new
                 del hidden
                 if config.quantize is not None:  # the block's pruned layers, before it goes back to its store
@@ -126,7 +128,8 @@ def merge_quantization(parts: list[dict], config: PruneConfig) -> dict | None:
         return None
     return {"type": config.quantize, "layers": sum(p["layers"] for p in parts),
             "max_abs_error": max((p["max_abs_error"] for p in parts), default=0.0),
-            "zeros_before": sum(p["zeros_before"] for p in parts), "zeros_after": sum(p["zeros_after"] for p in parts)}
+            "zeros_before": sum(p["zeros_before"] for p in parts), "zeros_after": sum(p["zeros_after"]
+                                                                                      for p in parts)}
 
 
 def prune(model: nn.Module, tokenizer, config: PruneConfig, data_dir=None, progress: bool = True,

@@ -72,8 +72,8 @@ def block_parts(model: nn.Module, index: int, block: nn.Module | None = None) ->
     if missing or len(attention) != 1 or len(mlp) != 1:
         model_type = getattr(getattr(model, "config", None), "model_type", None)
         raise LlmpruneError(
-            f"structured pruning needs LLaMA-style blocks (one attention with q/k/v/o_proj, one gated MLP with "
-            f"gate/up/down_proj); block {index} of model type {model_type!r} "
+            "structured pruning needs LLaMA-style blocks (one attention with q/k/v/o_proj, one gated MLP "
+            f"with gate/up/down_proj); block {index} of model type {model_type!r} "
             + (f"has no {missing[0]}" if missing else "does not have them in one module each"))
     return BlockParts(block.get_submodule(attention.pop()), block.get_submodule(mlp.pop()),
                       {role: block.get_submodule(found[role]) for role in ROLES}, found)
@@ -122,11 +122,13 @@ def plan_structured(model: nn.Module, config: PruneConfig) -> StructuredPlan:
     head_dim = lin["q_proj"].out_features // heads
     if heads % kv_heads or lin["k_proj"].out_features != kv_heads * head_dim:
         raise LlmpruneError(f"attention of {heads} query and {kv_heads} key/value heads with q_proj "
-                            f"{tuple(lin['q_proj'].weight.shape)} and k_proj {tuple(lin['k_proj'].weight.shape)} "
-                            "is not grouped-query attention llmprune can split by heads")
+                            f"{tuple(lin['q_proj'].weight.shape)} and k_proj "
+                            f"{tuple(lin['k_proj'].weight.shape)} is not grouped-query attention llmprune "
+                            "can split by heads")
     block_params = sum(p.numel() for p in get_blocks(model)[0].parameters())
     bias_of = {role: int(lin[role].bias is not None) for role in ROLES}
-    per_channel = 3 * hidden + bias_of["gate_proj"] + bias_of["up_proj"]  # a row of gate, up; a column of down
+    # a row of gate, up; a column of down
+    per_channel = 3 * hidden + bias_of["gate_proj"] + bias_of["up_proj"]
     q_per_kv = heads // kv_heads
     per_group = head_dim * ((2 * q_per_kv + 2) * hidden + q_per_kv * bias_of["q_proj"]
                             + bias_of["k_proj"] + bias_of["v_proj"])
@@ -138,8 +140,9 @@ def plan_structured(model: nn.Module, config: PruneConfig) -> StructuredPlan:
         remove_groups = _groups_to_remove(model, ideal, kv_heads, q_per_kv, config.sparsity, s)
         if s == "heads" and remove_groups == 0:
             raise LlmpruneError(
-                f"sparsity {config.sparsity:g} is less than half a KV group ({per_group / block_params:.1%} of a block, "
-                f"{kv_heads} groups): --structure heads removes nothing; raise --sparsity or use --structure mlp|both")
+                f"sparsity {config.sparsity:g} is less than half a KV group ({per_group / block_params:.1%} "
+                f"of a block, {kv_heads} groups): --structure heads removes nothing; raise --sparsity or use "
+                "--structure mlp|both")
     keep_channels = inter
     if s in ("mlp", "both"):
         remove = max(round((target - remove_groups * per_group) / per_channel), 0)
@@ -147,14 +150,16 @@ def plan_structured(model: nn.Module, config: PruneConfig) -> StructuredPlan:
         if inter - remove < 1 or keep_channels < 1:
             most = (inter - 1) * per_channel + (kv_heads - 1) * per_group * (s == "both")
             raise LlmpruneError(
-                f"sparsity {config.sparsity:g} would remove every MLP channel: --structure {s} can remove at most "
-                f"{most / block_params:.1%} of a block; lower --sparsity" + (" or use --structure both" if s == "mlp" else ""))
-    plan = StructuredPlan(s, hidden, heads, kv_heads, head_dim, inter, keep_channels, kv_heads - remove_groups,
-                          block_params, (inter - keep_channels) * per_channel + remove_groups * per_group, spec.bias)
+                f"sparsity {config.sparsity:g} would remove every MLP channel: --structure {s} can remove at "
+                f"most {most / block_params:.1%} of a block; lower --sparsity"
+                + (" or use --structure both" if s == "mlp" else ""))
+    plan = StructuredPlan(s, hidden, heads, kv_heads, head_dim, inter, keep_channels,
+                          kv_heads - remove_groups, block_params,
+                          (inter - keep_channels) * per_channel + remove_groups * per_group, spec.bias)
     if plan.keep_channels == inter and plan.keep_groups == kv_heads:
-        raise LlmpruneError(f"sparsity {config.sparsity:g} removes nothing from blocks of {block_params:,} parameters "
-                            f"(one MLP channel is {per_channel:,}, rounded to multiples of {config.channel_multiple}): "
-                            "raise --sparsity or lower --channel-multiple")
+        raise LlmpruneError(f"sparsity {config.sparsity:g} removes nothing from blocks of {block_params:,} "
+                            f"parameters (one MLP channel is {per_channel:,}, rounded to multiples of "
+                            f"{config.channel_multiple}): raise --sparsity or lower --channel-multiple")
     _check_expressible(model, plan)
     return plan
 
@@ -166,16 +171,17 @@ def _groups_to_remove(model: nn.Module, ideal: float, kv_heads: int, q_per_kv: i
     num_attention_heads, even with an explicit head_dim). At least one group stays."""
     if structure == "heads" and round(ideal) >= kv_heads:
         raise LlmpruneError(
-            f"sparsity {sparsity:g} with --structure heads removes {round(ideal)} of {kv_heads} KV groups and would "
-            f"leave no KV group: heads alone can remove at most {kv_heads - 1} of them; use --structure both or a "
-            "lower sparsity")
+            f"sparsity {sparsity:g} with --structure heads removes {round(ideal)} of {kv_heads} KV groups "
+            f"and would leave no KV group: heads alone can remove at most {kv_heads - 1} of them; use "
+            "--structure both or a lower sparsity")
     refused = []
     for remove in sorted(range(kv_heads), key=lambda g: (abs(g - ideal), g)):
         problem = _config_problem(model.config, (kv_heads - remove) * q_per_kv, kv_heads - remove)
         if problem is None:
             return remove
         refused.append(f"{remove}: {problem}")
-    raise LlmpruneError(f"no number of KV groups to remove gives a config the model class accepts ({refused[0]})")
+    raise LlmpruneError("no number of KV groups to remove gives a config the model class accepts "
+                        f"({refused[0]})")
 
 
 def _config_problem(config, heads: int, kv_heads: int) -> str | None:
@@ -217,11 +223,13 @@ def _bias(layer: nn.Linear, rows: torch.Tensor, add: bool) -> torch.Tensor | Non
     return None
 
 
-def _compensation(layer: nn.Linear, removed: torch.Tensor, mean: torch.Tensor | None, add: bool) -> torch.Tensor | None:
+def _compensation(layer: nn.Linear, removed: torch.Tensor,
+                  mean: torch.Tensor | None, add: bool) -> torch.Tensor | None:
     """The output layer's new bias: its own, plus (FLAP) the removed inputs' mean contribution."""
     bias = layer.bias.detach().float() if layer.bias is not None else None
     if mean is not None and len(removed):
-        extra = layer.weight.detach().float()[:, removed] @ mean.float()[removed].to(layer.weight.device)  # (out,)
+        # (out,)
+        extra = layer.weight.detach().float()[:, removed] @ mean.float()[removed].to(layer.weight.device)
         bias = extra if bias is None else bias + extra
     if bias is None and add:
         bias = torch.zeros(layer.out_features, device=layer.weight.device)
@@ -234,7 +242,8 @@ def _complement(keep: torch.Tensor, n: int) -> torch.Tensor:
     return torch.nonzero(mask).flatten()
 
 
-def shrink_mlp(parts: BlockParts, keep: torch.Tensor, mean: torch.Tensor | None = None, bias: bool = False) -> None:
+def shrink_mlp(parts: BlockParts, keep: torch.Tensor,
+               mean: torch.Tensor | None = None, bias: bool = False) -> None:
     """Keep only MLP channels ``keep`` (ascending indices): rows of gate/up, columns of down.
     ``mean`` (intermediate,): the inputs' mean, whose removed part becomes down_proj's bias;
     ``bias``: give every MLP Linear a bias (the config's ``mlp_bias`` switch covers all three)."""
@@ -242,7 +251,8 @@ def shrink_mlp(parts: BlockParts, keep: torch.Tensor, mean: torch.Tensor | None 
     dev = lin["gate_proj"].weight.device
     rows, removed = keep.to(dev), _complement(keep, lin["gate_proj"].out_features).to(dev)
     down = lin["down_proj"]
-    new = {role: _linear(lin[role].weight.detach()[rows], _bias(lin[role], rows, bias)) for role in ("gate_proj", "up_proj")}
+    new = {role: _linear(lin[role].weight.detach()[rows], _bias(lin[role], rows, bias))
+           for role in ("gate_proj", "up_proj")}
     new["down_proj"] = _linear(down.weight.detach()[:, rows], _compensation(down, removed, mean, bias))
     for role, layer in new.items():
         setattr(parts.mlp, role, layer)
@@ -317,9 +327,10 @@ def _check_expressible(model: nn.Module, plan: StructuredPlan) -> None:
     checkpoint would not load: shrink a meta-device copy of block 0 and compare it, parameter by
     parameter, with block 0 of a meta-device model made from :func:`shrunk_config`."""
     block = copy.deepcopy(get_blocks(model)[0]).to("meta")
-    mean = (torch.zeros(plan.intermediate, device="meta"), torch.zeros(plan.heads * plan.head_dim, device="meta"))
-    _shrink(block_parts(model, 0, block), plan, torch.arange(plan.keep_channels), torch.arange(plan.keep_groups),
-            *(mean if plan.bias else (None, None)))
+    mean = (torch.zeros(plan.intermediate, device="meta"),
+            torch.zeros(plan.heads * plan.head_dim, device="meta"))
+    _shrink(block_parts(model, 0, block), plan, torch.arange(plan.keep_channels),
+            torch.arange(plan.keep_groups), *(mean if plan.bias else (None, None)))
     try:
         with torch.device("meta"):
             built = AutoModelForCausalLM.from_config(shrunk_config(model.config, plan))
@@ -333,8 +344,9 @@ def _check_expressible(model: nn.Module, plan: StructuredPlan) -> None:
         raise LlmpruneError(
             f"model type {model_type!r} cannot describe the pruned block in its config ({diff[0]}: "
             f"{'pruned' if diff in ours.items() else 'config says'} {diff[1]}): its class does not follow "
-            "intermediate_size/head_dim" + ("/mlp_bias/attention_bias (FLAP's bias compensation); try wanda-sp"
-                                            if plan.bias else "") + " or --structure mlp")
+            "intermediate_size/head_dim"
+            + ("/mlp_bias/attention_bias (FLAP's bias compensation); try wanda-sp" if plan.bias else "")
+            + " or --structure mlp")
 
 
 def _choose(parts: BlockParts, plan: StructuredPlan, moments: dict, score_fn, spec: StructuredSpec,
@@ -380,7 +392,8 @@ class ShrinkStrategy:
         """Shrink block ``i``; returns its layer reports and the layers to quantize."""
         batch = self.config.calib.batch_size
         parts = block_parts(self.model, i)
-        before = {role: (tuple(layer.weight.shape), layer.weight.numel()) for role, layer in parts.linears.items()}
+        before = {role: (tuple(layer.weight.shape), layer.weight.numel())
+                  for role, layer in parts.linears.items()}
         with timer("stats", dev):
             with input_moments({kind: parts.linears[role] for kind, role in self.watch.items()}) as moments:
                 out = propagate(block, hidden, kwargs, batch, dev)  # dense outputs
@@ -392,7 +405,8 @@ class ShrinkStrategy:
                     moments["attention"].mean if self.spec.bias and "attention" in moments else None)
         if not last:
             with timer("propagate", dev):
-                inputs.hidden = out if self.spec.dense_statistics else propagate(block, hidden, kwargs, batch, dev)
+                inputs.hidden = (out if self.spec.dense_statistics
+                                 else propagate(block, hidden, kwargs, batch, dev))
         del out
         parts = block_parts(self.model, i)
         reports = []
@@ -401,7 +415,8 @@ class ShrinkStrategy:
             reports.append(LayerReport(f"layers.{i}.{parts.names[role]}", tuple(layer.weight.shape),
                                        numel - layer.weight.numel(), numel,
                                        {"original_shape": list(shape), **info.get(role, {})}))
-        return reports, {f"layers.{i}.{parts.names[role]}": layer.weight.data for role, layer in parts.linears.items()}
+        return reports, {f"layers.{i}.{parts.names[role]}": layer.weight.data
+                         for role, layer in parts.linears.items()}
 
     def finish(self, blocks) -> dict:
         """The model config made to describe the shrunk blocks; the report's ``structured`` entry."""

@@ -20,6 +20,7 @@ recognises it and restores the weights exactly (the dtype they were saved in).
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 from pathlib import Path
@@ -29,11 +30,12 @@ from torch import nn
 
 from llmprune.errors import LlmpruneError
 from llmprune.math.quantize import dequantize_int8, quantize_int8
+from llmprune.models.layout import get_blocks, prunable_linears
 
 FORMAT = "llmprune.compressed"
 VERSION = "1"
 WEIGHTS_FILE = "llmprune-compressed.safetensors"
-_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
 # ---------------------------------------------------------------- bitmask (pure)
@@ -65,7 +67,8 @@ def encode_weight(weight: torch.Tensor, quantize: str | None, dtype: torch.dtype
         q, scale = quantize_int8(weight)
         values, itemsize, tensors = q, 1, {"scale": scale}
     else:
-        values, itemsize, tensors = weight.detach().to(dtype), torch.tensor([], dtype=dtype).element_size(), {}
+        values, itemsize = weight.detach().to(dtype), torch.tensor([], dtype=dtype).element_size()
+        tensors = {}
     mask = values != 0
     nnz = int(mask.sum().item())
     sparse = math.ceil(values.numel() / 8) + nnz * itemsize < values.numel() * itemsize
@@ -95,8 +98,6 @@ def decode_weight(tensors: dict, entry: dict, dtype: torch.dtype) -> torch.Tenso
 
 def encoded_names(model: nn.Module) -> list[str]:
     """Parameter names of every block's prunable ``nn.Linear`` weight."""
-    from llmprune.models import get_blocks, prunable_linears
-
     by_id = {id(p): name for name, p in model.named_parameters()}
     names = []
     for i in range(len(get_blocks(model))):
@@ -115,7 +116,7 @@ def write_compressed(model: nn.Module, folder: str | Path, quantize: str | None 
     folder = Path(folder)
     encoded = set(encoded_names(model))
     model_dtype = next(model.parameters()).dtype
-    store = _DTYPES[dtype] if dtype is not None else model_dtype
+    store = DTYPES[dtype] if dtype is not None else model_dtype
     tensors: dict[str, torch.Tensor] = {}
     layers: dict[str, dict] = {}
     seen: set[int] = set()
@@ -149,8 +150,6 @@ def write_compressed(model: nn.Module, folder: str | Path, quantize: str | None 
 
 
 def _config_with_dtype(model: nn.Module, dtype: torch.dtype):
-    import copy
-
     config = copy.deepcopy(model.config)
     config.dtype = dtype  # the dtype "auto" loads the weights in
     return config
@@ -173,8 +172,9 @@ def compressed_metadata(path: str | Path) -> dict | None:
         raise LlmpruneError(f"{weights} has no llmprune compressed-format version tag: it was not written by "
                             "llmprune (or is damaged); re-create it with `llmprune compress`")
     if meta["version"] != VERSION:
-        raise LlmpruneError(f"{weights} is compressed-format version {meta['version']!r}, but this llmprune reads "
-                            f"version {VERSION}: use the llmprune that wrote it, or re-create it with `llmprune compress`")
+        raise LlmpruneError(f"{weights} is compressed-format version {meta['version']!r}, but this llmprune "
+                            f"reads version {VERSION}: use the llmprune that wrote it, or re-create it with "
+                            "`llmprune compress`")
     try:
         meta["layers"] = json.loads(meta.get("layers", "{}"))
     except ValueError:
@@ -192,7 +192,7 @@ def load_compressed(path: str | Path, device_map=None, **dtype_kwarg) -> nn.Modu
     meta = compressed_metadata(path)
     if meta is None:
         raise LlmpruneError(f"{path} is not an llmprune compressed checkpoint (no {WEIGHTS_FILE})")
-    saved = _DTYPES[meta["dtype"]]
+    saved = DTYPES[meta["dtype"]]
     state: dict[str, torch.Tensor] = {}
     with safe_open(str(Path(path) / WEIGHTS_FILE), framework="pt") as f:
         keys = list(f.keys())
@@ -204,5 +204,7 @@ def load_compressed(path: str | Path, device_map=None, **dtype_kwarg) -> nn.Modu
             state[name] = decode_weight(parts, entry, saved)
     dtype_kwarg = {k: (saved if v in (None, "auto") else v) for k, v in dtype_kwarg.items()}
     config = AutoConfig.from_pretrained(path)
-    model_class = AutoModelForCausalLM._model_mapping[type(config)]  # the Auto class wants a path; the state is ours
-    return model_class.from_pretrained(None, config=config, state_dict=state, device_map=device_map, **dtype_kwarg)
+    # the Auto class wants a path; the state is ours
+    model_class = AutoModelForCausalLM._model_mapping[type(config)]
+    return model_class.from_pretrained(None, config=config, state_dict=state,
+                                       device_map=device_map, **dtype_kwarg)

@@ -12,17 +12,18 @@ for sparse models.
 from __future__ import annotations
 
 import copy
+import importlib.util
 from pathlib import Path
 
 from torch import nn
 
 from llmprune.errors import LlmpruneError
+from llmprune.export.compressed import DTYPES, encoded_names
+from llmprune.math.quantize import quantize_int8
 
 
 def check_available() -> None:
     """``--save-format compressed-tensors`` needs the package: a user error otherwise."""
-    import importlib.util
-
     if importlib.util.find_spec("compressed_tensors") is None:
         raise LlmpruneError("--save-format compressed-tensors needs the compressed-tensors package: "
                             "pip install 'llmprune[compressed-tensors]', or use --save-format compressed")
@@ -33,11 +34,13 @@ def write_compressed_tensors(model: nn.Module, folder: str | Path, quantize: str
     """Write config (with its quantization_config) and int8 weights into ``folder``; the model in
     memory is left as it is (a copy is quantized). Returns the byte counts."""
     from compressed_tensors.compressors import ModelCompressor
-    from compressed_tensors.quantization import (QuantizationArgs, QuantizationConfig, QuantizationScheme,
-                                                 apply_quantization_config)
+    from compressed_tensors.quantization import (
+        QuantizationArgs,
+        QuantizationConfig,
+        QuantizationScheme,
+        apply_quantization_config,
+    )
 
-    from llmprune.export.compressed import _DTYPES, encoded_names
-    from llmprune.math.quantize import quantize_int8
 
     if quantize != "int8":
         raise LlmpruneError("--save-format compressed-tensors writes int8 weights: add --quantize int8")
@@ -45,7 +48,7 @@ def write_compressed_tensors(model: nn.Module, folder: str | Path, quantize: str
     names = {name.removesuffix(".weight") for name in encoded_names(model)}
     copy_ = copy.deepcopy(model)
     if dtype is not None:
-        copy_.to(_DTYPES[dtype])
+        copy_.to(DTYPES[dtype])
     others = [name for name, m in copy_.named_modules() if isinstance(m, nn.Linear) and name not in names]
     args = QuantizationArgs(num_bits=8, type="int", symmetric=True, strategy="channel")
     config = QuantizationConfig(config_groups={"group_0": QuantizationScheme(targets=["Linear"], weights=args,

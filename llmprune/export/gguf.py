@@ -23,6 +23,7 @@ The file is written under a temporary name beside the target and renamed at the 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 from pathlib import Path
@@ -32,6 +33,7 @@ import torch
 from torch import nn
 
 from llmprune.errors import LlmpruneError
+from llmprune.io import atomic_target, io_errors
 
 # model types whose checkpoints llama.cpp converts to its "llama" architecture
 GGUF_FAMILIES = {"llama": "llama", "mistral": "llama"}
@@ -43,49 +45,14 @@ def check_exportable(config) -> str:
     describe is a user error."""
     model_type = getattr(config, "model_type", None)
     if model_type not in GGUF_FAMILIES:
-        raise LlmpruneError(f"GGUF export writes llama.cpp's LLaMA layout, which does not describe model type "
-                            f"{model_type!r}: export a {' or '.join(sorted(GGUF_FAMILIES))} model")
+        raise LlmpruneError("GGUF export writes llama.cpp's LLaMA layout, which does not describe model "
+                            f"type {model_type!r}: export a {' or '.join(sorted(GGUF_FAMILIES))} model")
     rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
     rope_type = rope.get("rope_type", rope.get("type", "default")) if isinstance(rope, dict) else "default"
     if rope_type not in (None, "default"):
         raise LlmpruneError(f"rope scaling {rope_type!r} is not exported (only plain rotary embeddings): "
                             "this model cannot be written as GGUF by llmprune")
     return GGUF_FAMILIES[model_type]
-
-
-def model_config(name_or_path: str):
-    """The config of a model reference, read without its weights (for the checks before loading)."""
-    from transformers import AutoConfig
-
-    from llmprune.models import check_model_source
-
-    source, kwargs = check_model_source(name_or_path)
-    try:
-        return AutoConfig.from_pretrained(source, **kwargs)
-    except Exception as exc:  # noqa: BLE001 - unreadable: load_model names the problem
-        raise LlmpruneError(f"could not read the config of {name_or_path!r}: {type(exc).__name__}: {exc}") from None
-
-
-def source_gguf(name_or_path: str) -> Path | None:
-    """The GGUF file a model reference comes from: the file itself, the bundled model, or the
-    source recorded in the llmprune.json of a checkpoint llmprune saved from a GGUF."""
-    import json
-
-    from llmprune.models import check_model_source
-
-    source, kwargs = check_model_source(name_or_path)
-    if "gguf_file" in kwargs:
-        return Path(source) / kwargs["gguf_file"]
-    try:
-        recorded = json.loads((Path(source) / "llmprune.json").read_text(encoding="utf-8")).get("model")
-    except (OSError, ValueError, AttributeError):
-        return None
-    if not isinstance(recorded, str) or recorded == name_or_path:
-        return None
-    try:
-        return source_gguf(recorded)
-    except LlmpruneError:  # the recorded source is gone: build the tokenizer metadata instead
-        return None
 
 
 def permute_qk(weight: torch.Tensor, heads: int) -> torch.Tensor:
@@ -105,10 +72,11 @@ def _hparams(config) -> dict:
     head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // heads)
     rope = getattr(config, "rope_parameters", None) or {}
     theta = rope.get("rope_theta") if isinstance(rope, dict) else None
-    return {"context_length": int(config.max_position_embeddings), "embedding_length": int(config.hidden_size),
-            "block_count": int(config.num_hidden_layers), "feed_forward_length": int(config.intermediate_size),
-            "head_count": heads, "head_count_kv": int(getattr(config, "num_key_value_heads", None) or heads),
-            "head_dim": head_dim, "rope_theta": float(theta or getattr(config, "rope_theta", 10000.0)),
+    return {"context_length": int(config.max_position_embeddings),
+            "embedding_length": int(config.hidden_size), "block_count": int(config.num_hidden_layers),
+            "feed_forward_length": int(config.intermediate_size), "head_count": heads,
+            "head_count_kv": int(getattr(config, "num_key_value_heads", None) or heads), "head_dim": head_dim,
+            "rope_theta": float(theta or getattr(config, "rope_theta", 10000.0)),
             "rms_norm_eps": float(config.rms_norm_eps), "vocab_size": int(config.vocab_size)}
 
 
@@ -166,8 +134,9 @@ def _tokenizer_from_hf(writer, tokenizer, vocab_size: int) -> None:
             except (FileNotFoundError, TypeError, KeyError, ValueError):
                 continue
         if vocab is None:
-            raise LlmpruneError(f"cannot build GGUF tokenizer metadata from a {type(tokenizer).__name__}: "
-                                "llmprune writes byte-level BPE and LLaMA BPE tokenizers; export from a GGUF source")
+            raise LlmpruneError("cannot build GGUF tokenizer metadata from a "
+                                f"{type(tokenizer).__name__}: llmprune writes byte-level BPE and LLaMA "
+                                "BPE tokenizers; export from a GGUF source")
         tokens, scores, types = [], [], []
         for text, score, kind in vocab.all_tokens():
             tokens.append(text)
@@ -183,8 +152,8 @@ def _tokenizer_from_hf(writer, tokenizer, vocab_size: int) -> None:
         writer.add_token_list(tokens)
         writer.add_token_scores(scores)
         writer.add_token_types(types)
-        SpecialVocab(Path(folder), load_merges=vocab.tokenizer_model == "gpt2", n_vocab=len(tokens)).add_to_gguf(
-            writer, quiet=True)
+        SpecialVocab(Path(folder), load_merges=vocab.tokenizer_model == "gpt2",
+                     n_vocab=len(tokens)).add_to_gguf(writer, quiet=True)
 
 
 def _matrix(tensor: torch.Tensor, gguf_type: str):
@@ -209,7 +178,8 @@ def _tensors(model: nn.Module, gguf_type: str, hp: dict):
             continue
         target = names.get_name(name, try_suffixes=(".weight", ".bias"))
         if target is None:
-            raise LlmpruneError(f"GGUF export: the model's tensor {name} has no place in llama.cpp's LLaMA layout")
+            raise LlmpruneError(f"GGUF export: the model's tensor {name} has no place in "
+                                "llama.cpp's LLaMA layout")
         if name.endswith(".bias") and not bool(tensor.any()):
             continue  # a zero bias adds nothing (and llama.cpp expects q/k/v biases of the full width)
         if name.endswith(("q_proj.weight", "q_proj.bias")):
@@ -229,22 +199,22 @@ def export_gguf(model: nn.Module, tokenizer, out: str | os.PathLike, gguf_type: 
     model came from, whose tokenizer and general.* metadata are copied. Returns a summary."""
     import gguf
 
-    from llmprune.io import atomic_target
-
     arch = check_exportable(model.config)
     hp = _hparams(model.config)
     reader = gguf.GGUFReader(str(source_gguf)) if source_gguf is not None else None
     if reader is not None:
-        vocab = len(reader.fields["tokenizer.ggml.tokens"].data) if "tokenizer.ggml.tokens" in reader.fields else None
+        vocab = (len(reader.fields["tokenizer.ggml.tokens"].data) if "tokenizer.ggml.tokens" in reader.fields
+                 else None)
         if vocab is not None and vocab > hp["vocab_size"]:
-            raise LlmpruneError(f"{source_gguf} has {vocab} tokens but the model {hp['vocab_size']} embeddings: "
-                                "it is not the model's source")
+            raise LlmpruneError(f"{source_gguf} has {vocab} tokens but the model {hp['vocab_size']} "
+                                "embeddings: it is not the model's source")
     file_type = gguf.LlamaFileType.MOSTLY_Q8_0 if gguf_type == "q8_0" else gguf.LlamaFileType.MOSTLY_F16
     types: dict[str, int] = {}
-    with atomic_target(out, signals=True) as tmp:
+    with atomic_target(out, signals=True) as tmp, io_errors():
         writer = gguf.GGUFWriter(str(tmp), arch)
         try:
-            copied = _copy_fields(writer, reader, lambda k: _source_fields(k, arch)) if reader is not None else []
+            copied = (_copy_fields(writer, reader, lambda k: _source_fields(k, arch))
+                      if reader is not None else [])
             if not any(k.startswith("tokenizer.") for k in copied):
                 _tokenizer_from_hf(writer, tokenizer, hp["vocab_size"])
             _add_hparams(writer, hp)
@@ -257,7 +227,12 @@ def export_gguf(model: nn.Module, tokenizer, out: str | os.PathLike, gguf_type: 
             writer.write_header_to_file()
             writer.write_kv_data_to_file()
             writer.write_tensors_to_file()
-        finally:
-            writer.close()
+        except BaseException:
+            # closing a half-written file fails too: keep the first error
+            with contextlib.suppress(Exception):
+                writer.close()
+            raise
+        writer.close()
     return {"path": str(out), "bytes": Path(out).stat().st_size, "type": gguf_type, "tensor_types": types,
-            "hparams": hp, "tokenizer": "copied from " + str(source_gguf) if reader is not None else "built from the HF tokenizer"}
+            "hparams": hp, "tokenizer": ("copied from " + str(source_gguf) if reader is not None
+                                         else "built from the HF tokenizer")}

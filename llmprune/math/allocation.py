@@ -55,7 +55,8 @@ def check_spread(value: float, sparsity: float, name: str) -> None:
     """lambda / delta must lie in [0, min(s, 1 - s)] so that the block sparsities can stay in [0, 1]."""
     limit = min(sparsity, 1.0 - sparsity)
     if not (isinstance(value, (int, float)) and math.isfinite(value) and 0.0 <= value <= limit + 1e-12):
-        raise LlmpruneError(f"{name} {value} is outside [0, min(s, 1 - s)] = [0, {limit:g}] for sparsity {sparsity:g}")
+        raise LlmpruneError(f"{name} {value} is outside [0, min(s, 1 - s)] = [0, {limit:g}] for "
+                            f"sparsity {sparsity:g}")
 
 
 # ---- OWL ---------------------------------------------------------------------------------------
@@ -103,7 +104,8 @@ def owl_nm_keep(ratios: Sequence[float], n: int, m: int, lam: float) -> list[int
 def depth_sparsities(blocks: int, sparsity: float, delta: float) -> list[float]:
     if blocks == 1:
         return [sparsity]
-    return [min(max(sparsity - delta + 2.0 * delta * i / (blocks - 1), 0.0), MAX_SPARSITY) for i in range(blocks)]
+    return [min(max(sparsity - delta + 2.0 * delta * i / (blocks - 1), 0.0), MAX_SPARSITY)
+            for i in range(blocks)]
 
 
 # ---- the plan the pipeline follows -------------------------------------------------------------
@@ -132,7 +134,8 @@ def uniform_targets(blocks: int, sparsity: float, n: int | None, m: int | None) 
     return BlockTargets("uniform", [sparsity] * blocks, [n] * blocks if m is not None else None)
 
 
-def owl_targets(ratios: Sequence[float], sparsity: float, n: int | None, m: int | None, lam: float) -> BlockTargets:
+def owl_targets(ratios: Sequence[float], sparsity: float,
+                n: int | None, m: int | None, lam: float) -> BlockTargets:
     """OWL's targets from the blocks' outlier ratios D (unstructured, or N:M kept counts)."""
     if m is not None:
         keep = owl_nm_keep(ratios, n, m, lam)

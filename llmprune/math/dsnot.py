@@ -109,7 +109,8 @@ def _prune_order(contribution: torch.Tensor, mask: torch.Tensor, wanda: torch.Te
         within = _ordered(wanda) * in_f + torch.arange(in_f, device=mask.device)  # (wanda, column)
         group = (contribution > 0).long() + (contribution >= 0).long()  # 0 negative, 1 zero, 2 positive
         key = group * 2 ** 53 + torch.where(group == 2, -within, within)
-        ends = _Ends.of(key.masked_fill(mask, 2 ** 62), cycles, kept_count, last_key=key.masked_fill(mask, -2 ** 62))
+        ends = _Ends.of(key.masked_fill(mask, 2 ** 62), cycles, kept_count,
+                        last_key=key.masked_fill(mask, -2 ** 62))
         return ends, kept_count
     order = torch.sort(wanda.masked_fill(mask, float("inf")), dim=1, stable=True).indices  # kept first
     c = contribution.gather(1, order)
@@ -198,7 +199,8 @@ def dsnot(weight: torch.Tensor, mask: torch.Tensor, x_mean: torch.Tensor, var: t
         error = error + torch.where(do, delta, torch.zeros_like(delta))
         swaps += do.long()
     info = {"cycles": used, "swaps": int(swaps.sum().item()),
-            "error_before": float(start_error.abs().sum().item()), "error_after": float(error.abs().sum().item())}
+            "error_before": float(start_error.abs().sum().item()),
+            "error_after": float(error.abs().sum().item())}
     return mask, info
 
 

@@ -33,8 +33,8 @@ import math
 
 import torch
 
-from llmprune.math import GROUPS
 from llmprune.errors import LlmpruneError
+from llmprune.math import GROUPS
 
 
 def prune_count(sparsity: float, size: int) -> int:

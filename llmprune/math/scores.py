@@ -20,11 +20,13 @@ from __future__ import annotations
 
 import torch
 
-from llmprune.math import METRICS
 from llmprune.errors import LlmpruneError
 
 # Metrics that read calibration statistics (the rest need no data at all).
-from llmprune.math import ACTIVATION_METRICS  # noqa: E402,F401  (re-exported)
+from llmprune.math import (
+    ACTIVATION_METRICS,  # noqa: E402,F401  (re-exported)
+    METRICS,
+)
 
 
 def input_norm(sq_norm: torch.Tensor, tokens: int) -> torch.Tensor:

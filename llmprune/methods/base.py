@@ -80,11 +80,17 @@ def score_needs(config) -> tuple[str, ...]:
     return ("norms",) if metric in ACTIVATION_METRICS else ()
 
 
-def mask_from_score(weight: torch.Tensor, s: torch.Tensor, config, group: str | None, info: dict) -> Selection:
+def mask_from_score(weight: torch.Tensor, s: torch.Tensor, config,
+                    group: str | None, info: dict) -> Selection:
     """The mask of ``s`` (out, in; higher = keep) under ``config``'s pattern: N:M (permuted with
     ``permute``), the variant's per-row threshold, or exact counts per ``group``."""
-    from llmprune.math.masks import (alpha_variant_search, channel_reallocation, nm_mask, permuted_nm_mask,
-                                     unstructured_mask)
+    from llmprune.math.masks import (
+        alpha_variant_search,
+        channel_reallocation,
+        nm_mask,
+        permuted_nm_mask,
+        unstructured_mask,
+    )
 
     perm = None
     if config.pattern.structured:

@@ -1,4 +1,5 @@
-"""depth (an allocation): sparsity rising linearly with depth, block i of L at s - delta + 2 delta i / (L - 1).
+"""depth (an allocation): sparsity rising linearly with depth, block i of L at
+s - delta + 2 delta i / (L - 1).
 
 The mean is exactly s. No official code (a simple baseline beside OWL); unstructured only.
 """

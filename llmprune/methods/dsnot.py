@@ -65,8 +65,8 @@ def refine(dense, sel, stats, config, layer: str):
 
 SPEC = REFINERS.add(StepSpec(
     name="dsnot", label="DSnoT", suffix="+DSnoT", order=10,
-    paper='Zhang, Zhao, Lin, Sun, Yao, Han, Tanner, Liu & Ji 2024, "Dynamic Sparse No Training: Training-Free '
-          'Fine-tuning for Sparse LLMs", ICLR',
+    paper='Zhang, Zhao, Lin, Sun, Yao, Han, Tanner, Liu & Ji 2024, "Dynamic Sparse No Training: '
+          'Training-Free Fine-tuning for Sparse LLMs", ICLR',
     code="zyxxmu/DSnoT",
     summary="training-free prune-and-grow of the mask, row by row",
     options=DSnoTOptions, needs=("norms", "moments"), run=refine, extra={"layer_filter": refines},

@@ -13,8 +13,8 @@ from llmprune.registry import METHODS, MethodSpec, Supports
 
 SPEC = METHODS.add(MethodSpec(
     name="magnitude", label="Magnitude", order=10,
-    paper='Han, Pool, Tran & Dally 2015, "Learning both Weights and Connections for Efficient Neural Networks", '
-          "NeurIPS",
+    paper='Han, Pool, Tran & Dally 2015, "Learning both Weights and Connections for Efficient Neural '
+          'Networks", NeurIPS',
     code="locuslab/wanda (prune_magnitude)",
     summary="drop the smallest |W|, one threshold per matrix; no calibration",
     options=ScoreOptions, supports=Supports(), select=score_and_mask, check=check_variant,

@@ -20,11 +20,12 @@ from llmprune.registry import ALLOCATIONS, StepSpec, option
 
 @dataclass(frozen=True)
 class OwlOptions:
-    owl_m: float = option(5.0, "OWL outlier threshold M: a Wanda score is an outlier above M x the block's mean score")
-    owl_lambda: float = option(0.08, "OWL lambda: block sparsities span 2*lambda around the target (N:M: lambda*M "
-                                     "weights per group)")
-    owl_nsamples: int | None = option(None, "calibration windows for OWL's dense statistics pass (None: all, as the "
-                                            "official code)")
+    owl_m: float = option(5.0, "OWL outlier threshold M: a Wanda score is an outlier above M x the "
+                               "block's mean score")
+    owl_lambda: float = option(0.08, "OWL lambda: block sparsities span 2*lambda around the target (N:M: "
+                                     "lambda*M weights per group)")
+    owl_nsamples: int | None = option(None, "calibration windows for OWL's dense statistics pass (None: all, "
+                                            "as the official code)")
 
     def __post_init__(self) -> None:
         check_positive(self.owl_nsamples, "owl_nsamples", allow_none=True)

@@ -21,8 +21,8 @@ def reconstruct(dense, hessian, mask, config):
 
 SPEC = RECONSTRUCTIONS.add(StepSpec(
     name="obs", label="reconstruct", suffix="+reconstruct", order=20,
-    paper='Frantar & Alistarh 2023, "SparseGPT: Massive Language Models Can Be Accurately Pruned in One-Shot", '
-          "ICML (its OBS update, mask fixed)",
+    paper='Frantar & Alistarh 2023, "SparseGPT: Massive Language Models Can Be Accurately Pruned in '
+          'One-Shot", ICML (its OBS update, mask fixed)',
     code="IST-DASLab/sparsegpt",
     summary="re-solve the kept weights for the final mask (OBS sweep, mask fixed)",
     options=SolverOptions, needs=("hessian",), run=reconstruct,

@@ -19,8 +19,8 @@ STRUCTURES = ("mlp", "heads", "both")
 
 @dataclass(frozen=True)
 class ShrinkOptions:
-    structure: str = option("mlp", "structured methods (wanda-sp, flap): remove mlp (intermediate channels), heads "
-                                   "(whole KV groups: a KV head with its query heads) or both")
+    structure: str = option("mlp", "structured methods (wanda-sp, flap): remove mlp (intermediate channels), "
+                                   "heads (whole KV groups: a KV head with its query heads) or both")
     channel_multiple: int = option(32, "structured methods: keep a multiple of this many MLP channels (32: "
                                        "llama.cpp's q8_0 block; 1: the exact ratio)")
 
@@ -40,8 +40,8 @@ class StructuredSpec:
 
 def check(config) -> None:
     if not 0.0 < config.sparsity < 1.0:
-        raise LlmpruneError(f"structured sparsity {config.sparsity} is outside (0, 1): give the fraction of each "
-                            "block's parameters to remove, such as 0.3")
+        raise LlmpruneError(f"structured sparsity {config.sparsity} is outside (0, 1): give the fraction of "
+                            "each block's parameters to remove, such as 0.3")
     clashes = [name for name, on in (
         ("--pattern", config.pattern.structured), ("--true-sequential", config.true_sequential),
         ("--include/--exclude", bool(config.include or config.exclude)),
@@ -49,5 +49,6 @@ def check(config) -> None:
         ("--allocation", config.allocation != "uniform"), ("--permute", config.permute),
         ("--refine", config.refine is not None), ("--reconstruct", config.reconstruct)) if on]
     if clashes:
-        raise LlmpruneError(f"{config.method} removes whole channels and heads, the same fraction in every block: "
-                            f"{clashes[0]} does not apply (use --structure mlp|heads|both to choose what is removed)")
+        raise LlmpruneError(f"{config.method} removes whole channels and heads, the same fraction in every "
+                            f"block: {clashes[0]} does not apply (use --structure mlp|heads|both to choose "
+                            "what is removed)")

@@ -53,7 +53,8 @@ def select(weight, stats, config) -> Selection:
 
 SPEC = METHODS.add(MethodSpec(
     name="sparsegpt", label="SparseGPT", order=20,
-    paper='Frantar & Alistarh 2023, "SparseGPT: Massive Language Models Can Be Accurately Pruned in One-Shot", ICML',
+    paper='Frantar & Alistarh 2023, "SparseGPT: Massive Language Models Can Be Accurately Pruned in '
+          'One-Shot", ICML',
     code="IST-DASLab/sparsegpt",
     summary="OBS: mask by w^2 / [H^-1]_ii^2 per column block, update the kept weights",
     options=SolverOptions, needs=("hessian",), supports=Supports(), select=select, check=check,

@@ -15,7 +15,8 @@ from llmprune.registry import METHODS, MethodSpec, Supports
 
 SPEC = METHODS.add(MethodSpec(
     name="wanda", label="Wanda", order=30,
-    paper='Sun, Liu, Bair & Kolter 2024, "A Simple and Effective Pruning Approach for Large Language Models", ICLR',
+    paper='Sun, Liu, Bair & Kolter 2024, "A Simple and Effective Pruning Approach for Large '
+          'Language Models", ICLR',
     code="locuslab/wanda",
     summary="drop the smallest |W_ij| * ||X_j||_2 of each output row; no weight update",
     options=ScoreOptions, needs=("norms",), supports=Supports(permute=True, nm_allocation=True),

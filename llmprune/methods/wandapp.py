@@ -25,7 +25,8 @@ from llmprune.registry import METHODS, MethodSpec, Supports, option
 
 @dataclass(frozen=True)
 class WandaPPOptions:
-    wandapp_alpha: float = option(100.0, "Wanda++ weight alpha of the regional gradient in (alpha |G| + ||X||) |W|")
+    wandapp_alpha: float = option(100.0,
+                                  "Wanda++ weight alpha of the regional gradient in (alpha |G| + ||X||) |W|")
 
     def __post_init__(self) -> None:
         check_number(self.wandapp_alpha, "wandapp_alpha", 0.0)
@@ -42,7 +43,8 @@ def select(weight, stats, config):
 
 SPEC = METHODS.add(MethodSpec(
     name="wanda++", label="Wanda++", order=45,
-    paper='Yang et al. 2025, "Wanda++: Pruning Large Language Models via Regional Gradients", arXiv:2503.04992',
+    paper='Yang et al. 2025, "Wanda++: Pruning Large Language Models via Regional Gradients", '
+          'arXiv:2503.04992',
     code="none (implemented from the paper)",
     summary="(alpha |G| + ||X_j||) |W|, G the block-local gradient of the block output's norm",
     options=WandaPPOptions, needs=("norms", "regional_grad"), supports=Supports(), select=select,

@@ -18,36 +18,78 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from pathlib import Path
 
 from llmprune.errors import LlmpruneError
 from llmprune.io import write_text_atomic
 from llmprune.report.plots import PLOTS
-from llmprune.report.tables import (choose_layout, pivot, ppl_scopes, run_table, scope_slugs, scope_title,
-                                    sort_key, summary_csv, zeroshot_sections)
+from llmprune.report.tables import (
+    choose_layout,
+    pivot,
+    ppl_scopes,
+    run_table,
+    scope_slugs,
+    scope_title,
+    sort_key,
+    summary_csv,
+    zeroshot_sections,
+)
 from llmprune.results import RESULT_SCHEMA, Result, embedded_dense, is_result, parse_result
 
 SUMMARY_MD = "summary.md"
 SUMMARY_CSV = "summary.csv"
 
 
-def load_results(results_dir: str | os.PathLike) -> list[Result]:
-    """Every result in ``results_dir`` (not its subfolders), sorted for display."""
+class ReportWarning(UserWarning):
+    """A file of the folder left out of the report (damaged, hand-edited or not JSON); the
+    message names the file and the field, and the report is made from the other files."""
+
+
+MAX_RESULT_BYTES = 64 << 20  # a result file is kilobytes; anything this large is not one
+
+
+def _read(path: Path) -> tuple[object, str | None]:
+    """The parsed JSON of ``path``, or None and why it cannot be read."""
+    try:
+        if path.stat().st_size > MAX_RESULT_BYTES:
+            return None, f"{path.stat().st_size:,} bytes, too large for a result file"
+        return json.loads(path.read_text(encoding="utf-8")), None
+    # ValueError: bad JSON, bad UTF-8, a 5000-digit number
+    except (OSError, ValueError, RecursionError) as exc:
+        return None, f"not valid JSON ({' '.join(str(exc).split())[:200]})"
+
+
+def load_results(results_dir: str | os.PathLike, skipped: list[str] | None = None) -> list[Result]:
+    """Every result in ``results_dir`` (not its subfolders), sorted for display.
+
+    A file that cannot be read or parsed is left out with a :class:`ReportWarning` naming it and
+    the field (and listed in ``skipped`` when given): one damaged file must not cost the report
+    of all the others."""
     folder = Path(results_dir)
     if not folder.is_dir():
         raise LlmpruneError(f"{folder} is not a folder: give the --out folder of `llmprune run`")
     results: list[Result] = []
     embedded: list[Result] = []
+    problems: list[str] = []
     for path in sorted(folder.glob("*.json")):
-        try:
-            record = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as exc:
-            raise LlmpruneError(f"{path} is not valid JSON ({exc}): delete or fix it") from None
-        if is_result(record):
-            results.append(parse_result(record, path.name))
-            dense = embedded_dense(record, path.name)
-            if dense is not None:
-                embedded.append(dense)
+        record, problem = _read(path)
+        if problem is None and is_result(record):
+            try:
+                parsed = parse_result(record, path.name)
+                dense = embedded_dense(record, path.name)
+            except LlmpruneError as exc:
+                problem = str(exc)
+            except (TypeError, ValueError, AttributeError, KeyError, OverflowError) as exc:
+                problem = f"result file {path.name} cannot be read ({type(exc).__name__}: {str(exc)[:200]})"
+            else:
+                results.append(parsed)
+                if dense is not None:
+                    embedded.append(dense)
+        elif problem is not None:
+            problem = f"{path.name} is {problem}"
+        if problem is not None:
+            problems.append(f"skipped {problem}")
     # `llmprune prune --json` files carry the dense model's numbers inside: use them where the
     # folder has no dense result of its own for that model and evaluation
     have = {(r.model, r.eval_seqlen, r.max_windows) for r in results if r.dense}
@@ -56,7 +98,13 @@ def load_results(results_dir: str | os.PathLike) -> list[Result]:
             have.add((r.model, r.eval_seqlen, r.max_windows))
             results.append(r)
     if not results:
-        raise LlmpruneError(f"{folder} holds no result files (*.json with schema {RESULT_SCHEMA}): run a recipe first")
+        why = f" ({'; '.join(problems)})" if problems else ""
+        raise LlmpruneError(f"{folder} holds no result files (*.json with schema {RESULT_SCHEMA}){why}: run "
+                            "a recipe first, or fix the files")
+    for message in problems:
+        if skipped is not None:
+            skipped.append(message)
+        warnings.warn(message, ReportWarning, stacklevel=2)
     return sorted(results, key=sort_key)
 
 
@@ -78,7 +126,8 @@ def write_report(results_dir: str | os.PathLike) -> dict[str, Path]:
     """Write ``summary.md``, ``summary.csv`` and the plots into ``results_dir``; return
     ``{file name: path}`` of everything written."""
     folder = Path(results_dir)
-    results = load_results(folder)
+    skipped: list[str] = []
+    results = load_results(folder, skipped)
     written: dict[str, Path] = {}
 
     recipes = sorted({r.recipe for r in results if r.recipe})
@@ -90,6 +139,8 @@ def write_report(results_dir: str | os.PathLike) -> dict[str, Path]:
     files = len({r.file.split("#")[0] for r in results})
     lines += [f"Generated by `llmprune report` from {files} result files in this folder "
               "(tables and plots come only from those files).", ""]
+    if skipped:
+        lines += [f"Left out (fix or delete them): {'; '.join(skipped)}.", ""]
     for label, values in (("Versions", sorted({r.versions for r in results if r.versions})),
                           ("Machine", sorted({r.machine for r in results if r.machine}))):
         if values:
@@ -120,4 +171,4 @@ def write_report(results_dir: str | os.PathLike) -> dict[str, Path]:
     return {SUMMARY_MD: md, SUMMARY_CSV: csv_path, **dict(sorted(written.items()))}
 
 
-__all__ = ["write_report", "load_results", "pivot", "choose_layout", "summary_csv", "Result"]
+__all__ = ["write_report", "load_results", "ReportWarning", "pivot", "choose_layout", "summary_csv", "Result"]

@@ -16,11 +16,11 @@ from pathlib import Path
 from typing import Any, Callable
 
 from llmprune.io import write_atomic
-from llmprune.report.tables import (KNOBS, knob_order, method_key, method_label, varies_within_method)
+from llmprune.report.tables import KNOBS, knob_order, method_key, method_label, varies_within_method
 from llmprune.results import MISSING, Result
 
 
-def _new_figure():
+def new_figure():
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -29,8 +29,8 @@ def _new_figure():
     return fig, fig.add_subplot(1, 1, 1)
 
 
-def _finish(fig, ax, path: Path, xlabel: str, ylabel: str, title: str, grid_axis: str = "both",
-            grid_which: str = "major") -> Path:
+def finish_figure(fig, ax, path: Path, xlabel: str, ylabel: str, title: str, grid_axis: str = "both",
+                  grid_which: str = "major") -> Path:
     """Labels, title, grid and legend, then a tight layout saved atomically as PNG."""
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
@@ -67,7 +67,7 @@ def _series(results: list[Result], layout_knobs: list[str], x: Callable[[Result]
     return {k: (label, sorted(points)) for k, (label, points) in sorted(lines.items())}
 
 
-def _log_y(ax) -> None:
+def log_y(ax) -> None:
     """Log y with plain numbers (40, not 4x10^1) on the ticks."""
     from matplotlib.ticker import LogFormatter
 
@@ -82,13 +82,13 @@ def plot_sparsity(results: list[Result], dataset: str, title: str, path: Path) -
     if len({round(r.sparsity, 9) for r in pruned}) < 2:
         return None
     others = [k for k in KNOBS if varies_within_method(pruned, k)]
-    fig, ax = _new_figure()
+    fig, ax = new_figure()
     for label, points in _series(pruned, others, lambda r: round(r.sparsity * 100, 6), dataset).values():
         ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=label)
     _dense_line(ax, [r for r in results if r.dense], dataset)
-    _log_y(ax)
-    return _finish(fig, ax, path, "unstructured sparsity (%)", f"{dataset} perplexity (log scale)", title,
-                   grid_which="both")
+    log_y(ax)
+    return finish_figure(fig, ax, path, "unstructured sparsity (%)", f"{dataset} perplexity (log scale)",
+                         title, grid_which="both")
 
 
 def plot_nsamples(results: list[Result], dataset: str, title: str, path: Path) -> Path | None:
@@ -97,7 +97,7 @@ def plot_nsamples(results: list[Result], dataset: str, title: str, path: Path) -
     if not varies_within_method(pruned, "nsamples"):
         return None
     others = [k for k in ("setting",) + KNOBS if k != "nsamples" and varies_within_method(pruned, k)]
-    fig, ax = _new_figure()
+    fig, ax = new_figure()
     ticks: set[int] = set()
     for label, points in _series(pruned, others, lambda r: r.nsamples, dataset).values():
         ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=label)
@@ -106,7 +106,7 @@ def plot_nsamples(results: list[Result], dataset: str, title: str, path: Path) -
     ax.set_xscale("log", base=2)
     ax.set_xticks(sorted(ticks))
     ax.set_xticklabels([str(t) for t in sorted(ticks)])
-    return _finish(fig, ax, path, "calibration samples", f"{dataset} perplexity", title)
+    return finish_figure(fig, ax, path, "calibration samples", f"{dataset} perplexity", title)
 
 
 def plot_pattern(results: list[Result], dataset: str, title: str, path: Path) -> Path | None:
@@ -118,18 +118,18 @@ def plot_pattern(results: list[Result], dataset: str, title: str, path: Path) ->
     settings = sorted({(r.setting, r.setting_label) for r in pruned})
     columns = [label for _, label in settings]
     bars = _series(pruned, others, lambda r: r.setting, dataset)
-    fig, ax = _new_figure()
+    fig, ax = new_figure()
     width = 0.8 / max(len(bars), 1)
     for j, (label, points) in enumerate(bars.values()):
         where = {key: i for i, (key, _) in enumerate(settings)}
         xs = [where[x] + (j - (len(bars) - 1) / 2) * width for x, _ in points]
         ax.bar(xs, [y for _, y in points], width=width, label=label)
     _dense_line(ax, [r for r in results if r.dense], dataset)
-    _log_y(ax)
+    log_y(ax)
     ax.set_xticks(range(len(columns)))
     ax.set_xticklabels(columns)
-    return _finish(fig, ax, path, "sparsity pattern", f"{dataset} perplexity (log scale)", title,
-                   grid_axis="y", grid_which="both")
+    return finish_figure(fig, ax, path, "sparsity pattern", f"{dataset} perplexity (log scale)", title,
+                         grid_axis="y", grid_which="both")
 
 
 def plot_group_metric(results: list[Result], dataset: str, title: str, path: Path) -> Path | None:
@@ -137,16 +137,18 @@ def plot_group_metric(results: list[Result], dataset: str, title: str, path: Pat
     pruned = [r for r in results if not r.dense and _finite(r.ppl.get(dataset))]
     if not (varies_within_method(pruned, "group") or varies_within_method(pruned, "metric")):
         return None
-    others = [k for k in ("setting",) + KNOBS if k not in ("group", "metric") and varies_within_method(pruned, k)]
+    others = [k for k in ("setting",) + KNOBS if k not in ("group", "metric")
+              and varies_within_method(pruned, k)]
     groups = sorted({r.group for r in pruned}, key=lambda g: knob_order("group", g))
     bars: dict[tuple, tuple[str, dict]] = {}
     for r in pruned:
-        key = (method_key(r), knob_order("metric", r.metric)) + tuple(knob_order(k, r.knob(k)) for k in others)
+        key = (method_key(r), knob_order("metric", r.metric))
+        key += tuple(knob_order(k, r.knob(k)) for k in others)
         extra = [f"{k}={r.knob_label(k)}" for k in others if r.knob(k) is not None]
         label = f"{method_label(r)}, metric {r.knob_label('metric')}"
         label += f" ({', '.join(extra)})" if extra else ""
         bars.setdefault(key, (label, {}))[1].setdefault(r.group, r.ppl[dataset])
-    fig, ax = _new_figure()
+    fig, ax = new_figure()
     width = 0.8 / max(len(bars), 1)
     for j, (label, values) in enumerate(v for _, v in sorted(bars.items())):
         xs = [i + (j - (len(bars) - 1) / 2) * width for i, g in enumerate(groups) if g in values]
@@ -154,28 +156,29 @@ def plot_group_metric(results: list[Result], dataset: str, title: str, path: Pat
     _dense_line(ax, [r for r in results if r.dense], dataset)
     heights = [r.ppl[dataset] for r in pruned]
     if max(heights) > 10 * min(heights):  # e.g. the activation-only metric: keep the others readable
-        _log_y(ax)
+        log_y(ax)
     ax.set_xticks(range(len(groups)))
     ax.set_xticklabels([MISSING if g is None else str(g) for g in groups])
-    return _finish(fig, ax, path, "comparison group", f"{dataset} perplexity", title, grid_axis="y")
+    return finish_figure(fig, ax, path, "comparison group", f"{dataset} perplexity", title, grid_axis="y")
 
 
 def plot_block_sparsity(results: list[Result], dataset: str, title: str, path: Path) -> Path | None:
     """Measured sparsity per decoder block, one line per run with a non-uniform allocation, and
     the uniform runs' target as a dashed line for each setting."""
     allocated = [r for r in results if not r.dense and r.block_sparsity and
-                 (len(set(round(s, 4) for s in r.block_sparsity)) > 1 and r.variant and r.variant[0] in ("owl", "depth"))]
+                 (len(set(round(s, 4) for s in r.block_sparsity)) > 1 and r.variant
+                  and r.variant[0] in ("owl", "depth"))]
     if not allocated:
         return None
-    fig, ax = _new_figure()
+    fig, ax = new_figure()
     for r in sorted(allocated, key=lambda r: (r.setting, method_key(r))):
         ax.plot(range(len(r.block_sparsity)), [100 * s for s in r.block_sparsity], marker=".",
                 label=f"{method_label(r)} {r.setting_label}")
-    for setting, label in sorted({(r.setting, r.setting_label) for r in allocated}):
+    for setting, _label in sorted({(r.setting, r.setting_label) for r in allocated}):
         target = next(r.sparsity for r in allocated if r.setting == setting)
         ax.axhline(100 * target, color="gray", linestyle="--", linewidth=0.8)
-    return _finish(fig, ax, path, "decoder block", "sparsity (%)",
-                   title.replace("Perplexity on", "Sparsity per block; runs evaluated on"))
+    return finish_figure(fig, ax, path, "decoder block", "sparsity (%)",
+                         title.replace("Perplexity on", "Sparsity per block; runs evaluated on"))
 
 
 # (file-name prefix, plot function) in the order the report lists them

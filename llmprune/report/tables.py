@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 
 from llmprune.methods import ALLOCATIONS, METHODS, RECONSTRUCTIONS, REFINERS
+from llmprune.recipes import slugify
 from llmprune.results import DENSE, MISSING, Result, percent, task_order
 
 # methods whose spec's order is below this are listed in that order (the papers': magnitude,
@@ -71,7 +72,8 @@ def knob_order(knob: str, value: Any) -> tuple:
 
 def sort_key(r: Result) -> tuple:
     return (r.model, method_key(r), r.setting, knob_order("group", r.group), knob_order("metric", r.metric),
-            none_last(r.nsamples), none_last(r.seed), none_last(r.calib), none_last(r.eval_seqlen), r.name, r.file)
+            none_last(r.nsamples), none_last(r.seed), none_last(r.calib),
+            none_last(r.eval_seqlen), r.name, r.file)
 
 
 def varies_within_method(results: list[Result], knob: str) -> bool:
@@ -130,7 +132,8 @@ def _markdown(header: list[str], rows: list[list[str]], align: list[str] | None 
     align = align or ["l"] + ["r"] * (len(header) - 1)
     rule = ["---:" if a == "r" else ":---" for a in align]
     lines = ["| " + " | ".join(header) + " |", "| " + " | ".join(rule) + " |"]
-    lines += ["| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |" for row in rows]
+    lines += ["| " + " | ".join(cell.replace("\n", " ").replace("|", "\\|") for cell in row) + " |"
+              for row in rows]
     return lines
 
 
@@ -168,17 +171,12 @@ def _short_model(model: str) -> str:
     return model.rstrip("/").split("/")[-1]
 
 
-def _slug(text: str) -> str:
-    from llmprune.recipes import slugify
-
-    return slugify(text)
-
-
 def ppl_scopes(results: list[Result]) -> dict[tuple, list[Result]]:
     scopes: dict[tuple, list[Result]] = {}
     for r in results:
         for dataset in r.ppl:
-            scopes.setdefault((r.model, dataset, none_last(r.eval_seqlen), none_last(r.max_windows)), []).append(r)
+            key = (r.model, dataset, none_last(r.eval_seqlen), none_last(r.max_windows))
+            scopes.setdefault(key, []).append(r)
     return dict(sorted(scopes.items()))
 
 
@@ -192,7 +190,7 @@ def scope_title(model: str, dataset: str, seqlen: tuple, max_windows: tuple) -> 
 def scope_slugs(scopes: Iterable[tuple]) -> dict[tuple, str]:
     """A file-name part per scope, made longer only where two scopes would share one."""
     scopes = list(scopes)
-    base = {s: _slug(f"{s[1]}_{_short_model(s[0])}") for s in scopes}
+    base = {s: slugify(f"{s[1]}_{_short_model(s[0])}")[:80] for s in scopes}  # a file name part: bounded
     counts: dict[str, int] = {}
     for slug in base.values():
         counts[slug] = counts.get(slug, 0) + 1
@@ -219,8 +217,9 @@ def _number(value: Any) -> str:
 def summary_csv(results: list[Result]) -> str:
     datasets = sorted({d for r in results for d in r.ppl})
     tasks = task_order({t for r in results for t in r.acc})
-    header = (["name", "recipe", "model", "method", "sparsity", "pattern", "group", "metric", "nsamples", "seed",
-               "calib_dataset", "eval_seqlen", "variant"] + [f"ppl_{d}" for d in datasets] + [f"acc_{t}" for t in tasks]
+    header = (["name", "recipe", "model", "method", "sparsity", "pattern", "group", "metric", "nsamples",
+               "seed", "calib_dataset", "eval_seqlen", "variant"]
+              + [f"ppl_{d}" for d in datasets] + [f"acc_{t}" for t in tasks]
               + ["mean_acc", "prune_seconds", "actual_sparsity", "file"])
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
@@ -242,8 +241,8 @@ def run_table(results: list[Result]) -> list[str]:
     header += [f"ppl {d}" for d in datasets] + (["mean acc (%)"] if with_acc else []) + ["prune s"]
     rows = []
     for r in results:
-        row = [r.name, r.model, "+".join((r.method,) + r.variant), percent(r.sparsity), r.pattern, r.group or MISSING, r.metric or MISSING,
-               MISSING if r.nsamples is None else str(r.nsamples)]
+        row = [r.name, r.model, "+".join((r.method,) + r.variant), percent(r.sparsity), r.pattern,
+               r.group or MISSING, r.metric or MISSING, MISSING if r.nsamples is None else str(r.nsamples)]
         row += [_fmt(r.ppl.get(d)) for d in datasets]
         row += [_fmt(r.mean_acc, 2, 100.0)] if with_acc else []
         row += [_fmt(r.prune_seconds, 1)]
@@ -266,6 +265,7 @@ def zeroshot_sections(results: list[Result]) -> list[str]:
         lines += [f"### Zero-shot accuracy per task (%): {model}", ""]
         body = [[r.name, method_label(r), MISSING if r.dense else r.setting_label]
                 + [_fmt(r.acc.get(t), 2, 100.0) for t in tasks] + [_fmt(r.mean_acc, 2, 100.0)] for r in rows]
-        lines += _markdown(["name", "method", "sparsity"] + list(tasks) + ["mean"], body, ["l"] * 3 + ["r"] * (len(tasks) + 1))
+        lines += _markdown(["name", "method", "sparsity"] + list(tasks) + ["mean"], body,
+                           ["l"] * 3 + ["r"] * (len(tasks) + 1))
         lines.append("")
     return lines

@@ -57,5 +57,5 @@ def regional_gradients(block: nn.Module, hidden: torch.Tensor, kwargs: dict, lay
     return {name: s.div_(windows).sqrt_() for name, s in sums.items()}
 
 
-COLLECTORS.add(CollectorSpec(NAME, "block-local gradient of the block output's L2 norm per weight (Wanda++)", "block",
-                             regional_gradients, backward=True, memory=_memory))
+COLLECTORS.add(CollectorSpec(NAME, "block-local gradient of the block output's L2 norm per weight (Wanda++)",
+                             "block", regional_gradients, backward=True, memory=_memory))

@@ -60,7 +60,8 @@ class MomentsPart:
         self.windows = 0
 
     def add(self, x: torch.Tensor, raw: torch.Tensor) -> None:
-        xw = raw.reshape(raw.shape[0] if raw.dim() == 3 else 1, -1, raw.shape[-1]).float()  # (windows, tokens, in)
+        # (windows, tokens, in)
+        xw = raw.reshape(raw.shape[0] if raw.dim() == 3 else 1, -1, raw.shape[-1]).float()
         self.x_sum += xw.sum(dim=(0, 1))
         # two-pass population variance over the tokens: as exact as torch.var and about 5x
         # faster on a CPU, where torch.var over the middle dimension is a strided reduction
@@ -100,7 +101,7 @@ class Accumulator:
     def stats(self) -> LayerStats:
         values: dict = {}
         extra: dict = {}
-        for name, part in self.parts.items():
+        for _name, part in self.parts.items():
             for key, value in part.finish(self.tokens).items():
                 (values if key in LayerStats.FIELDS else extra)[key] = value
         return LayerStats(tokens=self.tokens, extra=extra, **values)
@@ -275,7 +276,8 @@ def input_moments(modules: dict[str, nn.Module]) -> Iterator[dict[str, ChannelMo
     try:
         for name, module in modules.items():
             acc = moments[name]
-            handles.append(module.register_forward_pre_hook(lambda _m, args, acc=acc: acc.add(args[0].detach())))
+            handles.append(module.register_forward_pre_hook(lambda _m, args, acc=acc:
+                                                            acc.add(args[0].detach())))
         yield moments
     finally:
         for handle in handles:

