@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import copy
 import gc
+import re
 import sys
 import threading
 import time
@@ -284,7 +285,8 @@ def main() -> None:
           f"{'propagate':>9}   (x forward per block)   peak extra memory")
     per_block_forward = forward_s / len(base.model.layers)
     for spec in args.methods.split(","):
-        method, *steps = spec.split("+")  # issue 8's steps: wanda+owl, wanda+dsnot, ria@2:4+permute, ...
+        # steps: wanda+owl, wanda+dsnot, ria@2:4+permute, ...; a "+" inside a name (wanda++) is no step
+        method, *steps = re.split(r"\+(?=[a-z])", spec)
         method, _, pattern = method.partition("@")
         model = copy.deepcopy(base)
         config = PruneConfig(method=method, sparsity=None if pattern else 0.5,
@@ -301,7 +303,7 @@ def main() -> None:
         # the last block has no propagation: average that phase over the blocks that have one
         propagated = [v for v in report.phase_seconds.get("propagate", []) if v > 0]
         phases["propagate"] = sum(propagated) / len(propagated) if propagated else 0.0
-        label = f"{spec.partition('@')[0].split('+')[0]}{''.join('+' + x for x in steps)} {pattern or '50%'}"
+        label = f"{method}{''.join('+' + x for x in steps)} {pattern or '50%'}"
         if report.allocation and report.allocation.get("seconds"):  # OWL's dense statistics pass
             print(f"{'':<16} of which OWL's statistics pass {report.allocation['seconds']:.1f} s = "
                   f"{report.allocation['seconds'] / forward_s:.2f}x forward")

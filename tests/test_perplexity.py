@@ -8,10 +8,11 @@ import pytest
 import torch
 import torch.nn as nn
 
+from conftest import make_family_model, make_model
 from llmprune.errors import LlmpruneError
-from llmprune.evaluation.perplexity import PerplexityResult, evaluate_perplexity, perplexity
+from llmprune.evaluation.perplexity import PerplexityResult, evaluate_perplexity, perplexity, split_head
 
-from conftest import make_model
+FALLBACK = "perplexity with full logits"  # the warning when the chunked path does not apply
 
 
 def hand_ppl(model, tokens: torch.Tensor, seqlen: int, windows: int) -> float:
@@ -36,7 +37,8 @@ def wanda_ppl(model, tokens: torch.Tensor, seqlen: int, bs: int) -> float:
             inputs = testenc[:, i * seqlen:j * seqlen].reshape(j - i, seqlen)
             lm_logits = model(inputs).logits
             shift_logits = lm_logits[:, :-1, :].contiguous()
-            loss = nn.CrossEntropyLoss()(shift_logits.reshape(-1, shift_logits.size(-1)), inputs[:, 1:].reshape(-1))
+            loss = nn.CrossEntropyLoss()(shift_logits.reshape(-1, shift_logits.size(-1)),
+                                         inputs[:, 1:].reshape(-1))
             nlls.append(loss.float() * seqlen * (j - i))
     return torch.exp(torch.stack(nlls).sum() / (nsamples * seqlen)).item()
 
@@ -94,6 +96,108 @@ def test_low_precision_model_loss_in_float32():
     assert result.ppl == pytest.approx(hand_ppl(model, tokens, 16, 3), rel=1e-5)
 
 
+# ----------------------------------------------------------------------------- chunked logits
+
+def test_chunked_equals_full_logits(tiny_model_any, caplog):
+    """The same bits with logits_chunk positions at a time as with all of a batch's logits, for a
+    batch of 1 and of 3, a window (37) that no chunk size divides, and chunks that split a window."""
+    seqlen = 37
+    tokens = stream(7 * seqlen + 5, seed=5)
+    for batch_size in (1, 3):  # 3 + 3 + 1: the last batch is short too
+        full = perplexity(tiny_model_any, tokens, seqlen, batch_size=batch_size, logits_chunk=None,
+                          progress=False)
+        for chunk in (16, 20, 32, 64, 1024):
+            chunked = perplexity(tiny_model_any, tokens, seqlen, batch_size=batch_size, logits_chunk=chunk,
+                                 progress=False)
+            assert chunked.ppl == full.ppl, (batch_size, chunk)
+        assert full.ppl == pytest.approx(hand_ppl(tiny_model_any, tokens, seqlen, 7), rel=1e-6)
+    assert FALLBACK not in caplog.text  # these families take the chunked path
+
+
+def test_chunked_low_precision_equals_full():
+    model = make_model("qwen2").to(torch.bfloat16)
+    tokens = stream(4 * 40, seed=6)
+    full = perplexity(model, tokens, 40, batch_size=2, logits_chunk=None, progress=False)
+    assert perplexity(model, tokens, 40, batch_size=2, logits_chunk=24, progress=False).ppl == full.ppl
+    assert full.ppl == pytest.approx(hand_ppl(model, tokens, 40, 4), rel=1e-5)
+
+
+@pytest.mark.parametrize("model_type, overrides, field", [
+    ("gemma2", dict(final_logit_softcapping=0.5), "softcap"),  # small: the cap changes every logit
+    ("cohere", dict(logit_scale=3.0), "multiply"),
+    ("granite", dict(logits_scaling=4.0), "divide"),
+])
+def test_families_that_rescale_their_logits(model_type, overrides, field, caplog):
+    model = make_family_model(model_type, **overrides)
+    split = split_head(model)
+    assert split is not None and getattr(split, field) == next(iter(overrides.values()))
+    tokens = stream(3 * 24, vocab=500, seed=7)
+    full = perplexity(model, tokens, 24, batch_size=3, logits_chunk=None, progress=False)
+    assert perplexity(model, tokens, 24, batch_size=3, logits_chunk=18, progress=False).ppl == full.ppl
+    assert full.ppl == pytest.approx(hand_ppl(model, tokens, 24, 3), rel=1e-5)
+    assert FALLBACK not in caplog.text  # handled by the split, not by the fallback
+
+
+class DoubledLogits(torch.nn.Module):
+    """A causal LM that does something of its own to its logits (here: doubles them)."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def get_output_embeddings(self):
+        return self.inner.get_output_embeddings()
+
+    def get_input_embeddings(self):
+        return self.inner.get_input_embeddings()
+
+    @property
+    def base_model(self):
+        return self.inner.model
+
+    def forward(self, input_ids, **kwargs):
+        out = self.inner(input_ids=input_ids, **kwargs)
+        out.logits = out.logits * 2
+        return out
+
+
+def test_fallback_to_full_logits(caplog):
+    """Where head(body) is not the model's logits, the probe sees it and the full path runs."""
+    model = DoubledLogits(make_model("mistral"))
+    assert split_head(model) is not None  # found, but it would give other numbers
+    tokens = stream(5 * 30, seed=8)
+    with caplog.at_level("WARNING"):
+        result = perplexity(model, tokens, 30, batch_size=2, logits_chunk=16, progress=False)
+    assert FALLBACK in caplog.text and "DoubledLogits" in caplog.text and "differs" in caplog.text
+    assert result.ppl == perplexity(model, tokens, 30, batch_size=2, logits_chunk=None, progress=False).ppl
+    assert result.ppl == pytest.approx(hand_ppl(model, tokens, 30, 5), rel=1e-6)
+    # without an output head to call, the same
+    headless = DoubledLogits(make_model("llama"))
+    headless.get_output_embeddings = lambda: None
+    assert split_head(headless) is None
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        assert perplexity(headless, tokens, 30, logits_chunk=16, progress=False).ppl == pytest.approx(
+            hand_ppl(headless, tokens, 30, 5), rel=1e-6)
+    assert "no output head" in caplog.text
+
+
+def test_eval_memory_check_counts_chunks(monkeypatch):
+    """A batch whose full logits cannot fit is refused only where the chunked path does not apply."""
+    from types import SimpleNamespace
+
+    import llmprune.blocks
+    from llmprune.evaluation import check_eval_memory
+
+    monkeypatch.setattr(llmprune.blocks, "available_bytes", lambda device: 2**20)  # 1 MiB free
+    evaluation = SimpleNamespace(datasets=("ptb",), seqlen=32, batch_size=64)
+    check_eval_memory(make_model("llama"), evaluation)
+    headless = make_model("llama")
+    headless.get_output_embeddings = lambda: None
+    with pytest.raises(LlmpruneError, match="--batch-size"):
+        check_eval_memory(headless, evaluation)
+
+
 def test_errors(tiny_model):
     with pytest.raises(LlmpruneError, match="fewer than one window"):
         perplexity(tiny_model, stream(15), 16, progress=False)
@@ -103,6 +207,8 @@ def test_errors(tiny_model):
         perplexity(tiny_model, stream(32), 16, batch_size=0, progress=False)
     with pytest.raises(LlmpruneError, match="max_windows"):
         perplexity(tiny_model, stream(32), 16, max_windows=0, progress=False)
+    with pytest.raises(LlmpruneError, match="logits_chunk"):
+        perplexity(tiny_model, stream(32), 16, logits_chunk=0, progress=False)
 
 
 def test_progress_bar_and_to_dict(tiny_model, capsys):
@@ -110,7 +216,8 @@ def test_progress_bar_and_to_dict(tiny_model, capsys):
     assert "ppl toy" in capsys.readouterr().err
     perplexity(tiny_model, stream(64), 16, progress=False)
     assert capsys.readouterr().err == ""
-    assert set(result.to_dict()) == {"dataset", "ppl", "windows", "tokens", "seqlen", "seconds", "tokens_per_s"}
+    assert set(result.to_dict()) == {"dataset", "ppl", "windows", "tokens", "seqlen", "seconds",
+                                     "tokens_per_s"}
 
 
 def test_evaluate_perplexity_on_a_local_file(tmp_path, tiny_model, tiny_tokenizer):
@@ -127,6 +234,19 @@ def test_evaluate_perplexity_on_a_local_file(tmp_path, tiny_model, tiny_tokenize
 
 def test_smollm2_ptb(smollm2, data_dir):
     model, tokenizer = smollm2
-    result = evaluate_perplexity(model, tokenizer, "ptb", 2048, data_dir=data_dir, max_windows=2, progress=False)
+    result = evaluate_perplexity(model, tokenizer, "ptb", 2048, data_dir=data_dir, max_windows=2,
+                                 progress=False)
     assert result.windows == 2 and result.tokens == 4096
     assert math.isfinite(result.ppl) and 1 < result.ppl < 200
+
+
+def test_smollm2_chunked_equals_full(smollm2, caplog):
+    """The real head (49152 x 576, tied): the same bits in chunks. 1024 rows in chunks of at most 1020
+    are two chunks of 512, not 1020 + 4: below 16 rows MKL's matmul rounds differently."""
+    model, _ = smollm2
+    tokens = stream(2 * 512, vocab=49152, seed=9)
+    full = perplexity(model, tokens, 512, batch_size=2, logits_chunk=None, progress=False)
+    for chunk in (1020, 300):
+        chunked = perplexity(model, tokens, 512, batch_size=2, logits_chunk=chunk, progress=False)
+        assert chunked.ppl == full.ppl, chunk
+    assert FALLBACK not in caplog.text

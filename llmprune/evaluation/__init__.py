@@ -57,13 +57,14 @@ def check_eval_memory(model, evaluation: EvalConfig) -> None:
     from llmprune.models import get_blocks, resolve_seqlen
 
     seqlen = resolve_seqlen(model, evaluation.seqlen)
-    vocab = int(model.get_output_embeddings().weight.shape[0])
+    head = model.get_output_embeddings()
+    vocab = int(head.weight.shape[0] if head is not None else model.config.get_text_config().vocab_size)
     per_window = 2 * seqlen * vocab * 4
     free = available_bytes(block_device(get_blocks(model)[-1]))
     if free is not None and evaluation.batch_size * per_window > free:
         fits = max(int(free // per_window), 1)
         raise LlmpruneError(
             f"evaluation batch size {evaluation.batch_size} x seqlen {seqlen} needs about "
-            f"{evaluation.batch_size * per_window / 2**30:.1f} GiB for the logits, but {free / 2**30:.1f} GiB are "
-            f"free: use --batch-size {fits} or less"
+            f"{evaluation.batch_size * per_window / 2**30:.1f} GiB for the logits, but "
+            f"{free / 2**30:.1f} GiB are free: use --batch-size {fits} or less"
         )

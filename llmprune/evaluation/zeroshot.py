@@ -25,15 +25,19 @@ import functools
 import logging
 import math
 import os
+import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import llmprune
 from llmprune.data import resolve_data_dir
 from llmprune.errors import LlmpruneError
+from llmprune.progress import progress as progress_bar
 from llmprune.results import AVAILABLE_TASKS  # defined there: reports order tasks without torch
+
 TASKS_DIR_ENV = "LLMPRUNE_TASKS_DIR"
 REGISTRY_SOURCE = "lm-eval registry"
 
@@ -56,7 +60,8 @@ def tasks_dir() -> Path:
     path = Path(chosen).expanduser() if chosen else Path(llmprune.__file__).resolve().parent / "tasks"
     if not path.is_dir():
         where = f"${TASKS_DIR_ENV}" if chosen else "the llmprune installation"
-        raise LlmpruneError(f"task folder {path} does not exist: check {where} (the task YAMLs ship in llmprune/tasks)")
+        raise LlmpruneError(f"task folder {path} does not exist: check {where} "
+                            "(the task YAMLs ship in llmprune/tasks)")
     return path
 
 
@@ -70,13 +75,15 @@ def parse_tasks(tasks: str | Sequence[str]) -> list[str]:
             names.append(name)
     unknown = [n for n in names if n not in AVAILABLE_TASKS]
     if unknown:
-        raise LlmpruneError(f"unknown task {', '.join(map(repr, unknown))}: available tasks are {', '.join(AVAILABLE_TASKS)}")
+        raise LlmpruneError(f"unknown task {', '.join(map(repr, unknown))}: "
+                            f"available tasks are {', '.join(AVAILABLE_TASKS)}")
     if not names:
         raise LlmpruneError(f"no task given: choose from {', '.join(AVAILABLE_TASKS)}")
     return names
 
 
-def build_tasks(tasks: str | Sequence[str], data_dir: str | os.PathLike | None = None) -> tuple[dict, dict[str, str]]:
+def build_tasks(tasks: str | Sequence[str], data_dir: str | os.PathLike | None = None
+                ) -> tuple[dict, dict[str, str]]:
     """lm-eval ``Task`` objects for ``tasks``, with every document already read and checked.
 
     Returns ``({name: Task}, {name: source})``: the source is the data file(s) read or
@@ -95,7 +102,8 @@ def _local_tasks(names: list[str], root: Path) -> tuple[dict, dict[str, str]]:
     from lm_eval.tasks import TaskManager
 
     if not root.is_dir():
-        raise LlmpruneError(f"data dir {root} does not exist: pass data_dir= or set $LLMPRUNE_DATA_DIR to a folder with tasks/")
+        raise LlmpruneError(f"data dir {root} does not exist: pass data_dir= or set $LLMPRUNE_DATA_DIR "
+                            "to a folder with tasks/")
     folder = tasks_dir()
     missing = [n for n in names if not (folder / f"{n}.yaml").is_file()]
     if missing:
@@ -130,7 +138,8 @@ def _registry_tasks(names: list[str]) -> tuple[dict, dict[str, str]]:
         except Exception as exc:  # the hub is unreachable or the dataset moved: a user-side problem
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
             raise LlmpruneError(
-                f"task {name}: lm-eval could not load its dataset from the hub ({type(exc).__name__}: {first});"
+                f"task {name}: lm-eval could not load its dataset from the hub "
+                f"({type(exc).__name__}: {first});"
                 " give a data dir (data_dir= or $LLMPRUNE_DATA_DIR) holding tasks/ to evaluate offline"
             ) from None
     return built, {name: REGISTRY_SOURCE for name in names}
@@ -183,7 +192,8 @@ class ZeroShotResult:
     @classmethod
     def from_dict(cls, data: dict) -> ZeroShotResult:
         """Inverse of :meth:`to_dict` (tables are made from saved JSON)."""
-        return cls(tasks={name: TaskResult(**t) for name, t in data["tasks"].items()}, limit=data.get("limit"),
+        return cls(tasks={name: TaskResult(**t) for name, t in data["tasks"].items()},
+                   limit=data.get("limit"),
                    batch_size=data.get("batch_size", 1), lm_eval_version=data.get("lm_eval_version", ""),
                    num_fewshot=data.get("num_fewshot", 0), seconds=data.get("seconds", 0.0))
 
@@ -195,7 +205,8 @@ class ZeroShotResult:
 
         lines = ["| task | version | n | acc | acc_norm |", "|---|---:|---:|---:|---:|"]
         for t in self.tasks.values():
-            lines.append(f"| {t.name} | {t.version} | {t.n} | {fmt(t.acc, t.acc_stderr)} | {fmt(t.acc_norm, t.acc_norm_stderr)} |")
+            lines.append(f"| {t.name} | {t.version} | {t.n} | {fmt(t.acc, t.acc_stderr)} "
+                         f"| {fmt(t.acc_norm, t.acc_norm_stderr)} |")
         lines.append(f"| **mean acc** ({len(self.tasks)} tasks) | | | {self.mean_acc:.4f} | |")
         return "\n".join(lines) + "\n"
 
@@ -267,7 +278,8 @@ def _check_limit(limit) -> None:
     ok = (isinstance(limit, int) and not isinstance(limit, bool) and limit >= 1) or (
         isinstance(limit, float) and 0.0 < limit < 1.0)
     if not ok:
-        raise LlmpruneError(f"limit must be a positive number of documents or a fraction in (0, 1), got {limit!r}")
+        raise LlmpruneError(f"limit must be a positive number of documents or a fraction in (0, 1), "
+                            f"got {limit!r}")
 
 
 def _check_batch_size(batch_size) -> None:
@@ -300,7 +312,6 @@ class _DropBenign(logging.Filter):
 def _quiet() -> Iterator[None]:
     """lm-eval logs at WARNING and above, without its per-call notices; datasets without bars."""
     import datasets
-
     import lm_eval.api.task  # noqa: F401  (create lm-eval's loggers so the filter reaches them)
     import lm_eval.evaluator  # noqa: F401
     import lm_eval.models.huggingface  # noqa: F401
@@ -327,15 +338,31 @@ def _quiet() -> Iterator[None]:
 
 @contextlib.contextmanager
 def _progress(progress: bool) -> Iterator[None]:
-    """Without ``progress``, also hide lm-eval's "building contexts" bar (no flag reaches it)."""
-    if progress:
+    """lm-eval's bars (no flag reaches some of them) as llmprune shows progress.
+
+    Without ``progress``, lm-eval's "building contexts" bar is hidden too. With it, on a terminal
+    lm-eval draws its own tqdm bars; elsewhere (a log file) they become plain lines
+    (:mod:`llmprune.progress`), since a bar's carriage returns make a log unreadable.
+    """
+    import lm_eval.api.model as model_module
+    import lm_eval.api.task as task_module
+    import lm_eval.models.huggingface as hf_module
+
+    if progress and sys.stderr.isatty():
         yield
         return
-    import lm_eval.api.task as task_module
-
-    original = task_module.tqdm
-    task_module.tqdm = functools.partial(original, disable=True)
+    modules = (task_module, model_module, hf_module) if progress else (task_module,)
+    originals = [module.tqdm for module in modules]
+    for module, original in zip(modules, originals):
+        module.tqdm = _plain_tqdm if progress else functools.partial(original, disable=True)
     try:
         yield
     finally:
-        task_module.tqdm = original
+        for module, original in zip(modules, originals):
+            module.tqdm = original
+
+
+def _plain_tqdm(iterable: Iterable | None = None, total: int | None = None, desc: str | None = None,
+                disable: bool = False, unit: str = "it", **_ignored: object) -> Any:
+    """``tqdm(...)`` as lm-eval calls it, answered with plain progress lines."""
+    return progress_bar(total, desc or "lm-eval", unit, disable=disable, iterable=iterable)
