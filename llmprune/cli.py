@@ -13,9 +13,11 @@ the cleanup code has run, with one line and no traceback, from the first import 
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import contextlib
 import dataclasses
 import json
+import multiprocessing
 import os
 import sys
 import warnings
@@ -345,7 +347,31 @@ def _check_shapes_early(args, eval_config: EvalConfig, config: PruneConfig | Non
     on a busy machine): sequence lengths against the maximum positions, then the preflight
     ``plan`` (the layers --include and --exclude select, N:M divisibility, a structured plan, the
     calibration memory) and the evaluation memory. On a model of fake tensors built from the
-    config; where one cannot be built the same checks run right after the load, as they always do."""
+    config, in a child process: torch's fake-tensor mode has corrupted this process's memory
+    after use (a segmentation fault in a later tokenizer call), so it never runs here. Where the
+    child cannot build or probe the model (or dies), the same checks run right after the load."""
+    context = multiprocessing.get_context("spawn")
+    try:
+        with concurrent.futures.ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
+            refusal = pool.submit(_shape_checks, args, eval_config, config, seqlens).result()
+    except Exception:  # noqa: BLE001 - the child could not run the checks: they run after the load
+        return
+    if refusal is not None:
+        raise LlmpruneError(refusal)
+
+
+def _shape_checks(args, eval_config: EvalConfig, config: PruneConfig | None, seqlens: tuple) -> str | None:
+    """In the child process: the refusal line, or None when the checks pass or cannot run."""
+    try:
+        _shape_checks_here(args, eval_config, config, seqlens)
+    except LlmpruneError as exc:
+        return str(exc)
+    return None
+
+
+def _shape_checks_here(args, eval_config: EvalConfig, config: PruneConfig | None = None,
+                       seqlens: tuple = ()) -> None:
+    """The checks of :func:`_check_shapes_early` themselves, on the fake-tensor model (in the child)."""
     from llmprune.models import check_device, resolve_seqlen, shape_model
 
     with shape_model(args.model, args.dtype) as model:

@@ -241,8 +241,13 @@ def test_smollm2_ptb(smollm2, data_dir):
 
 
 def test_smollm2_chunked_equals_full(smollm2, caplog):
-    """The real head (49152 x 576, tied): the same bits in chunks. 1024 rows in chunks of at most 1020
-    are two chunks of 512, not 1020 + 4: below 16 rows MKL's matmul rounds differently."""
+    """The real head (49152 x 576, tied): the same bits in chunks, down to every token's loss. 1024
+    rows in chunks of at most 1020 are two chunks of 512, not 1020 + 4: below 16 rows the CPU matmul
+    rounds differently (a 4-row tail changes those 4 losses in the last bits)."""
+    import torch.nn.functional as F
+
+    from llmprune.evaluation.perplexity import _labels, _token_losses
+
     model, _ = smollm2
     tokens = stream(2 * 512, vocab=49152, seed=9)
     full = perplexity(model, tokens, 512, batch_size=2, logits_chunk=None, progress=False)
@@ -250,3 +255,9 @@ def test_smollm2_chunked_equals_full(smollm2, caplog):
         chunked = perplexity(model, tokens, 512, batch_size=2, logits_chunk=chunk, progress=False)
         assert chunked.ppl == full.ppl, chunk
     assert FALLBACK not in caplog.text
+    ids = tokens.view(2, 512)
+    with torch.inference_mode():
+        logits = model(input_ids=ids, use_cache=False).logits  # (2, 512, vocab)
+        want = F.cross_entropy(logits.reshape(1024, -1), _labels(ids).view(-1), reduction="none").view(2, 512)
+        for chunk in (1020, 300, 16):
+            assert torch.equal(_token_losses(split_head(model), ids, chunk), want), chunk

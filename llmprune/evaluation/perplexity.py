@@ -160,6 +160,12 @@ def _probe(model, split: HeadSplit, ids: torch.Tensor) -> str | None:
 
 def _chunked_window_nll(split: HeadSplit, ids: torch.Tensor, chunk: int) -> torch.Tensor:
     """:func:`_window_nll` of the model's logits, with at most ``chunk`` positions' logits at once.
+    ids (B, L) -> (B,)."""
+    return _token_losses(split, ids, chunk).sum(dim=1) / (ids.shape[1] - 1)
+
+
+def _token_losses(split: HeadSplit, ids: torch.Tensor, chunk: int) -> torch.Tensor:
+    """Next-token cross-entropy at every position (0 at the last), float32, in chunks. (B, L) -> (B, L).
 
     Each position's loss depends on its own logits row only, and the per-token losses are summed as
     in :func:`_window_nll`, so the result is the same bits as long as the head's matmul gives each
@@ -167,7 +173,6 @@ def _chunked_window_nll(split: HeadSplit, ids: torch.Tensor, chunk: int) -> torc
     up, and below that a small-matrix kernel rounds differently: hence chunks of equal size rather
     than a short last one (1024 rows in chunks of 1020 are 512 + 512, not 1020 + 4). GPU libraries
     pick kernels by shape too; there the numbers may differ in the last bits (never measured here).
-    ids (B, L) -> (B,).
     """
     batch, length = ids.shape
     rows = batch * length
@@ -181,7 +186,7 @@ def _chunked_window_nll(split: HeadSplit, ids: torch.Tensor, chunk: int) -> torc
         target = labels[first : first + size].to(logits.device)
         losses.append(F.cross_entropy(logits.float(), target, reduction="none"))  # (size,)
         del logits  # before the next chunk allocates its own
-    return torch.cat(losses).view(batch, length).sum(dim=1) / (length - 1)
+    return torch.cat(losses).view(batch, length)
 
 
 def perplexity(
