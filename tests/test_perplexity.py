@@ -183,19 +183,24 @@ def test_fallback_to_full_logits(caplog):
 
 
 def test_eval_memory_check_counts_chunks(monkeypatch):
-    """A batch whose full logits cannot fit is refused only where the chunked path does not apply."""
+    """A batch whose full logits cannot fit is refused only where the chunked path does not apply;
+    one whose activations cannot fit is refused either way."""
     from types import SimpleNamespace
 
     import llmprune.blocks
     from llmprune.evaluation import check_eval_memory
 
-    monkeypatch.setattr(llmprune.blocks, "available_bytes", lambda device: 2**20)  # 1 MiB free
+    # the tiny llama: activations 32 x (6 * 64 + 3 * 128) x 4 B = 96 KiB and full logits
+    # 2 x 32 x 512 x 4 B = 128 KiB per window; 64 windows: 6 MiB of activations, 8 MiB of logits
+    monkeypatch.setattr(llmprune.blocks, "available_bytes", lambda device: 8 * 2**20)  # 8 MiB free
     evaluation = SimpleNamespace(datasets=("ptb",), seqlen=32, batch_size=64)
     check_eval_memory(make_model("llama"), evaluation)
     headless = make_model("llama")
     headless.get_output_embeddings = lambda: None
-    with pytest.raises(LlmpruneError, match="--batch-size"):
+    with pytest.raises(LlmpruneError, match="--batch-size .* or less"):
         check_eval_memory(headless, evaluation)
+    with pytest.raises(LlmpruneError, match="for the activations, .*--batch-size 85 or less"):
+        check_eval_memory(make_model("llama"), SimpleNamespace(datasets=("ptb",), seqlen=32, batch_size=128))
 
 
 def test_errors(tiny_model):

@@ -38,33 +38,39 @@ def evaluate(model, tokenizer, evaluation: EvalConfig, data_dir=None, progress: 
 
 
 def check_eval_memory(model, evaluation: EvalConfig) -> None:
-    """Refuse an evaluation batch whose logits cannot fit, naming the limit.
+    """Refuse an evaluation batch whose activations and logits cannot fit, naming the limit.
 
-    Where the perplexity can apply the output head a chunk of positions at a time (see
-    :mod:`llmprune.evaluation.perplexity`), the logits take ``LOGITS_CHUNK x vocab`` floats whatever
-    the batch, and there is nothing to refuse. Otherwise a perplexity batch materialises
-    ``batch x seqlen x vocab`` float32 logits, and about as much again for the log-softmax; with a
-    128k vocabulary that is 1 GiB per 2048-token window. (A model whose head is found but whose
-    logits it does not reproduce falls back to full logits at run time, unchecked here.)
+    A window's pass keeps about ``seqlen x (6 hidden + 3 intermediate)`` float32 activations of
+    one block at a time (the calibration check's estimate). Where the perplexity applies the
+    output head a chunk of positions at a time (see :mod:`llmprune.evaluation.perplexity`), the
+    logits add only ``LOGITS_CHUNK x vocab`` floats whatever the batch; otherwise a batch
+    materialises ``batch x seqlen x vocab`` float32 logits, and about as much again for the
+    log-softmax: with a 128k vocabulary 1 GiB per 2048-token window. (A model whose head is
+    found but whose logits it does not reproduce falls back to full logits at run time,
+    unchecked here.)
     """
     if not evaluation.datasets:
         return
-    from llmprune.evaluation.perplexity import split_head
-
-    if split_head(model) is not None:
-        return
     from llmprune.blocks import available_bytes, block_device
+    from llmprune.evaluation.perplexity import split_head
     from llmprune.models import get_blocks, resolve_seqlen
 
     seqlen = resolve_seqlen(model, evaluation.seqlen)
-    head = model.get_output_embeddings()
-    vocab = int(head.weight.shape[0] if head is not None else model.config.get_text_config().vocab_size)
-    per_window = 2 * seqlen * vocab * 4
+    text = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    hidden = int(getattr(text, "hidden_size", 0) or 0)
+    inner = int(getattr(text, "intermediate_size", 0) or 4 * hidden)
+    per_window = seqlen * (6 * hidden + 3 * inner) * 4
+    what = "activations"
+    if split_head(model) is None:
+        head = model.get_output_embeddings()
+        vocab = int(head.weight.shape[0] if head is not None else text.vocab_size)
+        per_window += 2 * seqlen * vocab * 4
+        what = "activations and logits"
     free = available_bytes(block_device(get_blocks(model)[-1]))
     if free is not None and evaluation.batch_size * per_window > free:
         fits = max(int(free // per_window), 1)
         raise LlmpruneError(
             f"evaluation batch size {evaluation.batch_size} x seqlen {seqlen} needs about "
-            f"{evaluation.batch_size * per_window / 2**30:.1f} GiB for the logits, but "
+            f"{evaluation.batch_size * per_window / 2**30:.1f} GiB for the {what}, but "
             f"{free / 2**30:.1f} GiB are free: use --batch-size {fits} or less"
         )

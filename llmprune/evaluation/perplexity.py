@@ -30,6 +30,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from llmprune.blocks import input_device
 from llmprune.data import eval_tokens
 from llmprune.errors import LlmpruneError
 from llmprune.progress import progress as progress_bar
@@ -55,16 +56,6 @@ class PerplexityResult:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
-
-
-def _input_device(model) -> torch.device:
-    """Where input ids must go: the input embeddings' device (first shard under device_map)."""
-    get = getattr(model, "get_input_embeddings", None)
-    embeddings = get() if callable(get) else None
-    weight = getattr(embeddings, "weight", None)
-    if weight is not None:
-        return weight.device
-    return next(model.parameters()).device
 
 
 def _labels(ids: torch.Tensor) -> torch.Tensor:
@@ -225,7 +216,7 @@ def perplexity(
             f"seqlen {seqlen}: use a shorter --seqlen"
         )
     data = flat[: windows * seqlen].view(windows, seqlen)  # (windows, seqlen)
-    device = _input_device(model)
+    device = input_device(model)
 
     with torch.inference_mode():
         split = _chunked_path(model, data[:1, :PROBE_TOKENS].to(device)) if logits_chunk is not None else None
