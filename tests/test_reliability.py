@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 import pytest
+from test_outputs import _one_line_error, _prune  # noqa: F401  (one copy of the CLI helpers)
 
 from conftest import ROOT, make_model, make_tokenizer, write_local_setup
 from llmprune.cli import main
@@ -46,15 +47,6 @@ def no_load(monkeypatch):
     monkeypatch.setattr(llmprune.offload, "load_for_offload", refuse)
 
 
-def _prune(root, *extra):
-    return ["prune", "--model", str(root / "model"), "--calib", str(root / "calib.jsonl"), "--nsamples", "2",
-            "--seqlen", "32", "--eval", str(root / "eval.txt"), "--skip-dense", "--no-progress", *extra]
-
-
-def _one_line_error(capsys) -> str:
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
-    return err
 
 
 def _file_size_limit(nbytes: int):
