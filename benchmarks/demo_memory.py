@@ -8,7 +8,7 @@ Every measurement is its own subprocess, so each peak is that process's own: the
 mark of its resident set (``ru_maxrss`` from ``os.wait4``), not a sample that could miss the peak. For
 the demo, a thread also samples the child's RSS (``/proc/<pid>/status``) every 0.2 s and files each
 sample under the phase the child last announced on stderr (its progress lines), so the table says which
-phase holds the peak. The evaluation runs load SmolLM2 (float32) and the PTB stream once, note the peak
+phase holds the peak. The evaluation runs load SmolLM2 (float32) and the WikiText-2 stream once, note the peak
 so far, then score the demo's 16 windows at batch 4 with ``logits_chunk=None`` (every logit of a batch
 at once, as before) or in chunks (``--chunks``, default: the library's); the modes alternate so a change
 in the machine's load falls on all. Wall times count: the machine may be shared, so the load average is
@@ -31,7 +31,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ["prune", "--model", "smollm2-135m", "--method", "wanda", "--sparsity", "0.5", "--calib", "c4",
-        "--nsamples", "8", "--seqlen", "2048", "--seed", "0", "--eval", "ptb", "--max-windows", "16",
+        "--nsamples", "8", "--seqlen", "2048", "--seed", "0", "--eval", "wikitext2", "--max-windows", "16",
         "--batch-size", "4"]
 TARGET_MB = 1.5 * 1024  # the target for the demo's peak RSS (1.5 GB, read as GiB: the looser)
 MB = 2**20
@@ -108,10 +108,11 @@ def run_measured(cmd: list[str], env: dict, trace: bool = False) -> dict:
             "stdout": b"".join(out_chunks).decode(errors="replace"), "stderr": err_lines, "phases": phases}
 
 
-def demo(env: dict) -> None:
+def demo(env: dict, out: str | None) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         cmd = [sys.executable, "-m", "llmprune", *DEMO, "--json", str(Path(tmp) / "demo.json")]
-        print(f"demo: llmprune {' '.join(DEMO)} (load before: {_load()})", flush=True)
+        load_before = _load()
+        print(f"demo: llmprune {' '.join(DEMO)} (load before: {load_before})", flush=True)
         result = run_measured(cmd, env, trace=True)
         record = json.loads((Path(tmp) / "demo.json").read_text()) if result["rc"] == 0 else {}
     if result["rc"] != 0:
@@ -123,6 +124,16 @@ def demo(env: dict) -> None:
     ppl = {name: row.get("ppl") for name, row in (record.get("perplexity") or {}).items()}
     if ppl:
         print(f"demo: perplexity {ppl}")
+    if out:
+        dense_rows = (record.get("dense") or {}).get("perplexity") or {}
+        dense = {name: row.get("ppl") for name, row in dense_rows.items()}
+        summary = {"command": "make demo", "args": DEMO, "peak_rss_mib": round(result["peak_mb"], 1),
+                   "target_mib": TARGET_MB, "wall_s": round(result["seconds"], 1),
+                   "prune_s": round((record.get("prune") or {}).get("seconds", float("nan")), 1),
+                   "load_before": load_before, "load_after": _load(), "cpus": os.cpu_count(),
+                   "perplexity": ppl, "dense_perplexity": dense, "versions": record.get("versions")}
+        Path(out).write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+        print(f"wrote {out}")
     print(f"  {'phase (last stderr line before the samples)':<62} {'from s':>7} {'to s':>7} "
           f"{'RSS at start':>12} {'peak MiB':>9}")
     for name, entry in result["phases"].items():
@@ -131,8 +142,8 @@ def demo(env: dict) -> None:
 
 
 def evaluation(env: dict, rounds: int, chunks: list[str]) -> None:
-    print(f"\nevaluation alone: SmolLM2 float32, PTB, 16 windows x 2048, batch 4 (load before: {_load()})",
-          flush=True)
+    print(f"\nevaluation alone: SmolLM2 float32, WikiText-2, 16 windows x 2048, batch 4 "
+          f"(load before: {_load()})", flush=True)
     rows = []
     for _ in range(rounds):
         for mode in ("full", *chunks):
@@ -166,12 +177,12 @@ def child_eval(mode: str) -> None:
     rss_imports = _rss_bytes(os.getpid())
     model, tokenizer = load_model("smollm2-135m", dtype="float32")
     peak_load = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # the load's own peak
-    tokens = eval_tokens("ptb", tokenizer, 2048)
+    tokens = eval_tokens("wikitext2", tokenizer, 2048)
     rss_before = _rss_bytes(os.getpid())
     peak_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     chunk = None if mode == "full" else int(mode) if mode.isdigit() else LOGITS_CHUNK
-    result = perplexity(model, tokens, 2048, batch_size=4, max_windows=16, progress=False, dataset="ptb",
-                        logits_chunk=chunk)
+    result = perplexity(model, tokens, 2048, batch_size=4, max_windows=16, progress=False,
+                        dataset="wikitext2", logits_chunk=chunk)
     print(json.dumps({"mode": mode, "ppl": repr(result.ppl), "seconds": result.seconds,
                       "rss_imports_mb": rss_imports / MB, "peak_load_mb": peak_load,
                       "rss_before_mb": rss_before / MB, "peak_before_mb": peak_before}))
@@ -185,6 +196,8 @@ def main() -> None:
     parser.add_argument("--chunks", default="default",
                         help="comma-separated logits chunks (positions) to compare with the full logits; "
                              "'default' is the library's (default)")
+    parser.add_argument("--json", help="write the demo's figures here (eval/results/demo_smollm2.json: the "
+                                       "README's demo line is generated from it)")
     parser.add_argument("--child-eval", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child_eval:
@@ -198,7 +211,7 @@ def main() -> None:
                            cwd=tempfile.gettempdir(), capture_output=True, text=True).stdout.strip()
     print(f"python {sys.executable}; llmprune from {where}; {os.cpu_count()} CPUs; load average {_load()}")
     if not args.skip_demo:
-        demo(env)
+        demo(env, args.json)
     if not args.skip_eval:
         evaluation(env, args.rounds, [c.strip() for c in args.chunks.split(",") if c.strip()])
 

@@ -13,11 +13,9 @@ the cleanup code has run, with one line and no traceback, from the first import 
 from __future__ import annotations
 
 import argparse
-import concurrent.futures
 import contextlib
 import dataclasses
 import json
-import multiprocessing
 import os
 import sys
 import warnings
@@ -38,12 +36,11 @@ try:  # what these import loads for seconds on a busy machine: Ctrl-C then is on
         field_default,
         field_help,
     )
-    from llmprune.errors import LlmpruneError
+    from llmprune.errors import LlmpruneError, OutputError
     from llmprune.evaluation import check_eval_memory, evaluate
     from llmprune.executors import check_executor, run_recipe_submitit
     from llmprune.io import (
         check_apart,
-        check_input_file,
         check_output_file,
         check_save_dir,
         exit_code,
@@ -51,11 +48,14 @@ try:  # what these import loads for seconds on a busy machine: Ctrl-C then is on
         signals_raise,
         write_json_atomic,
     )
-    from llmprune.methods import METHODS, needs_for
+    from llmprune.jobs import list_runs
+    from llmprune.methods import METHODS
+    from llmprune.pipeline import available, ppl_table, prune_model, write_outputs
+    from llmprune.preflight import check_data_dir, check_export, check_inputs, check_shapes_early, model_path
     from llmprune.recipes import load_recipe
     from llmprune.registry import option_fields
     from llmprune.report import ReportWarning, write_report
-    from llmprune.results import record_pattern, result_record
+    from llmprune.results import result_record
 except KeyboardInterrupt:
     sys.stderr.write("llmprune: interrupted\n")
     raise SystemExit(130) from None
@@ -164,8 +164,8 @@ _CORE_KW = {"method": {"metavar": "|".join(METHODS.names())}, "sparsity": {"type
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="llmprune", description="One-shot pruning of open LLMs: " + ", ".join(
-        spec.label for spec in METHODS) + "; unstructured, N:M or structured.")
+    parser = _Parser(prog="llmprune", description="One-shot pruning of open LLMs, unstructured, N:M or "
+                     f"structured. {available()}.")
     parser.add_argument("--version", action="version", version=f"llmprune {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
@@ -234,11 +234,19 @@ def _add_recover_command(sub) -> None:
 
 def _add_run_command(sub) -> None:
     """``llmprune run``: a recipe, its output folder and the executor with its SLURM sizes."""
-    rn = sub.add_parser("run", help="run every run of a YAML recipe (resumable), then write the report")
+    rn = sub.add_parser("run", help="run every run of a YAML recipe (resumable), then write the report",
+                        description="Run every run of a YAML recipe (docs/recipes.md describes the "
+                                    "format), one result JSON per run in --out; runs whose result is "
+                                    "already there are skipped. --list shows the runs first.")
     rn.add_argument("recipe", help="recipe YAML file, e.g. recipes/smollm2_cpu.yaml")
-    rn.add_argument("--out", default=None, help="results folder (default: results/<recipe name>)")
+    rn.add_argument("--list", action="store_true",
+                    help="print the recipe's runs, dense baselines included, and what each one is (with "
+                         "--out: whether its result is there and still valid), then exit; loads no model")
+    rn.add_argument("--out", default=None, help="results folder (default: results/NAME for recipe NAME.yaml)")
     rn.add_argument("--data-dir", default=None, help="folder with local copies of the datasets")
-    rn.add_argument("--only", type=_csv, default=None, metavar="NAMES", help="run only these runs")
+    rn.add_argument("--only", type=_csv, default=None, metavar="NAMES",
+                    help="run only these runs: a comma-separated list of run names as --list prints them, "
+                         "e.g. --only dense,wanda-2:4 (dense baselines run only when named)")
     rn.add_argument("--force", action="store_true",
                     help="reuse an output folder that holds another recipe's results")
     rn.add_argument("--no-progress", action="store_true", help="hide progress bars")
@@ -280,13 +288,7 @@ def _add_model_file_commands(sub) -> None:
 
 
 def _data_dir(arg: str | None):
-    from llmprune.data import resolve_data_dir
-
-    path = resolve_data_dir(arg)
-    if path is not None and not path.is_dir():
-        raise LlmpruneError(f"data dir {path} does not exist: pass --data-dir with the folder holding the "
-                            "datasets")
-    return path
+    return check_data_dir(arg)
 
 
 def _eval_config(args, datasets) -> EvalConfig:
@@ -296,103 +298,19 @@ def _eval_config(args, datasets) -> EvalConfig:
                       max_windows=args.max_windows, zeroshot=args.zeroshot, limit=args.limit)
 
 
-def _model_path(name: str) -> Path | None:
-    """The local file or folder a model reference reads (None for a hub id)."""
-    from llmprune.models import check_model_source
-
-    source, kwargs = check_model_source(name)
-    if "gguf_file" in kwargs:
-        return Path(source) / kwargs["gguf_file"]
-    return Path(source) if Path(source).exists() else None
-
-
-def _check_inputs(eval_config: EvalConfig, data_dir, args, calib: str | None = None,
-                  paths: tuple[tuple[str, object, str], ...] = ()) -> None:
-    """Everything that needs no model: data files (or the hub), zero-shot tasks, output paths,
-    the device. Runs before the (slow) model load, so a bad input fails in a second.
-    ``paths``: more outputs and inputs (``(flag, path, role)``, see :func:`llmprune.io.check_apart`)
-    that no output may collide with."""
-    from llmprune.data import check_available
-    from llmprune.models import check_device, resolve_dtype
-
-    model = _model_path(args.model)
-    resolve_dtype(args.dtype)
-    if not args.device_map:
-        check_device(args.device)
-    data_flag = "--dataset" if args.command == "eval" else "--eval"
-    data = [(data_flag, name) for name in eval_config.datasets]
-    data += [("--calib", calib)] if calib is not None else []
-    for flag, name in data:
-        check_input_file(name, flag)
-    check_apart([("--json", args.json, "file"), ("--save", getattr(args, "save", None), "folder"), *paths,
-                 ("--model", model, "input")]
-                + [(flag, name, "input") for flag, name in data if Path(name).expanduser().is_file()])
-    if args.json:
-        check_output_file(args.json, "--json")
-    if getattr(args, "save", None):
-        check_save_dir(args.save, args.overwrite)
-    for name in eval_config.datasets:
-        check_available(name, data_dir, split="eval")
-    if calib is not None:
-        check_available(calib, data_dir, split="calibration")
-    if eval_config.zeroshot:
-        from llmprune.evaluation.zeroshot import build_tasks
-
-        build_tasks(eval_config.zeroshot, data_dir)  # names, files and rows
+def _check_inputs(eval_config: EvalConfig, data_dir, args, paths: tuple = ()) -> None:
+    """:func:`llmprune.preflight.check_inputs` with the command's flags (``llmprune eval`` and
+    ``recover``; ``prune`` goes through :func:`llmprune.prune_model`, which calls the same)."""
+    check_inputs(eval_config, data_dir, model=args.model, dtype=args.dtype, device=args.device,
+                 device_map=args.device_map, json_path=args.json, save=getattr(args, "save", None),
+                 overwrite=getattr(args, "overwrite", False),
+                 data_flag="--dataset" if args.command == "eval" else "--eval", paths=paths)
 
 
-def _check_shapes_early(args, eval_config: EvalConfig, config: PruneConfig | None = None,
-                        seqlens: tuple = ()) -> None:
-    """What the model's config file decides, before its weights load (minutes for a large model
-    on a busy machine): sequence lengths against the maximum positions, then the preflight
-    ``plan`` (the layers --include and --exclude select, N:M divisibility, a structured plan, the
-    calibration memory) and the evaluation memory. On a model of fake tensors built from the
-    config, in a child process: torch's fake-tensor mode has corrupted this process's memory
-    after use (a segmentation fault in a later tokenizer call), so it never runs here. Where the
-    child cannot build or probe the model (or dies), the same checks run right after the load."""
-    context = multiprocessing.get_context("spawn")
-    try:
-        with concurrent.futures.ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
-            refusal = pool.submit(_shape_checks, args, eval_config, config, seqlens).result()
-    except Exception:  # noqa: BLE001 - the child could not run the checks: they run after the load
-        return
-    if refusal is not None:
-        raise LlmpruneError(refusal)
-
-
-def _shape_checks(args, eval_config: EvalConfig, config: PruneConfig | None, seqlens: tuple) -> str | None:
-    """In the child process: the refusal line, or None when the checks pass or cannot run."""
-    try:
-        _shape_checks_here(args, eval_config, config, seqlens)
-    except LlmpruneError as exc:
-        return str(exc)
-    return None
-
-
-def _shape_checks_here(args, eval_config: EvalConfig, config: PruneConfig | None = None,
-                       seqlens: tuple = ()) -> None:
-    """The checks of :func:`_check_shapes_early` themselves, on the fake-tensor model (in the child)."""
-    from llmprune.models import check_device, resolve_seqlen, shape_model
-
-    with shape_model(args.model, args.dtype) as model:
-        if model is None:
-            return
-        for seqlen in seqlens:
-            resolve_seqlen(model, seqlen)
-        model.seqlen = resolve_seqlen(model, eval_config.seqlen)  # as load_model sets it
-        # with a device map the blocks are spread: no memory to compare with ("meta" has none)
-        device = "meta" if args.device_map else check_device(args.device)
-        try:
-            if config is not None:
-                from llmprune.engine import plan
-
-                plan(model, config, device)
-            if str(device) == "cpu":  # the fake model's logits are counted where it lives, on the CPU
-                check_eval_memory(model, eval_config)
-        except LlmpruneError:
-            raise
-        except Exception:  # noqa: BLE001 - a check fake tensors cannot run: it runs after the load
-            return
+def _check_shapes_early(args, eval_config: EvalConfig, seqlens: tuple = ()) -> None:
+    """:func:`llmprune.preflight.check_shapes_early` with the command's flags."""
+    check_shapes_early(args.model, eval_config, dtype=args.dtype, device=args.device,
+                       device_map=args.device_map, seqlens=seqlens)
 
 
 def _load(args):
@@ -400,17 +318,6 @@ def _load(args):
 
     return load_model(args.model, dtype=args.dtype, device=args.device, seqlen=args.seqlen,
                       device_map=args.device_map)
-
-
-def _ppl_table(rows: list[tuple[str, str, object]]) -> str:
-    """rows: (model label, dataset, PerplexityResult)."""
-    head = (f"{'model':<16} {'dataset':<10} {'seqlen':>6} {'windows':>7} {'tokens':>9} {'ppl':>10} "
-            f"{'seconds':>8} {'tok/s':>8}")
-    lines = [head, "-" * len(head)]
-    for label, name, r in rows:
-        lines.append(f"{label:<16} {name:<10} {r.seqlen:>6} {r.windows:>7} {r.tokens:>9} {r.ppl:>10.3f} "
-                     f"{r.seconds:>8.1f} {r.tokens_per_s:>8.0f}")
-    return "\n".join(lines)
 
 
 def _quiet_libraries(progress: bool) -> None:
@@ -428,13 +335,8 @@ def _quiet_libraries(progress: bool) -> None:
 def _write_outputs(writers: list[tuple[str, object]]) -> int:
     """Run every writer even when one fails (a late failure must not lose the other results);
     each failure is one line on stderr. Returns the exit code."""
-    failed = False
-    for what, write in writers:
-        try:
-            print(write())
-        except (OSError, LlmpruneError) as exc:
-            failed = True
-            print(f"llmprune: error: could not write {what}: {exc}", file=sys.stderr)
+    failed = write_outputs(writers, echo=print, warn=lambda line: print(f"llmprune: error: {line}",
+                                                                        file=sys.stderr))
     return EXIT_OUTPUT_FAILED if failed else 0
 
 
@@ -455,7 +357,7 @@ def cmd_eval(args) -> int:
     check_eval_memory(model, eval_config)
     eval_config, ppl, zs = evaluate(model, tokenizer, eval_config, data_dir, not args.no_progress)
     if ppl:
-        print(_ppl_table([(args.model, name, r) for name, r in ppl.items()]))
+        print(ppl_table([(args.model, name, r) for name, r in ppl.items()]))
     if zs is not None:
         print(zs.markdown_table())
     if not args.json:
@@ -465,14 +367,6 @@ def cmd_eval(args) -> int:
     return _write_outputs([(args.json, _json_writer(args.json, record))])
 
 
-def _whole_model(store, eval_config: EvalConfig):
-    """Around an evaluation of an offloaded model: the whole model on the compute device (it
-    must fit), unless there is nothing to evaluate."""
-    if store is None or not (eval_config.datasets or eval_config.zeroshot):
-        return contextlib.nullcontext()
-    return store.whole()
-
-
 def cmd_prune(args) -> int:
     # the configs first: what they refuse is refused before torch loads (seconds on a busy machine)
     calib = CalibConfig(dataset=args.calib, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed,
@@ -480,91 +374,23 @@ def cmd_prune(args) -> int:
     config = PruneConfig(calib=calib, **{name: getattr(args, name) for name in _CORE_FIELDS},
                          options={name: getattr(args, name) for name in option_fields()})
     eval_config = _eval_config(args, args.eval if args.eval is not None else ("ptb",))
-    from llmprune.offload import check_offload, load_for_offload
-
     data_dir = _data_dir(args.data_dir)
     export = _export_config(args, args.save, "--save", config.quantize)
-    check_offload(config, args.device_map, export.save_format)
-    offload_dir = config.offload_dir if config.offload == "disk" else None
-    _check_inputs(eval_config, data_dir, args, calib=config.calib.dataset if needs_for(config) else None,
-                  paths=(("--offload-dir", offload_dir, "workdir"),))
-    _check_shapes_early(args, eval_config, config)
-    progress = not args.no_progress
-    if config.offload is None:
-        model, tokenizer = _load(args)
-        store = None
-        device = None if args.device_map else args.device  # device map: each block computes where it lives
-    else:  # the blocks wait in CPU memory or on disk; each computes on the device in its turn
-        model, tokenizer, store = load_for_offload(args.model, config.offload, dtype=args.dtype,
-                                                   device=args.device, folder=config.offload_dir,
-                                                   seqlen=args.seqlen)
-        device = store.compute
-    try:
-        return _prune_loaded(args, config, export, eval_config, data_dir, progress, model, tokenizer, device,
-                             store)
-    finally:
-        if store is not None:
-            store.close()
-
-
-def _prune_loaded(args, config: PruneConfig, export: ExportConfig, eval_config: EvalConfig, data_dir,
-                  progress: bool, model, tokenizer, device, store) -> int:
-    """``llmprune prune`` once the model is loaded: shape checks, dense evaluation, pruning,
-    evaluation, outputs."""
-    from llmprune.engine import plan, run
-
-    # checks that need only the model's shapes, before any evaluation or calibration
-    the_plan = plan(model, config, device)
-    check_eval_memory(model, eval_config)
-
-    dense_ppl, dense_zs = {}, None
-    if not args.skip_dense:
-        with _whole_model(store, eval_config):
-            _, dense_ppl, dense_zs = evaluate(model, tokenizer, eval_config, data_dir, progress)
-    report = run(the_plan, model, tokenizer, data_dir=data_dir, progress=progress, device=device,
-                 model_name=args.model, store=store)
-    print(report.table())
-    with _whole_model(store, eval_config):
-        eval_config, ppl, zs = evaluate(model, tokenizer, eval_config, data_dir, progress)
-
-    label = f"{config.method} {config.pattern if config.pattern.structured else f'{config.sparsity:.0%}'}"
-    rows = [(args.model + " dense", n, r) for n, r in dense_ppl.items()] + [(label, n, r)
-                                                                            for n, r in ppl.items()]
-    if rows:
-        print(_ppl_table(rows))
-    for name, r in ppl.items():
-        if name in dense_ppl:
-            print(f"{name}: dense {dense_ppl[name].ppl:.3f} -> {label} {r.ppl:.3f} "
-                  f"(pruning took {report.seconds:.1f} s)")
-    if dense_zs is not None:
-        print("dense:\n" + dense_zs.markdown_table())
-    if zs is not None:
-        print(f"{label}:\n" + zs.markdown_table())
-    dense = {"perplexity": {k: v.to_dict() for k, v in dense_ppl.items()},
-             "zeroshot": dense_zs.to_dict() if dense_zs is not None else None}
-    record = result_record(name=f"{config.method}-{record_pattern(config)}-{config.sparsity:g}",
-                           model=args.model, config=config, eval_config=eval_config, perplexity=ppl,
-                           zeroshot=zs, prune_report=report, dense=dense)
-    writers = []
-    if args.json:
-        writers.append((args.json, _json_writer(args.json, record)))
-    if args.save:
-        def save():
-            # from the block files, one block in memory at a time
-            if store is not None and store.mode == "disk":
-                from llmprune.export import save
-
-                return save(model, tokenizer, args.save, record, args.overwrite, "shards", store=store)
-            return _save(model, tokenizer, args.save, record, args.overwrite, export, config.quantize)
-
-        writers.append((f"the checkpoint {args.save}", save))
-    return _write_outputs(writers)
+    try:  # the library's one call: the same checks, in the same order, as any Python caller gets
+        prune_model(args.model, config, eval_config, save=args.save, json=args.json, data_dir=data_dir,
+                    dense=not args.skip_dense, overwrite=args.overwrite, device=args.device, dtype=args.dtype,
+                    progress=not args.no_progress, export=export, device_map=args.device_map, echo=print)
+    except OutputError as exc:  # the other outputs are written: one line per failure
+        for line in exc.errors:
+            print(f"llmprune: error: {line}", file=sys.stderr)
+        return EXIT_OUTPUT_FAILED
+    return 0
 
 
 def _recover_inputs(args, config: RecoverConfig) -> tuple:
     """What ``llmprune recover`` reads besides --model, for :func:`llmprune.io.check_apart`."""
     data = config.data if Path(config.data).expanduser().is_file() else None
-    return (("--teacher", _model_path(args.teacher), "input"), ("--data", data, "input"))
+    return (("--teacher", model_path(args.teacher), "input"), ("--data", data, "input"))
 
 
 def _recover_preflight(args, config: RecoverConfig, eval_config: EvalConfig, data_dir) -> tuple:
@@ -670,6 +496,13 @@ def cmd_recover(args) -> int:
 
 
 def cmd_run(args) -> int:
+    if args.list:  # reads the recipe and the --out folder's JSON only: no torch, no model
+        lines = list_runs(args.recipe, args.out, only=args.only)
+        try:
+            print("\n".join(lines), flush=True)
+        except BrokenPipeError:  # `llmprune run R --list | head`: the reader has what it wanted
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     given = {name: getattr(args, name) for name in _SLURM_FLAGS if getattr(args, name) is not None}
     check_executor(args.executor, slurm_options_given=bool(given))
     data_dir = _data_dir(args.data_dir)
@@ -725,12 +558,7 @@ def _export_config(args, target: str | None, flag: str, quantize: str | None) ->
     export = ExportConfig(save_format=args.save_format, save_dtype=args.save_dtype)
     if target is None and (export.save_format != "dense" or export.save_dtype is not None):
         raise LlmpruneError(f"--save-format/--save-dtype say how to write {flag}: give {flag} DIR too")
-    if export.save_format == "compressed-tensors":
-        from llmprune.export.compressed_tensors import check_available
-
-        check_available()
-        if quantize != "int8":
-            raise LlmpruneError("--save-format compressed-tensors writes int8 weights: add --quantize int8")
+    check_export(export, quantize)
     return export
 
 
@@ -751,7 +579,7 @@ def cmd_compress(args) -> int:
     if export.save_format == "dense":
         raise LlmpruneError("--format dense is what `llmprune compress` undoes: use compressed or "
                             "compressed-tensors")
-    check_apart([("SRC", _model_path(args.src), "input"), ("DST", args.dst, "folder")])
+    check_apart([("SRC", model_path(args.src), "input"), ("DST", args.dst, "folder")])
     check_save_dir(args.dst, args.overwrite, "DST")
     model, tokenizer = load_model(args.src, dtype=args.dtype)
     try:
@@ -773,7 +601,7 @@ def cmd_export(args) -> int:
     out = check_output_file(args.out, "OUT")
     if out.suffix != ".gguf":
         raise LlmpruneError(f"OUT {out} must end in .gguf (readers find GGUF files by that name)")
-    check_apart([("MODEL", _model_path(args.model), "input"), ("OUT", out, "file")])
+    check_apart([("MODEL", model_path(args.model), "input"), ("OUT", out, "file")])
     if out.exists() and not args.overwrite:
         raise LlmpruneError(f"{out} exists: give a new file name or --overwrite")
     check_exportable(model_config(args.model))  # the family, before the weights load
@@ -807,7 +635,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with signals_raise():  # SIGTERM, SIGHUP: cleanup code runs as for Ctrl-C, then 128 + signal
             args = build_parser().parse_args(argv)
-            if args.command != "report":  # report reads JSON only: it must not need transformers
+            # report and `run --list` read files only: they must not need transformers
+            if args.command != "report" and not getattr(args, "list", False):
                 _quiet_libraries(not getattr(args, "no_progress", False))
             return COMMANDS[args.command](args)
     except LlmpruneError as exc:

@@ -87,7 +87,28 @@ def field_help(cls: type, name: str) -> str:
 
 @dataclass(frozen=True)
 class CalibConfig:
-    """Calibration data: which windows feed the hooks."""
+    """Calibration data: the windows of text whose activations the methods measure
+    (``PruneConfig(calib=...)``; the ``--calib``, ``--nsamples``, ``--seqlen``, ``--seed`` and
+    ``--calib-batch-size`` flags; a recipe's ``calib:``).
+
+    Fields:
+
+    - ``dataset``: ``"c4"`` (the papers' choice), ``"wikitext2"``, ``"ptb"`` or the path of a local
+      ``.txt``/``.jsonl`` file, read from the data dir (``data_dir=``, ``$LLMPRUNE_DATA_DIR``) or
+      the hub.
+    - ``nsamples``: how many windows (128 in the papers).
+    - ``seqlen``: tokens per window; None: the model's context, at most 4096.
+      :func:`llmprune.prune_model` also evaluates in windows of this length unless given an
+      EvalConfig.
+    - ``seed``: which windows are drawn (the reference scripts' sampling).
+    - ``batch_size``: windows run through a block together (1 is fastest on a CPU; raise it on a GPU).
+
+    Example::
+
+        >>> import llmprune
+        >>> calib = llmprune.CalibConfig(dataset="c4", nsamples=32, seqlen=512, seed=0)
+        >>> config = llmprune.PruneConfig(method="wanda", calib=calib)
+    """
 
     dataset: str = option("c4", "calibration data: c4, wikitext2, ptb or a local .txt/.jsonl file")
     nsamples: int = option(128, "calibration windows")
@@ -115,7 +136,37 @@ class PruneConfig:
     dataclass (``llmprune.methods``); here it is given flat, by name, as on the command line and
     in recipes: ``PruneConfig(method="ria", ria_a=0.7)``, and read back as ``config.ria_a`` or
     through :meth:`options_of`. A knob that no component in use declares is refused unless it has
-    its default (so the records of older versions, which listed every knob, still read back)."""
+    its default (so the records of older versions, which listed every knob, still read back).
+    Every value is checked here: a bad one is an :class:`llmprune.LlmpruneError` naming it.
+
+    Fields (each is the ``llmprune prune`` flag of the same name, ``--true-sequential`` for
+    ``true_sequential``):
+
+    - ``method``: the pruning method's name (``help(llmprune)`` lists the registered ones).
+    - ``sparsity``: the fraction of weights removed, in [0, 1); None: 0.5, or 1 - N/M for N:M.
+    - ``pattern``: ``"unstructured"`` or ``"N:M"`` (keep N of every M consecutive input weights).
+    - ``true_sequential``: prune q/k/v, o, gate/up, down in turn, each from the pruned inputs.
+    - ``include`` / ``exclude``: globs over ``layers.{i}.{name}`` (``"layers.*.mlp.*"``).
+    - ``skip_attention`` / ``skip_mlp``: leave every attention / MLP layer dense.
+    - ``allocation``: per-block sparsity: ``uniform``, ``owl`` or ``depth``.
+    - ``permute``: RIA's channel permutation before an N:M mask.
+    - ``refine``: a refiner after the method (``"dsnot"``); None: none.
+    - ``reconstruct``: re-solve the kept weights for the chosen mask (an OBS sweep).
+    - ``quantize``: ``"int8"`` weight-only quantization after pruning; None: none.
+    - ``offload`` / ``offload_dir``: keep the blocks in CPU memory (``"cpu"``) or on disk
+      (``"disk"``, in ``offload_dir``) while pruning a model larger than the device.
+    - ``activations``: ``"cpu"`` keeps the calibration activations in CPU memory.
+    - ``calib``: the :class:`CalibConfig` (a dict of its fields is accepted).
+    - ``options``: the components' knobs, filled with their defaults (give them flat, by name).
+
+    Example::
+
+        >>> import llmprune
+        >>> config = llmprune.PruneConfig(method="sparsegpt", pattern="2:4",
+        ...                               calib=llmprune.CalibConfig(nsamples=64, seqlen=1024))
+        >>> config.sparsity, str(config.pattern)
+        (0.5, '2:4')
+    """
 
     method: str = option("wanda", "pruning method (`llmprune prune --help` lists them)")
     sparsity: float | None = option(None, "fraction of weights removed, in [0, 1) (None: 0.5, or 1 - N/M for "
@@ -289,7 +340,26 @@ def resolve_options(config: PruneConfig, given: Mapping[str, Any]) -> dict[str, 
 
 @dataclass(frozen=True)
 class EvalConfig:
-    """Perplexity and zero-shot evaluation."""
+    """Perplexity and zero-shot evaluation (:func:`llmprune.prune_model`'s ``evaluate=``; the
+    ``--eval``/``--dataset``, ``--seqlen``, ``--batch-size``, ``--max-windows``, ``--zeroshot``
+    and ``--limit`` flags; a recipe's ``eval:``).
+
+    Fields:
+
+    - ``datasets``: perplexity datasets: ``"wikitext2"`` (the papers report it first), ``"ptb"``,
+      ``"c4"`` or local ``.txt``/``.jsonl`` paths; a tuple or a comma-separated string; ``()``: none.
+    - ``seqlen``: tokens per window; None: the model's context, at most 4096.
+    - ``batch_size``: windows per forward pass (and lm-eval's batch size).
+    - ``max_windows``: evaluate only the first K windows, a quick look; None: all.
+    - ``zeroshot``: lm-eval tasks, e.g. ``("boolq", "rte", "winogrande", "arc_easy")``; ``()``: none.
+    - ``limit``: documents per zero-shot task; None: all.
+
+    Example::
+
+        >>> import llmprune
+        >>> quick = llmprune.EvalConfig(datasets=("wikitext2",), seqlen=512, max_windows=16)
+        >>> full = llmprune.EvalConfig(datasets="wikitext2,ptb", zeroshot=("boolq", "rte"), limit=100)
+    """
 
     datasets: tuple[str, ...] = option(("ptb",), "perplexity datasets, comma separated: wikitext2, ptb, c4, "
                                                  "or a local .txt/.jsonl path")
@@ -340,7 +410,23 @@ class SlurmConfig:
 
 @dataclass(frozen=True)
 class ExportConfig:
-    """How a pruned model is written: checkpoint format (``--save``, ``llmprune compress``) and GGUF type."""
+    """How a pruned model is written: checkpoint format (``--save``, ``llmprune compress``,
+    :func:`llmprune.prune_model`'s ``export=``) and GGUF type (``llmprune export``).
+
+    Fields:
+
+    - ``save_format``: ``"dense"`` (HF safetensors, loads anywhere), ``"compressed"`` (bitmask +
+      nonzero values; int8 after ``quantize="int8"``) or ``"compressed-tensors"`` (int8 weight-only
+      for vLLM / transformers; needs the compressed-tensors package).
+    - ``save_dtype``: the stored floats of a compressed checkpoint: ``"float16"``, ``"bfloat16"``
+      or ``"float32"``; None: the model's dtype.
+    - ``gguf_type``: GGUF weight matrices: ``"f16"`` or ``"q8_0"``.
+
+    Example::
+
+        >>> import llmprune
+        >>> export = llmprune.ExportConfig(save_format="compressed", save_dtype="float16")
+    """
 
     save_format: str = option("dense", "checkpoint format: dense (HF safetensors), compressed (bitmask + "
                                        "nonzero values; int8 values + scales after --quantize int8) or "
@@ -364,7 +450,26 @@ DEFAULT_RECOVER_LR = {"kd": 5e-5, "lora": 1e-3}  # see RecoverConfig.lr's help
 
 @dataclass(frozen=True)
 class RecoverConfig:
-    """Recovery after pruning that keeps the zeros (``llmprune recover``, a recipe's ``recover:``)."""
+    """Recovery after pruning that keeps the zeros (:func:`llmprune.recover`, ``llmprune recover``,
+    a recipe's ``recover:``); every field is the flag of the same name.
+
+    Fields: ``method`` (``"kd"``: masked distillation from the dense teacher; ``"lora"``: LoRA
+    adapters trained through the mask, then merged), ``steps``, ``seqlen`` and ``batch_size`` (the
+    training windows), ``lr`` (None: 5e-5 for kd, 1e-3 for lora), ``warmup_steps``, ``lr_schedule``
+    (``"constant"`` or ``"linear"``), ``weight_decay``, ``grad_clip`` (0: off), ``temperature``
+    and ``alpha`` (the loss: ``(1 - alpha) * T^2 * KL + alpha * CE``), ``data`` (``"c4"``,
+    ``"wikitext2"``, ``"ptb"`` train splits or a local file), ``seed`` (keep it apart from the
+    calibration's), ``lora_rank``, ``lora_alpha``, ``lora_targets`` (name suffixes; empty: every
+    pruned Linear), ``gradient_checkpointing``, ``checkpoint_every`` and ``eval_every`` (steps;
+    0: off), ``max_minutes`` and ``max_cpu_minutes`` (time budgets; None: none).
+
+    Example::
+
+        >>> import llmprune
+        >>> config = llmprune.RecoverConfig(method="kd", steps=100, seqlen=512, batch_size=2)
+        >>> config.effective_lr
+        5e-05
+    """
 
     method: str = option("kd", "kd: train the pruned Linears, masked, on the dense teacher's logits; lora: "
                                "peft LoRA adapters on them, trained the same way through the mask, then "

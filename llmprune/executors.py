@@ -21,6 +21,7 @@ from typing import Iterable
 
 from llmprune.config import EXECUTORS, SlurmConfig
 from llmprune.errors import LlmpruneError
+from llmprune.progress import progress as progress_bar
 from llmprune.report import write_report
 
 SUBMITIT_INSTALL = "pip install submitit"
@@ -89,8 +90,6 @@ def run_recipe_submitit(
     that fails does not stop the others; when any failed, the error names them and their logs
     after the others have finished and the report has been written over what landed.
     """
-    from tqdm.auto import tqdm
-
     from llmprune.runner import prepare
 
     check_executor(executor)
@@ -108,8 +107,8 @@ def run_recipe_submitit(
         n = len(names)
         data = str(Path(data_dir).resolve()) if data_dir is not None else None
         jobs = pool.map_array(run_one, [str(recipe_path)] * n, [str(out)] * n, names, [data] * n)
-        bar = tqdm(total=len(selected), initial=len(selected) - n, desc=f"{recipe.name} ({executor})",
-                   unit="run", disable=not progress)
+        bar = progress_bar(len(selected), f"{recipe.name} ({executor})", "run", disable=not progress,
+                           initial=len(selected) - n)
         try:
             for name, job in zip(names, jobs):
                 try:

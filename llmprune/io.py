@@ -348,9 +348,50 @@ def _gguf_quantization(model):
     return is_gguf, quant
 
 
-def save_pruned(model, tokenizer, path: str | os.PathLike, metadata: dict, overwrite: bool = False,
-                write_weights: Callable[[Any, Path], Any] | None = None, what: str = "--save") -> Path:
-    """Save an HF checkpoint (safetensors, config, tokenizer) plus ``llmprune.json``.
+def model_source(model: Any) -> str | None:
+    """The name a model was loaded from: what :func:`llmprune.load_model` remembered
+    (``model.llmprune_source``: the alias, the hub id, or the absolute path of a local file or
+    folder), else the ``_name_or_path`` transformers keeps in the config; None when neither says."""
+    remembered = getattr(model, "llmprune_source", None)
+    if isinstance(remembered, str) and remembered:
+        return remembered
+    name = getattr(getattr(model, "config", None), "_name_or_path", None)
+    return str(name) if name else None
+
+
+def _recorded_source(model: Any, path: Path) -> str | None:
+    """The source to record for ``model`` saved at ``path``: :func:`model_source`, except that a
+    model loaded from ``path`` itself keeps the source that folder records (re-saving a checkpoint
+    in place must not make it its own source and lose the GGUF it came from)."""
+    source = model_source(model)
+    if source is None:
+        return None
+    try:
+        same = Path(source).expanduser().resolve() == path
+    except (OSError, ValueError):
+        same = False
+    if not same:
+        return source
+    try:
+        recorded = json.loads((path / SAVE_METADATA).read_text(encoding="utf-8")).get("model")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return recorded if isinstance(recorded, str) else None
+
+
+def save_pruned(model: Any, tokenizer: Any, path: str | os.PathLike, metadata: dict | None = None,
+                overwrite: bool = False, write_weights: Callable[[Any, Path], Any] | None = None,
+                what: str = "--save") -> Path:
+    """Save ``model`` as a Hugging Face checkpoint (safetensors, config, tokenizer) plus
+    ``llmprune.json``, and return the folder.
+
+    ``metadata`` goes into ``llmprune.json`` (:func:`llmprune.prune_model` and ``llmprune prune
+    --save`` write their whole result record there). Without a ``"model"`` key, the source the
+    model was loaded from is recorded (:func:`model_source`): a later ``llmprune export`` of a
+    model that came from a GGUF file (the bundled ``smollm2-135m`` too) then copies that file's
+    tokenizer instead of rebuilding it. ``overwrite`` lets ``path`` replace an earlier llmprune
+    checkpoint (never a folder holding anything else). The checkpoint loads with
+    :func:`llmprune.load_model` or plain transformers (``AutoModelForCausalLM.from_pretrained``).
 
     Written into a temporary sibling folder, then put under ``path`` in one step: a new folder by
     rename, an existing checkpoint of ours by an atomic exchange (Linux), so ``path`` always holds
@@ -363,34 +404,30 @@ def save_pruned(model, tokenizer, path: str | os.PathLike, metadata: dict, overw
     ``write_weights(model, folder)`` writes the config and weights in another format than
     ``save_pretrained`` (llmprune.export.compressed). A full disk or a file-size limit is an
     ``OSError`` whatever library hit it (safetensors, tokenizers, torch). ``what`` names ``path``
-    in messages (``--save``, ``DST``).
-    Folders and files follow the umask, as ``save_pretrained``'s do.
+    in messages (``--save``, ``DST``). Folders and files follow the umask, as ``save_pretrained``'s.
+
+    Example::
+
+        >>> import llmprune
+        >>> model, tok = llmprune.load_model("smollm2-135m")
+        >>> report = llmprune.prune(model, tok, llmprune.PruneConfig(method="magnitude"))
+        >>> llmprune.save_pruned(model, tok, "smollm2-magnitude")
+        PosixPath('/.../smollm2-magnitude')
     """
     path = check_save_dir(path, overwrite, what).resolve()
+    record = dict(metadata or {})
+    if "model" not in record:
+        source = _recorded_source(model, path)
+        if source is not None:
+            record["model"] = source
     path.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale_temporaries(path.parent, path.name)
-    is_gguf, quant = _gguf_quantization(model)
-    hf_quantizer = getattr(model, "hf_quantizer", None)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}{_TMP_TAG}{os.getpid()}.", dir=path.parent))
     os.chmod(tmp, 0o777 & ~current_umask())
     complete = False
-    with signals_raise():
+    with signals_raise(), _plain_config(model):
         try:
-            if is_gguf:
-                # a GGUF-loaded model says {quant_method: gguf}; the weights we save are plain
-                # dequantized tensors, so the saved config must not claim otherwise
-                del model.config.quantization_config
-                if hf_quantizer is not None:
-                    model.hf_quantizer = None
-            with io_errors():
-                if write_weights is None:
-                    model.save_pretrained(tmp, safe_serialization=True)
-                else:
-                    write_weights(model, tmp)
-                if tokenizer is not None:
-                    tokenizer.save_pretrained(tmp)
-            files = sorted(p.name for p in tmp.iterdir()) + [SAVE_METADATA]
-            write_json_atomic(tmp / SAVE_METADATA, {**metadata, "files": sorted(set(files))})
+            _fill(tmp, model, tokenizer, record, write_weights)
             complete = True
             _place(tmp, path)
         except Exception as exc:
@@ -401,12 +438,41 @@ def save_pruned(model, tokenizer, path: str | os.PathLike, metadata: dict, overw
         except BaseException:  # Ctrl-C, SIGTERM: the user stops the save
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-        finally:
-            if is_gguf:
-                model.config.quantization_config = quant
-                if hf_quantizer is not None:
-                    model.hf_quantizer = hf_quantizer
     return path
+
+
+@contextlib.contextmanager
+def _plain_config(model: Any):
+    """A GGUF-loaded model says {quant_method: gguf}; the weights we save are plain dequantized
+    tensors, so the saved config must not claim otherwise. Restored when the save ends."""
+    is_gguf, quant = _gguf_quantization(model)
+    if not is_gguf:
+        yield
+        return
+    hf_quantizer = getattr(model, "hf_quantizer", None)
+    try:
+        del model.config.quantization_config
+        if hf_quantizer is not None:
+            model.hf_quantizer = None
+        yield
+    finally:
+        model.config.quantization_config = quant
+        if hf_quantizer is not None:
+            model.hf_quantizer = hf_quantizer
+
+
+def _fill(tmp: Path, model: Any, tokenizer: Any, record: dict,
+          write_weights: Callable[[Any, Path], Any] | None) -> None:
+    """Write the checkpoint into the temporary folder ``tmp``: weights, tokenizer, llmprune.json."""
+    with io_errors():
+        if write_weights is None:
+            model.save_pretrained(tmp, safe_serialization=True)
+        else:
+            write_weights(model, tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+    files = sorted(p.name for p in tmp.iterdir()) + [SAVE_METADATA]
+    write_json_atomic(tmp / SAVE_METADATA, {**record, "files": sorted(set(files))})
 
 
 # rename(2) errors that mean "this folder cannot be swapped" rather than "this cannot be written":

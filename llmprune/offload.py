@@ -64,6 +64,7 @@ from llmprune.models import (
     load_model,
     resolve_dtype,
     resolve_seqlen,
+    source_name,
 )
 from llmprune.registry import FORMATS, FormatSpec
 
@@ -489,6 +490,7 @@ def load_for_offload(name_or_path: str, mode: str, dtype="auto", device=None,
     model, tokenizer, store = built
     get_blocks(model)
     model.seqlen = resolve_seqlen(model, seqlen)
+    model.llmprune_source = source_name(name_or_path)  # as load_model remembers it
     with store.streaming(torch.device("cpu")):  # discovery's probe forward, one block in memory at a time
         layout(model)
     store.reset_counters()

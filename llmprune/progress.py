@@ -11,6 +11,8 @@ information is written as whole lines instead, at most every ``$LLMPRUNE_PROGRES
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import os
 import sys
 import time
@@ -40,6 +42,35 @@ def progress(total: int | None, desc: str = "", unit: str = "it", disable: bool 
                     initial=initial, position=position, file=stream)
     return LineProgress(total, desc, unit, initial=initial, every=progress_seconds(), file=stream,
                         iterable=iterable)
+
+
+@contextlib.contextmanager
+def library_bars(show: bool | None = None) -> Iterator[None]:
+    """Around a call into transformers: its own tqdm bars (loading weights, de-quantizing a GGUF) only
+    where ours would be bars, on a terminal; in a log file they would write carriage returns.
+    ``show``: force them on or off (None: on when stderr is a terminal)."""
+    show = _isatty(sys.stderr) if show is None else show
+    if show:
+        yield
+        return
+    try:
+        from transformers import modeling_gguf_pytorch_utils as gguf_utils
+        from transformers.utils import logging as hf_logging
+    except ImportError:  # pragma: no cover - transformers is a dependency
+        yield
+        return
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    bar = getattr(gguf_utils, "tqdm", None)
+    hf_logging.disable_progress_bar()
+    if bar is not None:  # the GGUF reader calls tqdm.auto directly, outside transformers' switch
+        gguf_utils.tqdm = functools.partial(bar, disable=True)
+    try:
+        yield
+    finally:
+        if bar is not None:
+            gguf_utils.tqdm = bar
+        if was_enabled:
+            hf_logging.enable_progress_bar()
 
 
 def progress_seconds() -> float:

@@ -38,6 +38,7 @@ set of defaults. Every error is an :class:`LlmpruneError` naming the key's path,
 from __future__ import annotations
 
 import copy
+import difflib
 import itertools
 import math
 import re
@@ -47,7 +48,7 @@ import types
 import typing
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping
 
 import yaml
 
@@ -69,7 +70,7 @@ RECIPE_SCHEMA = "llmprune.recipe/1"
 DEVICES = ("auto", "cpu", "cuda", "mps")
 DTYPES = ("float32", "fp32", "float16", "fp16", "bfloat16", "bf16", "auto")
 
-_TOP_KEYS = ("name", "description", "dense", "defaults", "runs", "grid", "slurm")
+TOP_KEYS = ("name", "description", "dense", "defaults", "runs", "grid", "slurm")  # and x-* (anchors)
 # bounds on what a recipe may expand to: YAML aliases share one node between many places, so a
 # 420-byte file can stand for 10^9 values (a "billion laughs"); a grid multiplies its axes
 MAX_RECIPE_BYTES = 1 << 20
@@ -77,6 +78,15 @@ MAX_RECIPE_NODES = 100_000  # values once every alias is expanded (a 1000-run re
 MAX_RUNS = 10_000
 MAX_NAME_CHARS = 200  # a result file name (slug + ".json") must fit in 255 bytes
 _RUN_SCALARS = {"name": str, "model": str, "dtype": str, "device": str}
+
+
+class RecipeError(LlmpruneError):
+    """A user error at one place of a recipe. ``where`` is that place as the messages name it
+    (``runs[3].prune.calib.nsampels``); :func:`load_recipe` adds its line in the YAML file."""
+
+    def __init__(self, message: str, where: str = ""):
+        super().__init__(message)
+        self.where = where
 
 
 @dataclass(frozen=True)
@@ -212,6 +222,12 @@ def _check_expansion(root: yaml.Node) -> None:
 
 
 def read_yaml(path: str | Path) -> Any:
+    """The recipe file's data, safe-loaded with the refusals above (size, aliases, duplicate keys)."""
+    return _read_yaml_node(path)[0]
+
+
+def _read_yaml_node(path: str | Path) -> tuple[Any, yaml.Node | None]:
+    """``read_yaml``'s data and the composed YAML node it was built from (for line numbers)."""
     path = Path(path)
     if not path.is_file():
         raise LlmpruneError(f"recipe {path} does not exist: give the path of a recipe YAML such as "
@@ -224,9 +240,9 @@ def read_yaml(path: str | Path) -> Any:
         try:
             node = loader.get_single_node()
             if node is None:
-                return None
+                return None, None
             _check_expansion(node)
-            return loader.construct_document(node)
+            return loader.construct_document(node), node
         finally:
             loader.dispose()
     except RecursionError:
@@ -234,8 +250,9 @@ def read_yaml(path: str | Path) -> Any:
     except UnicodeDecodeError as exc:
         raise LlmpruneError(f"{path} is not UTF-8 text ({exc.reason} at byte {exc.start}): "
                             "give a recipe YAML") from None
-    except LlmpruneError as exc:
-        raise LlmpruneError(f"{path}: {exc}") from None
+    except LlmpruneError as exc:  # "line 5: key 'name' appears twice ...": "r.yaml line 5: ..."
+        text = str(exc)
+        raise LlmpruneError(f"{path} {text}" if text.startswith("line ") else f"{path}: {text}") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
@@ -251,8 +268,10 @@ def _hints(cls: type) -> dict[str, Any]:
     return typing.get_type_hints(cls)
 
 
-def _run_schema() -> dict[str, Any]:
-    """Allowed keys of a run: a leaf is a type hint, a nested dict a sub-mapping."""
+def run_schema() -> dict[str, Any]:
+    """Allowed keys of a run (and of ``defaults`` and a grid block): a leaf is a type hint, a
+    nested dict a sub-mapping. Derived from the config dataclasses and every registered
+    component's options; docs/recipes.md's key tables are checked against it."""
     prune = {name: hint for name, hint in _hints(PruneConfig).items() if name != "options"}
     for registry in OPTION_REGISTRIES:  # every registered method's and step's knobs, by name
         for spec in registry:
@@ -262,10 +281,11 @@ def _run_schema() -> dict[str, Any]:
             "recover": dict(_hints(RecoverConfig))}
 
 
-def _describe(hint: Any) -> str:
+def describe_type(hint: Any) -> str:
+    """What a key takes, in words (``an integer or null``), as errors and docs/recipes.md say it."""
     origin, args = typing.get_origin(hint), typing.get_args(hint)
     if origin in (typing.Union, types.UnionType):
-        parts = [_describe(a) for a in args if a is not type(None)]
+        parts = [describe_type(a) for a in args if a is not type(None)]
         return " or ".join(parts) + (" or null" if type(None) in args else "")
     if hint is bool:
         return "true or false"
@@ -304,15 +324,23 @@ def _fits(value: Any, hint: Any) -> bool:
     return True
 
 
+def _unknown_key(where: str, key: Any, known: Iterable[str], there: str = "there") -> RecipeError:
+    """``unknown key runs[0].prune.sparsty (did you mean 'sparsity'?)``, else the known keys."""
+    known = sorted(map(str, known))
+    close = difflib.get_close_matches(str(key), known, n=1, cutoff=0.75)
+    if close:
+        return RecipeError(f"unknown key {where} (did you mean {close[0]!r}?)", where)
+    return RecipeError(f"unknown key {where}: known keys {there} are {', '.join(known)}", where)
+
+
 def _check_keys(data: Any, schema: Mapping[str, Any], path: str) -> None:
     """Name the first unknown key or wrongly typed value under ``data`` by its full path."""
     if not isinstance(data, Mapping):
-        raise LlmpruneError(f"{path} must be a mapping, got {_show(data)}")
+        raise RecipeError(f"{path} must be a mapping, got {_show(data)}", path)
     for key, value in data.items():
         where = f"{path}.{key}" if path else str(key)
         if key not in schema:
-            known = ", ".join(sorted(schema))
-            raise LlmpruneError(f"unknown key {where}: known keys there are {known}")
+            raise _unknown_key(where, key, schema)
         sub = schema[key]
         if isinstance(sub, dict):
             _check_keys(value, sub, where)
@@ -326,7 +354,7 @@ def _check_value(value: Any, hint: Any, where: str) -> None:
     hint_text = ""
     if hint is Pattern and isinstance(value, int):
         hint_text = ' (quote N:M patterns, e.g. pattern: "2:4")'
-    raise LlmpruneError(f"{where} must be {_describe(hint)}, got {_show(value)}{hint_text}")
+    raise RecipeError(f"{where} must be {describe_type(hint)}, got {_show(value)}{hint_text}", where)
 
 
 _SHOWN = reprlib.Repr()  # a value in a message: a few items of a few levels, never the whole of it
@@ -368,20 +396,23 @@ def _set_path(target: dict[str, Any], dotted: str, value: Any) -> None:
 
 def _check_axis_path(dotted: Any, schema: Mapping[str, Any], where: str) -> Any:
     if not isinstance(dotted, str) or not dotted:
-        raise LlmpruneError(f"{where}: axis names are dotted keys such as prune.sparsity, got "
-                            f"{_show(dotted)}")
+        raise RecipeError(f"{where}: axis names are dotted keys such as prune.sparsity, got "
+                          f"{_show(dotted)}", where)
     sub: Any = schema
     path = where
     for part in dotted.split("."):
         path = f"{path}.{part}"
-        if not isinstance(sub, dict) or part not in sub:
-            known = ", ".join(sorted(sub)) if isinstance(sub, dict) else "none (not a mapping)"
-            raise LlmpruneError(f"unknown key {path}: known keys there are {known}")
+        if not isinstance(sub, dict):
+            raise RecipeError(f"unknown key {path}: {path.rsplit('.', 1)[0]} is not a mapping", path)
+        if part not in sub:
+            raise _unknown_key(path, part, sub)
         sub = sub[part]
     if isinstance(sub, dict):
-        raise LlmpruneError(f"{path} is a mapping: an axis must name a single value such as {dotted}.<key>")
+        raise RecipeError(f"{path} is a mapping: an axis must name a single value such as {dotted}.<key>",
+                          path)
     if dotted == "name":
-        raise LlmpruneError(f"{path}: the run name cannot be an axis; set the grid's name template instead")
+        raise RecipeError(f"{path}: the run name cannot be an axis; set the grid's name template instead",
+                          path)
     return sub
 
 
@@ -418,9 +449,9 @@ class _Template(string.Formatter):
         self.where, self.template = where, template
 
     def _refuse(self, what: str) -> LlmpruneError:
-        return LlmpruneError(f"{self.where}.name template {_clip(repr(self.template), 200)} uses "
-                             f"{_clip(what, 100)}: a name template may only name axes, such as "
-                             "{method}-{sparsity:.2f}")
+        return RecipeError(f"{self.where}.name template {_clip(repr(self.template), 200)} uses "
+                           f"{_clip(what, 100)}: a name template may only name axes, such as "
+                           "{method}-{sparsity:.2f}", f"{self.where}.name")
 
     def get_field(self, field_name: str, args, kwargs):
         if not field_name.isidentifier():
@@ -441,19 +472,19 @@ class _Template(string.Formatter):
 def _expand_grid(block: Any, index: int, schema: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
     where = f"grid[{index}]"
     if not isinstance(block, Mapping):
-        raise LlmpruneError(f"{where} must be a mapping with axes, got {_show(block)}")
+        raise RecipeError(f"{where} must be a mapping with axes, got {_show(block)}", where)
     block = dict(block)
     axes = block.pop("axes", None)
     template = block.pop("name", None)
     _check_keys(block, {k: v for k, v in schema.items() if k != "name"}, where)
     if not isinstance(axes, Mapping) or not axes:
-        raise LlmpruneError(f"{where}.axes must be a mapping of dotted keys to lists, such as "
-                            "prune.sparsity: [0.5, 0.6]")
+        raise RecipeError(f"{where}.axes must be a mapping of dotted keys to lists, such as "
+                          "prune.sparsity: [0.5, 0.6]", f"{where}.axes")
     for dotted, values in axes.items():
         hint = _check_axis_path(dotted, schema, f"{where}.axes")
         if not isinstance(values, list) or not values:
-            raise LlmpruneError(f"{where}.axes.{dotted} must be a non-empty list of values, got "
-                                f"{_show(values)}")
+            raise RecipeError(f"{where}.axes.{dotted} must be a non-empty list of values, got "
+                              f"{_show(values)}", f"{where}.axes.{dotted}")
         for value in values:
             _check_value(value, hint, f"{where}.axes.{dotted}")
     keys = list(axes)
@@ -465,11 +496,12 @@ def _expand_grid(block: Any, index: int, schema: dict[str, Any]) -> list[tuple[s
                                    else k.replace(".", "_")) + "}"
                             for k in keys)
     if not isinstance(template, str):
-        raise LlmpruneError(f"{where}.name must be a template string such as \"{{method}}-{{sparsity}}\"")
+        raise RecipeError(f"{where}.name must be a template string such as \"{{method}}-{{sparsity}}\"",
+                          f"{where}.name")
     count = math.prod(len(axes[k]) for k in keys)
     if count > MAX_RUNS:
-        raise LlmpruneError(f"{where} makes {count:,} runs, more than {MAX_RUNS:,}: split it into "
-                            "several recipes")
+        raise RecipeError(f"{where} makes {count:,} runs, more than {MAX_RUNS:,}: split it into "
+                          "several recipes", f"{where}.axes")
     formatter = _Template(where, template)
     runs = []
     for combo in itertools.product(*(axes[k] for k in keys)):
@@ -484,12 +516,12 @@ def _expand_grid(block: Any, index: int, schema: dict[str, Any]) -> list[tuple[s
         try:
             name = formatter.vformat(template, (), fields)
         except (KeyError, IndexError) as exc:
-            raise LlmpruneError(
+            raise RecipeError(
                 f"{where}.name template {template!r} uses {{{exc.args[0]}}}, which is not an axis: "
-                f"use one of {', '.join('{' + f + '}' for f in sorted(fields))}"
+                f"use one of {', '.join('{' + f + '}' for f in sorted(fields))}", f"{where}.name"
             ) from None
         except ValueError as exc:
-            raise LlmpruneError(f"{where}.name template {template!r}: {exc}") from None
+            raise RecipeError(f"{where}.name template {template!r}: {exc}", f"{where}.name") from None
         override["name"] = name
         runs.append((f"{where} (run {name!r})", override))
     return runs
@@ -503,35 +535,38 @@ def _wrap(where: str, fn, *args, **kwargs):
     """Call ``fn``; prefix any LlmpruneError it raises with the path it concerns."""
     try:
         return fn(*args, **kwargs)
+    except RecipeError:
+        raise
     except LlmpruneError as exc:
         message = str(exc)
         if message.startswith("unknown key "):
-            raise
-        raise LlmpruneError(f"{where}: {message}") from None
+            raise RecipeError(message, where) from None
+        raise RecipeError(f"{where}: {message}", where) from None
 
 
 def _check_method(prune: Any, where: str) -> None:
     """The one prune setting a PruneConfig cannot refuse in the recipe's words (the rest it checks
     itself when it is made)."""
     if isinstance(prune, Mapping) and prune.get("method") == DENSE:
-        raise LlmpruneError(
+        raise RecipeError(
             f"{where}.method: dense baselines are evaluated automatically once per model and eval "
-            "settings (set `dense: false` at the top of the recipe to skip them)"
+            "settings (set `dense: false` at the top of the recipe to skip them)", f"{where}.method"
         )
 
 
 def _resolve_run(data: dict[str, Any], where: str) -> Run:
     for key in ("name", "model"):
         if data.get(key) in (None, ""):
-            raise LlmpruneError(f"{where}.{key} is missing: set it in the run or in defaults")
+            raise RecipeError(f"{where}.{key} is missing: set it in the run or in defaults", where)
     name = data["name"]
     dtype = data.get("dtype", "float32")
     device = data.get("device", "auto")
     if dtype not in DTYPES:
-        raise LlmpruneError(f"{where}.dtype {dtype!r} is unknown: use one of {', '.join(DTYPES)}")
+        raise RecipeError(f"{where}.dtype {dtype!r} is unknown: use one of {', '.join(DTYPES)}",
+                          f"{where}.dtype")
     if device not in DEVICES and not re.fullmatch(r"cuda:\d+", device):
-        raise LlmpruneError(f"{where}.device {device!r} is unknown: use one of {', '.join(DEVICES)} or "
-                            "cuda:N")
+        raise RecipeError(f"{where}.device {device!r} is unknown: use one of {', '.join(DEVICES)} or "
+                          "cuda:N", f"{where}.device")
     _check_method(data.get("prune") or {}, f"{where}.prune")
     prune = _wrap(f"{where}.prune", from_dict, PruneConfig, data.get("prune") or {}, f"{where}.prune")
     evaluation = _wrap(f"{where}.eval", from_dict, EvalConfig, data.get("eval") or {}, f"{where}.eval")
@@ -547,52 +582,59 @@ def _check_run_name(name_value: Any, where: str, seen: dict[str, str],
     """A run name is given, unique, and so is its result file's name (``seen``, ``slugs``: the
     names so far, updated); the dense baselines' names are kept for them."""
     if not isinstance(name_value, str) or not name_value.strip():
-        raise LlmpruneError(f"{where}.name is missing: every run needs a name")
+        raise RecipeError(f"{where}.name is missing: every run needs a name", where)
+    at = f"{where}.name"
     if name_value in seen:
-        raise LlmpruneError(f"{where}.name {name_value!r} is used twice (first at {seen[name_value]}): run "
-                            "names must be unique")
+        raise RecipeError(f"{where}.name {name_value!r} is used twice (first at {seen[name_value]}): run "
+                          "names must be unique", at)
     slug = slugify(name_value)
     if len(slug) > MAX_NAME_CHARS:
-        raise LlmpruneError(f"{where}.name is {len(name_value):,} characters long: its result file name "
-                            "would be longer than a file system allows; keep names under "
-                            f"{MAX_NAME_CHARS} characters")
+        raise RecipeError(f"{where}.name is {len(name_value):,} characters long: its result file name "
+                          "would be longer than a file system allows; keep names under "
+                          f"{MAX_NAME_CHARS} characters", at)
     if slug in slugs:
-        raise LlmpruneError(
+        raise RecipeError(
             f"{where}.name {name_value!r} gives the same result file name ({slug}.json) as run "
-            f"{slugs[slug]!r}: rename one"
+            f"{slugs[slug]!r}: rename one", at
         )
     if dense and (name_value == DENSE or name_value.startswith(DENSE + "-")):
-        raise LlmpruneError(f"{where}.name {name_value!r}: names starting with 'dense' are kept for the "
-                            "dense baselines")
+        raise RecipeError(f"{where}.name {name_value!r}: names starting with 'dense' are kept for the "
+                          "dense baselines (the unpruned model's results, made once per model and "
+                          "evaluation setting; `dense: false` turns them off)", at)
     seen[name_value], slugs[slug] = where, name_value
+
+
+def _top_level(data: Any, default_name: str) -> tuple[str, str, bool]:
+    """The recipe's name, description and ``dense``, after refusing unknown top-level keys."""
+    if not isinstance(data, Mapping):
+        raise LlmpruneError(f"a recipe must be a mapping with runs:, got {_show(data)}")
+    # top-level "x-..." keys are free for YAML anchors ("x-wanda: &wanda {...}"), as in compose files
+    unknown = sorted(k for k in set(map(str, data)) - set(TOP_KEYS) if not k.startswith("x-"))
+    if unknown:
+        raise _unknown_key(unknown[0], unknown[0], TOP_KEYS, "at the top")
+    name = data.get("name", default_name)
+    if not isinstance(name, str) or not name.strip():
+        raise RecipeError(f"name must be a non-empty string, got {_show(name)}", "name")
+    description = data.get("description", "") or ""
+    if not isinstance(description, str):
+        raise RecipeError(f"description must be a string, got {_show(description)}", "description")
+    dense = data.get("dense", True)
+    if not isinstance(dense, bool):
+        raise RecipeError(f"dense must be true or false, got {_show(dense)}", "dense")
+    return name.strip(), " ".join(description.split()), dense
 
 
 def parse_recipe(data: Any, default_name: str = "recipe") -> Recipe:
     """Validate and resolve a recipe mapping (as read from YAML) into a :class:`Recipe`."""
-    if not isinstance(data, Mapping):
-        raise LlmpruneError(f"a recipe must be a mapping with runs:, got {_show(data)}")
-    # top-level "x-..." keys are free for YAML anchors ("x-wanda: &wanda {...}"), as in compose files
-    unknown = sorted(k for k in set(map(str, data)) - set(_TOP_KEYS) if not k.startswith("x-"))
-    if unknown:
-        raise LlmpruneError(f"unknown key {unknown[0]}: known top-level keys are {', '.join(_TOP_KEYS)}")
-    name = data.get("name", default_name)
-    if not isinstance(name, str) or not name.strip():
-        raise LlmpruneError(f"name must be a non-empty string, got {_show(name)}")
-    description = data.get("description", "") or ""
-    if not isinstance(description, str):
-        raise LlmpruneError(f"description must be a string, got {_show(description)}")
-    dense = data.get("dense", True)
-    if not isinstance(dense, bool):
-        raise LlmpruneError(f"dense must be true or false, got {_show(dense)}")
-
-    schema = _run_schema()
+    name, description, dense = _top_level(data, default_name)
+    schema = run_schema()
     defaults = data.get("defaults") or {}
     _check_keys(defaults, {k: v for k, v in schema.items() if k != "name"}, "defaults")
 
     overrides: list[tuple[str, dict[str, Any]]] = []
     runs = data.get("runs") or []
     if not isinstance(runs, list):
-        raise LlmpruneError(f"runs must be a list of mappings, got {_show(runs)}")
+        raise RecipeError(f"runs must be a list of mappings, got {_show(runs)}", "runs")
     for i, run in enumerate(runs):
         _check_keys(run, schema, f"runs[{i}]")
         overrides.append((f"runs[{i}]", dict(run)))
@@ -600,7 +642,7 @@ def parse_recipe(data: Any, default_name: str = "recipe") -> Recipe:
     if isinstance(grid, Mapping):
         grid = [grid]
     if not isinstance(grid, list):
-        raise LlmpruneError(f"grid must be a mapping or a list of mappings, got {_show(grid)}")
+        raise RecipeError(f"grid must be a mapping or a list of mappings, got {_show(grid)}", "grid")
     for j, block in enumerate(grid):
         overrides.extend(_expand_grid(block, j, schema))
     if not overrides:
@@ -617,20 +659,64 @@ def parse_recipe(data: Any, default_name: str = "recipe") -> Recipe:
         resolved.append(_resolve_run(deep_merge(defaults, override), where))
     slurm = data.get("slurm")
     if slurm is not None:
+        _check_keys(slurm, _hints(SlurmConfig), "slurm")
         slurm = _wrap("slurm", from_dict, SlurmConfig, slurm, "slurm")
-    return Recipe(name=name.strip(), description=" ".join(description.split()), runs=tuple(resolved),
-                  dense=dense, slurm=slurm)
+    return Recipe(name=name, description=description, runs=tuple(resolved), dense=dense, slurm=slurm)
+
+
+def _line_of(root: yaml.Node | None, where: str) -> int | None:
+    """The line (from 1) of the YAML file where the place ``where`` (``runs[3].prune.calib.nsampels``,
+    ``grid[0] (run 'wanda-2:4').prune``, ``grid[0].axes.prune.sparsity``) is written: its key's
+    line, else that of the nearest enclosing entry written in the file (a key that is missing, or
+    a value that comes from defaults). Read on the composed nodes, through aliases and merge keys."""
+    where = re.sub(r" \(run .*\)((?:\.\w+)*)$", r"\1", where)  # a grid's run: its grid block
+    tokens: list[Any] = [int(index) if index else key
+                         for key, index in re.findall(r"([^.\[\]]+)|\[(\d+)\]", where)]
+    node, line = root, None
+    while tokens and node is not None:
+        token = tokens.pop(0)
+        if isinstance(token, int):
+            if isinstance(node, yaml.SequenceNode) and token < len(node.value):
+                node = node.value[token]
+                line = node.start_mark.line + 1
+            elif token != 0 or not isinstance(node, yaml.MappingNode):  # `grid: {...}` is grid[0]
+                break
+            continue
+        if not isinstance(node, yaml.MappingNode):
+            break
+        found = None
+        for extra in range(len(tokens), -1, -1):  # the longest dotted key first: axes' prune.sparsity
+            parts = [token, *tokens[:extra]]
+            found = _entry(node, ".".join(parts)) if all(isinstance(p, str) for p in parts) else None
+            if found is not None:
+                del tokens[:extra]
+                break
+        if found is None:
+            break
+        line, node = found[0].start_mark.line + 1, found[1]
+    return line
+
+
+def _entry(node: yaml.MappingNode, key: str) -> tuple[yaml.Node, yaml.Node] | None:
+    """The (key, value) nodes of ``key`` in a mapping node; once merge keys are flattened (as
+    constructing the document does), the last entry of a key is the one in effect."""
+    return next(((k, v) for k, v in reversed(node.value) if getattr(k, "value", None) == key), None)
 
 
 def load_recipe(path: str | Path) -> Recipe:
-    """Read, validate and resolve a recipe YAML file. Errors name the file and the key's path."""
+    """Read, validate and resolve a recipe YAML file. Errors name the file, the line and the key's
+    path: ``r.yaml line 12: unknown key runs[0].prune.sparsty (did you mean 'sparsity'?)``."""
     path = Path(path)
-    data = read_yaml(path)
+    data, root = _read_yaml_node(path)
     try:
         return parse_recipe(data, default_name=path.stem)
+    except RecipeError as exc:
+        line = _line_of(root, exc.where) if exc.where else None
+        where = f"{path} line {line}" if line is not None else str(path)
+        raise LlmpruneError(f"{where}: {_clip(str(exc))}") from None
     except LlmpruneError as exc:
         raise LlmpruneError(f"{path}: {_clip(str(exc))}") from None
 
 
-__all__ = ["Recipe", "Run", "load_recipe", "parse_recipe", "deep_merge", "slugify", "read_yaml",
-           "RECIPE_SCHEMA"]
+__all__ = ["Recipe", "Run", "RecipeError", "load_recipe", "parse_recipe", "deep_merge", "slugify",
+           "read_yaml", "run_schema", "describe_type", "TOP_KEYS", "RECIPE_SCHEMA"]

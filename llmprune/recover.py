@@ -23,14 +23,26 @@ Embeddings, norms and lm_head stay as they were. Training windows are drawn from
 source's train split (``llmprune.data.calibration_windows``) with their own seed. A run can
 write a resumable checkpoint every K steps; resuming gives the same weights as an uninterrupted
 run (the windows, the optimizer and the schedule are restored exactly; nothing else is random).
+
+``llmprune.recover(...)`` is :func:`recover` (this module is callable as it):
+
+Example::
+
+    >>> import llmprune
+    >>> teacher, tok = llmprune.load_model("smollm2-135m")
+    >>> student, _ = llmprune.load_model("smollm2-wanda")  # a checkpoint prune_model saved
+    >>> report = llmprune.recover(student, teacher, tok, llmprune.RecoverConfig(steps=20, seqlen=256),
+    ...                           data_dir="../shared/data")
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import inspect
 import json
 import math
+import os
 import pickle
 import sys
 import time
@@ -38,18 +50,23 @@ import types
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from llmprune.blocks import input_device
-from llmprune.config import PruneConfig, RecoverConfig, from_dict, to_dict
+from llmprune.config import EvalConfig, PruneConfig, RecoverConfig, from_dict, to_dict
 from llmprune.data import calibration_windows, check_available
 from llmprune.errors import LlmpruneError
 from llmprune.evaluation import evaluate
 from llmprune.io import check_input_file, save_pruned
 from llmprune.models import get_blocks, prunable_linears
+from llmprune.progress import progress as progress_bar
+
+if TYPE_CHECKING:  # annotations only
+    from transformers import PreTrainedTokenizerBase
 
 STATE_FILE = "recover_state.pt"  # optimizer, schedule, step and trained tensors, beside the weights
 PEFT_INSTALL = "pip install 'llmprune[recover]'  (or: pip install peft)"
@@ -432,21 +449,40 @@ def _evaluate(model, tokenizer, eval_config, data_dir, progress: bool,
     return {k: v.to_dict() for k, v in ppl.items()}, (zs.to_dict() if zs is not None else None)
 
 
-def recover(model: nn.Module, teacher: nn.Module, tokenizer, config: RecoverConfig, data_dir=None,
-            progress: bool = True, eval_config=None, checkpoint_dir: str | Path | None = None,
-            resume: bool = False, metadata: dict | None = None, callback=None) -> RecoverReport:
+def recover(model: nn.Module, teacher: nn.Module, tokenizer: PreTrainedTokenizerBase, config: RecoverConfig,
+            data_dir: str | os.PathLike | None = None, progress: bool = True,
+            eval_config: EvalConfig | None = None, checkpoint_dir: str | os.PathLike | None = None,
+            resume: bool = False, metadata: dict | None = None,
+            callback: Callable[[int, RecoverReport], None] | None = None) -> RecoverReport:
     """Train the pruned ``model`` in place towards the dense ``teacher``; its zeros stay zero.
 
-    ``eval_config`` (an EvalConfig): evaluate before training, every ``config.eval_every``
-    steps (perplexity only) and after (the report's ``curve``; before and after also run its
-    zero-shot tasks). ``checkpoint_dir``: every ``config.checkpoint_every`` steps and at the
-    end of training, a loadable sparse checkpoint (as merged now) plus ``recover_state.pt`` is
-    written there through :func:`llmprune.io.save_pruned`, so an interruption leaves the last
-    complete one; ``resume`` continues from it. The finished model is not saved here: save it
-    with ``save_pruned`` and its result (as ``llmprune recover --save`` does), which replaces
-    the last checkpoint. ``metadata`` goes into each checkpoint's ``llmprune.json``.
-    ``callback(step, report)`` runs after every step.
+    ``config`` (a :class:`llmprune.RecoverConfig`): kd (masked distillation) or lora, the steps,
+    the learning rate, the training data (``config.data``, read from ``data_dir``). ``eval_config``
+    (an EvalConfig): evaluate before training, every ``config.eval_every`` steps (perplexity
+    only) and after (the report's ``curve``; before and after also run its zero-shot tasks).
+    ``checkpoint_dir``: every ``config.checkpoint_every`` steps and at the end of training, a
+    loadable sparse checkpoint (as merged now) plus ``recover_state.pt`` is written there through
+    :func:`llmprune.save_pruned`, so an interruption leaves the last complete one; ``resume``
+    continues from it. The finished model is not saved here: save it with ``save_pruned`` (as
+    ``llmprune recover --save`` does), which replaces the last checkpoint. ``metadata`` goes into
+    each checkpoint's ``llmprune.json``. ``callback(step, report)`` runs after every step.
+
+    Example::
+
+        >>> import llmprune
+        >>> teacher, tok = llmprune.load_model("smollm2-135m")
+        >>> student, _ = llmprune.load_model("smollm2-wanda")  # a checkpoint prune_model saved
+        >>> report = llmprune.recover(student, teacher, tok, llmprune.RecoverConfig(steps=20, seqlen=256),
+        ...                           data_dir="../shared/data")
+        >>> report.sparsity_after == report.sparsity_before
+        True
     """
+    return _recover(model, teacher, tokenizer, config, data_dir, progress, eval_config, checkpoint_dir,
+                    resume, metadata, callback)
+
+
+def _recover(model, teacher, tokenizer, config: RecoverConfig, data_dir, progress: bool, eval_config,
+             checkpoint_dir, resume: bool, metadata, callback) -> RecoverReport:
     check_teacher(model, teacher)
     if resume and checkpoint_dir is None:
         raise LlmpruneError("resume needs the checkpoint folder (--save) of the interrupted run")
@@ -560,16 +596,14 @@ def _train_step(model, teacher, student, optimizer, scheduler, ids, config, devi
 
 def _train(model, teacher, student, optimizer, scheduler, windows, config, report, tokenizer, data_dir,
            progress, eval_config, checkpoint_dir, metadata, callback) -> None:
-    from tqdm.auto import tqdm
-
     device, teacher_device = input_device(model), input_device(teacher)
     teacher.eval()
     model.train()
     checkpointing = config.gradient_checkpointing
     if checkpointing:  # non-reentrant: the frozen embeddings give the blocks inputs without grad
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    bar = tqdm(total=config.steps, initial=report.steps_done, desc=f"recover {config.method}", unit="step",
-               disable=not progress)
+    bar = progress_bar(config.steps, f"recover {config.method}", "step", disable=not progress,
+                       initial=report.steps_done)
     try:
         for step in range(report.steps_done, config.steps):
             over = _budget_spent(config, report)
@@ -589,7 +623,7 @@ def _train(model, teacher, student, optimizer, scheduler, windows, config, repor
             report.cpu_seconds += time.process_time() - cpu
             report.losses.append(value)
             bar.update(1)
-            bar.set_postfix(loss=f"{value:.4f}", tok_s=f"{report.tokens / max(report.seconds, 1e-9):.0f}")
+            bar.set_postfix_str(f"loss={value:.4f}, tok_s={report.tokens / max(report.seconds, 1e-9):.0f}")
             last = report.steps_done == config.steps
             if eval_config is not None and config.eval_every and report.steps_done % config.eval_every == 0 \
                     and not last:
@@ -640,6 +674,7 @@ class _CallableModule(types.ModuleType):
 
 
 sys.modules[__name__].__class__ = _CallableModule
+sys.modules[__name__].__signature__ = inspect.signature(recover)  # help() and inspect see recover's
 
 __all__ = ["recover", "RecoverReport", "RecoverWarning", "distill_loss", "lr_factor", "gap_closed",
            "sparsity_counts", "check_teacher", "check_inputs", "check_resume", "fingerprint", "lora_targets",

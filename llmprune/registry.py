@@ -115,10 +115,14 @@ class FormatSpec:
 
 
 class Registry(Generic[T]):
-    """Specs by name (lower case); registering a name twice is an error."""
+    """Specs by name (lower case); registering a name twice is an error. ``flag`` is how a user
+    picks a spec on the command line (``--method wanda``); ``flag_is_switch``: the flag takes no
+    value (``--reconstruct`` turns on the one reconstruction)."""
 
-    def __init__(self, kind: str):
+    def __init__(self, kind: str, flag: str = "", flag_is_switch: bool = False):
         self.kind = kind
+        self.flag = flag
+        self.flag_is_switch = flag_is_switch
         self._specs: dict[str, T] = {}
 
     def add(self, spec: T) -> T:
@@ -152,12 +156,12 @@ class Registry(Generic[T]):
         return len(self._specs)
 
 
-METHODS: Registry[MethodSpec] = Registry("pruning method")
-REFINERS: Registry[StepSpec] = Registry("refinement")
-RECONSTRUCTIONS: Registry[StepSpec] = Registry("reconstruction")
-ALLOCATIONS: Registry[StepSpec] = Registry("allocation")
+METHODS: Registry[MethodSpec] = Registry("pruning method", "--method")
+REFINERS: Registry[StepSpec] = Registry("refinement", "--refine")
+RECONSTRUCTIONS: Registry[StepSpec] = Registry("reconstruction", "--reconstruct", flag_is_switch=True)
+ALLOCATIONS: Registry[StepSpec] = Registry("allocation", "--allocation")
 COLLECTORS: Registry[CollectorSpec] = Registry("statistics collector")
-FORMATS: Registry[FormatSpec] = Registry("save format")
+FORMATS: Registry[FormatSpec] = Registry("save format", "--save-format")
 # the registries whose specs carry options, in the order flags are listed
 OPTION_REGISTRIES = (METHODS, ALLOCATIONS, REFINERS, RECONSTRUCTIONS)
 

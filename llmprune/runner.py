@@ -8,27 +8,27 @@ settings) and written as its own result (method ``dense``).
 Each result is written atomically as soon as its run ends, so a crash or Ctrl-C loses at most
 the run in progress; running the recipe again skips every run whose result is already there.
 The folder's ``recipe.json`` (the resolved recipe) guards against mixing two recipes' results.
+Which result files a recipe makes and which of them a folder already holds is decided in
+:mod:`llmprune.jobs` (torch-free, shared with ``llmprune run --list``).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import gc
-import json
 import os
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
 import torch
 
 from llmprune import engine
-from llmprune.config import PLACEMENT_FIELDS, EvalConfig, PruneConfig, RecoverConfig, from_dict, to_dict
 from llmprune.data import check_available
 from llmprune.errors import LlmpruneError
 from llmprune.evaluation import check_eval_memory, evaluate
 from llmprune.evaluation.zeroshot import build_tasks
 from llmprune.io import check_output_dir, write_json_atomic
+from llmprune.jobs import RECIPE_FILE, Job, claim_out_dir, comparable_recipe, matches, plan, read_json, select
 from llmprune.methods import needs_for
 from llmprune.models import (
     check_device,
@@ -39,201 +39,12 @@ from llmprune.models import (
     resolve_seqlen,
 )
 from llmprune.offload import check_offload_dir
-from llmprune.recipes import RECIPE_SCHEMA, Recipe, Run, load_recipe, slugify
+from llmprune.progress import progress as progress_bar
+from llmprune.recipes import Recipe, load_recipe
 from llmprune.recover import check_inputs as check_recover
 from llmprune.recover import recover
 from llmprune.report import write_report
-from llmprune.results import DENSE, is_result, machine, result_record
-
-RECIPE_FILE = "recipe.json"
-STALE_SUFFIX = ".stale"
-
-
-@dataclass(frozen=True)
-class Job:
-    """One result file to produce: a pruning run, or the dense baseline (``prune`` None)."""
-
-    name: str
-    model: str
-    dtype: str
-    device: str
-    eval: EvalConfig
-    prune: PruneConfig | None
-    recover: RecoverConfig | None = None  # recovery after pruning (llmprune.recover)
-
-    @property
-    def model_key(self) -> tuple[str, str, str]:
-        return (self.model, self.dtype, self.device)
-
-    @property
-    def filename(self) -> str:
-        return f"{slugify(self.name)}.json"
-
-
-def plan(recipe: Recipe) -> list[Job]:
-    """All result files of ``recipe``, grouped by model in order of first use; within a model the
-    dense baselines come first, then the runs in recipe order."""
-    models: dict[tuple[str, str, str], list[Run]] = {}
-    for run in recipe.runs:
-        models.setdefault((run.model, run.dtype, run.device), []).append(run)
-    distinct_models = {run.model for run in recipe.runs}
-    jobs: list[Job] = []
-    for (model, dtype, device), runs in models.items():
-        if recipe.dense:
-            evals: list[EvalConfig] = []
-            for run in runs:
-                if run.eval not in evals:
-                    evals.append(run.eval)
-            # the dense name says only what is needed to tell the baselines apart
-            keys_for_model = [k for k in models if k[0] == model]
-            for j, evaluation in enumerate(evals):
-                name = DENSE
-                if len(distinct_models) > 1:
-                    name += f"-{slugify(model.rstrip('/').split('/')[-1])}"
-                if len(keys_for_model) > 1:
-                    name += f"-{dtype}-{device}"
-                if len(evals) > 1:
-                    name += f"-eval{j}"
-                jobs.append(Job(name, model, dtype, device, evaluation, None))
-        jobs.extend(Job(run.name, run.model, run.dtype, run.device, run.eval, run.prune, run.recover)
-                    for run in runs)
-    _check_file_names(jobs)
-    return jobs
-
-
-def _check_file_names(jobs: list[Job]) -> None:
-    """Every file the recipe writes has a name of its own, dense baselines and the folder's
-    recipe.json included, after slugging (``_dense`` and ``/dense`` become ``dense.json``) and
-    without regard to case (one file on macOS and Windows): otherwise each run overwrites the
-    other's result and the folder never completes."""
-    def label(job: Job | None) -> str:
-        if job is None:
-            return f"the folder's {RECIPE_FILE}"
-        return f"the dense baseline {job.name!r}" if job.prune is None else f"run {job.name!r}"
-
-    owners: dict[str, Job | None] = {RECIPE_FILE.casefold(): None}
-    for job in jobs:
-        key = job.filename.casefold()
-        if key in owners:
-            other = owners[key]
-            raise LlmpruneError(f"{label(job)} and {label(other)} would both write {job.filename}: rename "
-                                f"the run (names are turned into file names: {job.name!r} -> {job.filename})")
-        owners[key] = job
-
-
-def _normal(obj: Any) -> Any:
-    """``obj`` as it reads back from JSON (tuples become lists)."""
-    return json.loads(json.dumps(obj))
-
-
-def _resolved(data: Any, cls: type) -> Any:
-    """A stored config as today's dataclass reads it: fields added since the file was written
-    take their defaults, so a new option does not make every earlier result stale."""
-    if not isinstance(data, dict):
-        return data
-    try:
-        return _normal(to_dict(from_dict(cls, data)))
-    except LlmpruneError:  # a key that no longer exists, or a value no longer valid: a different config
-        return data
-
-
-def _unplaced(config: Any) -> Any:
-    """A prune config without where the work ran (--offload, --activations): pruning with the
-    blocks on disk gives the very same weights, so a result stays valid when only that changes."""
-    if not isinstance(config, dict):
-        return config
-    return {k: v for k, v in config.items() if k not in PLACEMENT_FIELDS}
-
-
-def _matches(record: Any, job: Job) -> bool:
-    """Whether ``record`` is this job's finished result."""
-    if not is_result(record):
-        return False
-    if record.get("name") != job.name or record.get("model") != job.model:
-        return False
-    expected_config = None if job.prune is None else _normal(job.prune.to_dict())
-    if _unplaced(_resolved(record.get("config"), PruneConfig)) != _unplaced(expected_config):
-        return False
-    if (job.prune is None) != (record.get("method") == DENSE):
-        return False
-    recovered = _resolved((record.get("recover") or {}).get("config"), RecoverConfig)
-    if recovered != (None if job.recover is None else _normal(to_dict(job.recover))):
-        return False
-    stored = _resolved(record.get("eval"), EvalConfig)
-    wanted = _normal(to_dict(job.eval))
-    if not isinstance(stored, dict):
-        return False
-    if wanted.get("seqlen") is None:  # the recipe left it to the model: any resolved value fits
-        stored = {**stored, "seqlen": None}
-    return stored == wanted
-
-
-def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-
-
-def _recipe_differences(old: dict, new: dict) -> str:
-    old_runs = {r.get("name"): r for r in old.get("runs", []) if isinstance(r, dict)}
-    new_runs = {r["name"]: r for r in new["runs"]}
-    parts = []
-    if old.get("name") != new["name"]:
-        parts.append(f"recipe {old.get('name')!r}, not {new['name']!r}")
-    added = [n for n in new_runs if n not in old_runs]
-    removed = [n for n in old_runs if n not in new_runs]
-    changed = [n for n in new_runs if n in old_runs and old_runs[n] != new_runs[n]]
-    for label, names in (("runs added", added), ("removed", removed), ("changed", changed)):
-        if names:
-            shown = ", ".join(map(str, names[:3])) + (", …" if len(names) > 3 else "")
-            parts.append(f"{label}: {shown}")
-    if old.get("dense") != new["dense"]:
-        parts.append("dense baselines switched " + ("on" if new["dense"] else "off"))
-    return "; ".join(parts) or "different settings"
-
-
-def comparable_recipe(recipe_dict: dict) -> dict:
-    # the description is prose and slurm sizes jobs: editing them does not make the results a
-    # different recipe's; nor does an option added to the configs since (its default applies)
-    out = {k: v for k, v in recipe_dict.items() if k not in ("description", "slurm")}
-    runs = out.get("runs")
-    if isinstance(runs, list):
-        out["runs"] = [{**run, "prune": _unplaced(_resolved(run.get("prune"), PruneConfig)),
-                        "eval": _resolved(run.get("eval"), EvalConfig),
-                        **({"recover": _resolved(run["recover"], RecoverConfig)} if "recover" in run else {})}
-                       if isinstance(run, dict) else run for run in runs]
-    return out
-
-
-def _claim_out_dir(out_dir: Path, recipe: Recipe, jobs: list[Job], force: bool) -> None:
-    """Refuse a folder holding another recipe's results unless ``force``; with ``force``,
-    results that no longer match a run are renamed ``*.json.stale`` so reports skip them."""
-    new = _normal(recipe.to_dict())
-    recipe_file = out_dir / RECIPE_FILE
-    old = _read_json(recipe_file) if recipe_file.exists() else None
-    results = [p for p in sorted(out_dir.glob("*.json"))
-               if p.name != RECIPE_FILE and is_result(_read_json(p))]
-    if old is not None and comparable_recipe(old) == comparable_recipe(new):
-        return
-    if old is None and not results:
-        return
-    if not force:
-        if old is None:
-            why = f"it holds {len(results)} result file(s) but no {RECIPE_FILE}"
-        elif not isinstance(old, dict) or old.get("schema") != RECIPE_SCHEMA:
-            why = f"its {RECIPE_FILE} is not a recipe llmprune wrote"
-        else:
-            why = f"it holds results of a different recipe ({_recipe_differences(old, new)})"
-        raise LlmpruneError(
-            f"refusing to write into {out_dir}: {why}; choose another --out, or pass --force to reuse it "
-            "(results that still match a run are kept, the others are renamed *.json.stale)"
-        )
-    by_file = {job.filename: job for job in jobs}
-    for path in results:
-        job = by_file.get(path.name)
-        if job is None or not _matches(_read_json(path), job):
-            os.replace(path, path.with_name(path.name + STALE_SUFFIX))
+from llmprune.results import machine, result_record
 
 
 def snapshot_weights(model: torch.nn.Module) -> dict[tuple[int, str], torch.Tensor]:
@@ -294,17 +105,6 @@ def _execute(job: Job, model, tokenizer, recipe: Recipe, device: str, data_dir, 
                            recover=recovered)
     record["machine"] = _machine(device)
     return record
-
-
-def _select(jobs: list[Job], only: str | Iterable[str] | None) -> list[Job]:
-    if only is None:
-        return jobs
-    wanted = [only] if isinstance(only, str) else list(only)
-    names = [job.name for job in jobs]
-    unknown = [name for name in wanted if name not in names]
-    if unknown:
-        raise LlmpruneError(f"--only {unknown[0]!r} is not a run of this recipe: runs are {', '.join(names)}")
-    return [job for job in jobs if job.name in wanted]
 
 
 def _check_inputs(jobs: list[Job], data_dir, check_models: bool = True) -> None:
@@ -368,12 +168,12 @@ def prepare(recipe_path, out_dir, data_dir=None, only=None, force: bool = False,
     """
     recipe = load_recipe(recipe_path)
     jobs = plan(recipe)
-    selected = _select(jobs, only)
+    selected = select(jobs, only, recipe_path)
     out = check_output_dir(out_dir, "--out")
-    pending = [job for job in selected if not _matches(_read_json(out / job.filename), job)]
+    pending = [job for job in selected if not matches(read_json(out / job.filename), job)]
     _check_inputs(pending, data_dir, check_models=check_models)
     out.mkdir(parents=True, exist_ok=True)
-    _claim_out_dir(out, recipe, jobs, force)
+    claim_out_dir(out, recipe, jobs, force)
     write_json_atomic(out / RECIPE_FILE, recipe.to_dict())
     return recipe, out, selected, pending
 
@@ -426,15 +226,13 @@ def run_recipe(
     :func:`llmprune.models.load_model`. Returns the result files of the selected runs, in
     plan order, and writes the report (``summary.md`` …) over the whole folder at the end.
     """
-    from tqdm.auto import tqdm
-
     recipe, out, selected, pending = prepare(recipe_path, out_dir, data_dir, only, force,
                                              check_models=loader is None)
     if loader is None:
         loader = load_model
 
-    bar = tqdm(total=len(selected), initial=len(selected) - len(pending), desc=recipe.name, unit="run",
-               disable=not progress, position=0)
+    bar = progress_bar(len(selected), recipe.name, "run", disable=not progress,
+                       initial=len(selected) - len(pending), position=0)
     try:
         groups: dict[tuple[str, str, str], list[Job]] = {}
         for job in pending:
@@ -449,4 +247,6 @@ def run_recipe(
     return [out / job.filename for job in selected]
 
 
-__all__ = ["run_recipe", "prepare", "plan", "Job", "snapshot_weights", "restore_weights", "RECIPE_FILE"]
+# plan, Job, RECIPE_FILE and comparable_recipe live in llmprune.jobs (torch-free); named here as before
+__all__ = ["run_recipe", "prepare", "plan", "Job", "snapshot_weights", "restore_weights", "RECIPE_FILE",
+           "comparable_recipe"]

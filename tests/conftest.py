@@ -13,6 +13,8 @@ import torch  # noqa: E402
 
 # tests never reach a hub: fail fast instead of retrying connections
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# the early shape check on every model, tiny ones too (by default it runs only where loading is slower)
+os.environ.setdefault("LLMPRUNE_EARLY_CHECK_BYTES", "0")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 

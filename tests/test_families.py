@@ -6,7 +6,7 @@ reload the checkpoint with plain transformers, and check that every matrix of ev
 exactly 2:4 (each expert's, for mixture-of-experts families), that everything else (embeddings,
 lm_head, norms, biases, routers) is bit-identical, and that the perplexity is finite.
 
-The README's list of supported families is generated from these two tables
+The list of supported families in docs/models.md is generated from these two tables
 (``LLMPRUNE_WRITE_README=1 pytest tests/test_families.py -k readme`` rewrites it).
 """
 
@@ -138,14 +138,14 @@ def _readme_block() -> str:
 
 
 def test_readme_lists_the_tested_families():
-    readme = ROOT / "README.md"
+    readme = ROOT / "docs" / "models.md"
     text = readme.read_text(encoding="utf-8")
-    assert README_START in text and README_END in text, "README.md lacks the generated family list"
+    assert README_START in text and README_END in text, "docs/models.md lacks the generated family list"
     start = text.index(README_START)
     end = text.index(README_END) + len(README_END)
     if os.environ.get("LLMPRUNE_WRITE_README") == "1":
         readme.write_text(text[:start] + _readme_block() + text[end:], encoding="utf-8")
         text = readme.read_text(encoding="utf-8")
     assert text[start:text.index(README_END) + len(README_END)] == _readme_block(), (
-        "README.md's family list differs from tests/test_families.py: "
+        "docs/models.md's family list differs from tests/test_families.py: "
         "run LLMPRUNE_WRITE_README=1 pytest tests/test_families.py -k readme")

@@ -244,12 +244,13 @@ def test_eval_batch_that_cannot_fit_is_refused(setup, capsys):
 
 def test_shape_checks_run_right_after_loading_before_evaluation(setup, capsys, monkeypatch):
     """An include matching nothing, or an M not dividing a layer, fails before the dense evaluation."""
-    import llmprune.cli
+    import llmprune.evaluation
 
     def never(*_a, **_k):
         raise AssertionError("evaluation ran before the shape checks")
 
-    monkeypatch.setattr(llmprune.cli, "evaluate", never)  # the name cli calls (imported at its top)
+    # the function llmprune.pipeline.prune_model (which the command calls) evaluates with
+    monkeypatch.setattr(llmprune.evaluation, "evaluate", never)
     args = [a for a in _prune(setup) if a != "--skip-dense"]
     assert main(args + ["--include", "layers.*.nothing"]) == 2
     assert "no prunable layer matches" in _one_line_error(capsys)

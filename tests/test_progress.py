@@ -169,3 +169,34 @@ def test_zeroshot_in_a_log_file_same_scores(data_dir, capsys):
     assert err.count("Running loglikelihood requests: done, ") == 2  # one per task
     assert {n: (t.acc, t.acc_norm) for n, t in shown.tasks.items()} == {
         n: (t.acc, t.acc_norm) for n, t in quiet.tasks.items()}
+
+
+def test_loading_a_gguf_into_a_log_file_writes_no_library_bars(tmp_path, capfd):
+    """transformers de-quantizes a GGUF under a tqdm bar of its own: in a log file it must not draw."""
+    from transformers.utils import logging as hf_logging
+
+    from conftest import make_model, make_tokenizer
+    from llmprune.export.gguf import export_gguf
+    from llmprune.models import load_model
+
+    gguf = tmp_path / "tiny.gguf"
+    export_gguf(make_model("llama", vocab_size=400), make_tokenizer(), gguf)
+    capfd.readouterr()
+    enabled = hf_logging.is_progress_bar_enabled()
+    load_model(gguf, dtype="float32")
+    err = capfd.readouterr().err
+    assert "\r" not in err and "de-quantizing" not in err, err[:300]
+    assert hf_logging.is_progress_bar_enabled() == enabled  # the switch is put back
+
+
+def test_library_bars_draw_on_a_terminal(capfd):
+    from transformers import modeling_gguf_pytorch_utils as gguf_utils
+
+    from llmprune.progress import library_bars
+
+    with library_bars(show=False):
+        list(gguf_utils.tqdm(range(3), desc="quiet-bar"))
+    with library_bars(show=True):
+        list(gguf_utils.tqdm(range(3), desc="shown-bar"))
+    err = capfd.readouterr().err
+    assert "quiet-bar" not in err and "shown-bar" in err

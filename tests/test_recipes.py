@@ -2,13 +2,34 @@
 
 from __future__ import annotations
 
+import dataclasses
+import re
+import typing
 from pathlib import Path
 
 import pytest
 
-from llmprune.config import Pattern
+from llmprune.config import (
+    CalibConfig,
+    EvalConfig,
+    Pattern,
+    PruneConfig,
+    RecoverConfig,
+    SlurmConfig,
+    field_default,
+)
 from llmprune.errors import LlmpruneError
-from llmprune.recipes import deep_merge, load_recipe, parse_recipe, slugify
+from llmprune.recipes import (
+    TOP_KEYS,
+    deep_merge,
+    describe_type,
+    load_recipe,
+    parse_recipe,
+    run_schema,
+    slugify,
+)
+from llmprune.registry import OPTION_REGISTRIES
+from llmprune.registry import field_default as registry_default
 from llmprune.runner import plan
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -160,7 +181,109 @@ def test_bad_yaml_and_missing_file_are_one_line_errors(tmp_path):
 def test_file_errors_name_the_file(tmp_path):
     path = tmp_path / "r.yaml"
     path.write_text("name: r\ndefaults: {model: m}\nruns:\n  - {name: a, prune: {calib: {nsampels: 3}}}\n")
-    with pytest.raises(LlmpruneError, match=r"r.yaml: unknown key runs\[0\].prune.calib.nsampels"):
+    with pytest.raises(LlmpruneError, match=r"r.yaml line 4: unknown key runs\[0\].prune.calib.nsampels"):
+        load_recipe(path)
+
+
+LINES = """\
+name: lines
+x-zeroshot: &zeroshot
+  zeroshot: [rte]
+  limit: 2
+x-nm: &nm
+  method: wanda
+  pattern: "2:4"
+defaults:
+  model: org/m
+  prune:
+    sparsity: 0.5
+    calib: {dataset: c4, nsamples: 8}
+  eval: {datasets: [wikitext2], max_windows: 2}
+runs:
+  - name: a
+    prune: {method: magnitude}
+  - name: b
+    eval: *zeroshot
+    prune:
+      <<: *nm
+      calib:
+        seed: 1
+grid:
+  - name: "{method}-{sparsity}"
+    prune: {calib: {seed: 2}}
+    axes:
+      prune.method: [magnitude, wanda]
+      prune.sparsity: [0.5, 0.6]
+slurm:
+  time: 30
+"""
+
+
+@pytest.mark.parametrize("old, new, where", [
+    # an unknown key: its own line, with the close known key
+    ("    sparsity: 0.5\n", "    sparsity_: 0.5\n",
+     "line 11: unknown key defaults.prune.sparsity_ (did you mean 'sparsity'?)"),
+    ("    prune: {method: magnitude}", "    prune: {methd: magnitude}",
+     "line 16: unknown key runs[0].prune.methd (did you mean 'method'?)"),
+    ("        seed: 1", "        sed: 1",
+     "line 22: unknown key runs[1].prune.calib.sed (did you mean 'seed'?)"),
+    ("      prune.sparsity: [0.5", "      prune.sparsty: [0.5",
+     "line 28: unknown key grid[0].axes.prune.sparsty (did you mean 'sparsity'?)"),
+    ("    prune: {calib: {seed: 2}}", "    prune: {calib: {sed: 2}}",
+     "line 25: unknown key grid[0].prune.calib.sed"),
+    ("slurm:\n  time: 30", "slurm:\n  tme: 30", "line 30: unknown key slurm.tme (did you mean 'time'?)"),
+    ("grid:\n", "gird:\n", "line 23: unknown key gird (did you mean 'grid'?)"),
+    # inside an anchor: the line where the key is written, whichever run uses it
+    ("  limit: 2", "  limt: 2", "line 4: unknown key runs[1].eval.limt (did you mean 'limit'?)"),
+    ("  method: wanda\n", "  metod: wanda\n",
+     "line 6: unknown key runs[1].prune.metod (did you mean 'method'?)"),
+    # a key nothing is close to: the known keys instead
+    ("  - name: a\n", "  - name: a\n    colour: red\n",
+     "line 16: unknown key runs[0].colour: known keys there are"),
+    # a wrong type
+    ("    calib: {dataset: c4, nsamples: 8}", "    calib: {dataset: c4, nsamples: eight}",
+     "line 12: defaults.prune.calib.nsamples must be an integer, got 'eight'"),
+    ("  eval: {datasets: [wikitext2], max_windows: 2}", "  eval: {datasets: [wikitext2], max_windows: two}",
+     "line 13: defaults.eval.max_windows must be an integer or null"),
+    ("      prune.sparsity: [0.5, 0.6]", "      prune.sparsity: [0.5, half]",
+     "line 28: grid[0].axes.prune.sparsity must be a number"),
+    ("  time: 30", "  time: half an hour", "line 30: slurm.time must be an integer"),
+    ("name: lines\n", "name: lines\ndense: maybe\n", "line 2: dense must be true or false"),
+    # a value the config refuses, or a missing key: the nearest place written in the file
+    ("    prune: {method: magnitude}", "    prune: {method: magnitude, pattern: \"4:2\"}",
+     "line 16: runs[0].prune: pattern '4:2' is invalid"),
+    ("    prune: {method: magnitude}", "    prune: {method: wnada}",
+     "line 16: runs[0].prune: unknown pruning method"),
+    ("  - name: b\n", "  - name: dense-b\n", "line 17: runs[1].name 'dense-b': names starting with 'dense'"),
+    ("  - name: b\n", "  - name: a\n", "line 17: runs[1].name 'a' is used twice"),
+    ("  model: org/m\n", "", "line 14: runs[0].model is missing"),
+    ('  - name: "{method}-{sparsity}"', '  - name: "{method}-{sparsity}-{seed}"',
+     "line 24: grid[0].name template"),
+    ('      prune.method: [magnitude, wanda]', '      prune.method: [magnitude, dense]',
+     "line 24: grid[0] (run 'dense-0.5').name 'dense-0.5': names starting with 'dense' are kept"),
+])
+def test_recipe_errors_name_the_line(tmp_path, old, new, where):
+    assert LINES.count(old) == 1, old
+    path = tmp_path / "lines.yaml"
+    path.write_text(LINES.replace(old, new))
+    with pytest.raises(LlmpruneError) as info:
+        load_recipe(path)
+    message = str(info.value)
+    assert message.startswith(f"{path} {where}") and "\n" not in message, message
+
+
+def test_the_lines_recipe_itself_is_valid(tmp_path):
+    path = tmp_path / "lines.yaml"
+    path.write_text(LINES)
+    recipe = load_recipe(path)
+    assert recipe.names == ["a", "b", "magnitude-0.5", "magnitude-0.6", "wanda-0.5", "wanda-0.6"]
+    assert recipe.run("b").prune.pattern == Pattern(2, 4) and recipe.run("b").eval.limit == 2
+
+
+def test_errors_without_a_place_name_the_file_only(tmp_path):
+    path = tmp_path / "empty.yaml"
+    path.write_text("name: e\ndefaults: {model: m}\n")
+    with pytest.raises(LlmpruneError, match=r"empty.yaml: the recipe has no runs"):
         load_recipe(path)
 
 
@@ -213,3 +336,82 @@ def test_shipped_recipes_are_the_stated_tables():
     assert sorted({r.prune.sparsity for r in sweep.runs}) == \
         pytest.approx([0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8])
     assert {r.prune.method for r in sweep.runs} == {"magnitude", "sparsegpt", "wanda"}
+
+
+# ---------------------------------------------------------------------------------------------
+# docs/recipes.md documents every key, with the defaults the dataclasses have
+
+
+DOC = ROOT / "docs" / "recipes.md"
+
+
+def _doc_tables() -> dict[str, dict[str, list[str]]]:
+    """``{section: {key: [cells after the key]}}`` of the tables that follow ``<!-- keys: SECTION -->``."""
+    tables: dict[str, dict[str, list[str]]] = {}
+    section = None
+    for line in DOC.read_text(encoding="utf-8").splitlines():
+        marker = re.fullmatch(r"<!-- keys: (\w+) -->", line.strip())
+        if marker:
+            section = marker.group(1)
+            tables[section] = {}
+        elif section and line.startswith("| `"):
+            cells = [c.strip() for c in re.split(r"(?<!\\)\|", line.strip())[1:-1]]
+            tables[section][cells[0].strip("`")] = cells[1:]
+        elif section and tables[section] and not line.startswith("|"):
+            section = None
+    return tables
+
+
+def _doc_default(value) -> str:
+    if value is None:
+        return "`null`"
+    if isinstance(value, bool):
+        return f"`{str(value).lower()}`"
+    if isinstance(value, tuple):
+        return f"`[{', '.join(value)}]`"
+    return f"`{value}`"
+
+
+def _builtin_options() -> dict[str, tuple[list[str], type, dataclasses.Field]]:
+    """Each option of the components llmprune ships: (the specs using it, its options class, field)."""
+    out: dict[str, tuple[list[str], type, dataclasses.Field]] = {}
+    for registry in OPTION_REGISTRIES:
+        for spec in registry:
+            if spec.options.__module__.startswith("llmprune."):  # not a plugin installed here
+                for f in dataclasses.fields(spec.options):
+                    out.setdefault(f.name, ([], spec.options, f))[0].append(spec.name)
+    return out
+
+
+@pytest.mark.parametrize("section, cls", [("prune", PruneConfig), ("calib", CalibConfig),
+                                          ("eval", EvalConfig), ("recover", RecoverConfig),
+                                          ("slurm", SlurmConfig)])
+def test_docs_list_every_key_with_its_type_and_default(section, cls):
+    rows = _doc_tables()[section]
+    hints = typing.get_type_hints(cls)
+    fields = [f.name for f in dataclasses.fields(cls) if f.name != "options"]
+    assert list(rows) == fields, f"docs/recipes.md's {section} table must list exactly {fields}"
+    for name in fields:
+        if name == "calib":
+            continue
+        takes, default = rows[name][0], rows[name][1]
+        assert takes == describe_type(hints[name]).replace("|", "\\|"), name
+        value = field_default(cls, name)
+        assert default == _doc_default(str(value) if isinstance(value, Pattern) else value), name
+
+
+def test_docs_list_every_option_of_the_builtin_components():
+    rows = _doc_tables()["options"]
+    options = _builtin_options()
+    assert sorted(rows) == sorted(options), "docs/recipes.md's options table must list every built-in option"
+    for name, (users, owner, f) in options.items():
+        assert rows[name][0] == ", ".join(users), name
+        assert rows[name][1] == describe_type(typing.get_type_hints(owner)[name]).replace("|", "\\|"), name
+        assert rows[name][2] == _doc_default(registry_default(f)), name
+
+
+def test_docs_list_the_top_level_run_and_grid_keys():
+    tables = _doc_tables()
+    assert set(tables["top"]) == set(TOP_KEYS) | {"x-…"}
+    assert set(tables["run"]) == set(run_schema())
+    assert {"axes", "name"} <= set(tables["grid"])

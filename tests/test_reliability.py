@@ -558,16 +558,34 @@ def test_offloaded_prune_refuses_before_the_weights_load(setup, tmp_path, capsys
     assert not (tmp_path / "off").exists()
 
 
-# ---- the README lists these guarantees, each with its test ---------------------------------------------
+# ---- docs/reliability.md lists these guarantees, each with its test --------------------------------------
 
-def test_the_readme_section_names_only_tests_that_exist():
+def test_the_reliability_page_names_only_tests_that_exist():
     import re
 
-    readme = (ROOT / "README.md").read_text(encoding="utf-8")
-    section = readme.split("### What llmprune writes, and what it never does", 1)[1].split("\n## ", 1)[0]
+    section = (ROOT / "docs" / "reliability.md").read_text(encoding="utf-8")
     named = set(re.findall(r"`(test_\w+)`", section))
     assert len(named) >= 8
     defined = set()
     for path in (ROOT / "tests").glob("test_*.py"):
         defined |= set(re.findall(r"^def (test_\w+)", path.read_text(encoding="utf-8"), re.MULTILINE))
     assert named <= defined, sorted(named - defined)
+
+
+def test_a_small_local_model_skips_the_early_child_and_is_refused_after_its_load(setup, capsys, monkeypatch):
+    """The early shape check costs a fresh interpreter; below $LLMPRUNE_EARLY_CHECK_BYTES the model
+    loads faster than that, so the same refusal comes right after the load instead."""
+    import subprocess
+
+    import llmprune.preflight as preflight
+
+    calls = []
+    real = subprocess.run
+    monkeypatch.setattr(preflight.subprocess, "run", lambda *a, **k: calls.append(a) or real(*a, **k))
+    monkeypatch.setenv("LLMPRUNE_EARLY_CHECK_BYTES", str(2**40))
+    assert not preflight.worth_checking_early(setup / "model")
+    assert main(_prune(setup, "--include", "layers.*.nothing")) == 2
+    assert "no prunable layer matches" in _one_line_error(capsys) and calls == []
+    monkeypatch.setenv("LLMPRUNE_EARLY_CHECK_BYTES", "0")
+    assert preflight.worth_checking_early(setup / "model")
+    assert preflight.worth_checking_early("some-org/a-hub-model")  # a download: always checked first

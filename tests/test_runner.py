@@ -227,6 +227,28 @@ def test_unknown_only_name_is_a_user_error(tmp_path, data, tokenizer):
                    loader=Loader(tokenizer), progress=False)
 
 
+def test_unknown_only_name_points_to_list_and_the_close_name(tmp_path, data, tokenizer, capsys):
+    from llmprune.cli import main
+
+    recipe = write_recipe(tmp_path, data, TWO_RUNS)
+    assert main(["run", str(recipe), "--out", str(tmp_path / "out"), "--only", "dense,wanda-2_4"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    assert "--only 'wanda-2_4' is not a run of this recipe (did you mean 'wanda-2:4'?): runs are dense, " \
+           "magnitude-50, wanda-2:4" in err
+    assert f"`llmprune run {recipe} --list` lists them" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_only_help_says_it_takes_the_names_list_prints():
+    from llmprune.cli import build_parser
+
+    run = build_parser()._subparsers._group_actions[0].choices["run"]
+    helps = {action.dest: action.help for action in run._actions}
+    assert "comma-separated list of run names as --list prints them" in helps["only"]
+    assert "loads no model" in helps["list"]
+
+
 def test_dense_baselines_once_per_model_and_eval_settings(tmp_path, data):
     path = write_recipe(tmp_path, data, """
   - {name: a1, model: org/a}
@@ -296,3 +318,12 @@ def test_results_written_before_a_new_config_option_still_match(tmp_path, data, 
     loader = Loader(tokenizer)
     run_recipe(recipe, out, loader=loader, progress=False)
     assert loader.calls == []  # nothing re-ran
+
+
+def test_progress_off_a_terminal_is_plain_lines(tmp_path, data, tokenizer, capsys):
+    """The sweep's bar goes through llmprune.progress: in a log file, whole lines, no \\r."""
+    run_recipe(write_recipe(tmp_path, data, TWO_RUNS), tmp_path / "out", loader=Loader(tokenizer),
+               progress=True, report=False)
+    err = capsys.readouterr().err
+    assert "\r" not in err and "\x1b[" not in err
+    assert "tiny: done, 3/3 run in " in err

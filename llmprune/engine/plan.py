@@ -79,7 +79,20 @@ class Plan:
 
 
 def plan(model: nn.Module, config: PruneConfig, device: str | torch.device | None = None) -> Plan:
-    """Check ``config`` against ``model`` and return the plan; a user error raises LlmpruneError."""
+    """Check ``config`` against ``model`` and return the :class:`Plan` that :func:`llmprune.run`
+    executes; a user error raises :class:`llmprune.LlmpruneError`. Nothing is computed on the
+    weights: the layers ``include``/``exclude``/``skip_*`` select, N:M divisibility, a structured
+    method's counts per block, whether the calibration activations fit on ``device`` (default:
+    where the model lives).
+
+    Example::
+
+        >>> import llmprune
+        >>> model, tok = llmprune.load_model("smollm2-135m")
+        >>> the_plan = llmprune.plan(model, llmprune.PruneConfig(method="wanda", pattern="2:4"))
+        >>> sorted(the_plan.blocks[0].layers)[:2]
+        ['mlp.down_proj', 'mlp.gate_proj']
+    """
     method = get_method(config.method)
     if method.supports.shrink:
         result = Plan(config, method, needs_for(config), block_needs(config),

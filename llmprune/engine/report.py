@@ -22,7 +22,28 @@ class LayerReport:
 
 @dataclass
 class PruneReport:
-    """What a pruning run did, counted from the weights afterwards."""
+    """What a pruning run did, counted from the weights afterwards (returned by
+    :func:`llmprune.prune` and :func:`llmprune.run`; ``PruneResult.report`` of
+    :func:`llmprune.prune_model`).
+
+    ``config``: the PruneConfig as a dict; ``model``: its name; ``layers``: one
+    :class:`LayerReport` per pruned layer (name, shape, zeros, numel, method info);
+    ``block_seconds`` and ``seconds``: the time per block and in all; ``calibration``: the data
+    used (source, windows, seqlen), None without calibration; ``versions``: of the libraries;
+    ``phase_seconds``: per block, seconds collecting statistics, pruning and propagating;
+    ``allocation``: per-block targets; ``structured``: a shrink method's plan and parameter counts;
+    ``quantization``: what ``quantize`` did; ``offload``: block loads and writes. ``to_dict()`` is
+    the ``"prune"`` section of a result record; ``table()`` the text ``llmprune prune`` prints.
+
+    Example::
+
+        >>> import llmprune
+        >>> model, tok = llmprune.load_model("smollm2-135m")
+        >>> report = llmprune.prune(model, tok, llmprune.PruneConfig(method="magnitude", sparsity=0.5))
+        >>> round(report.overall_sparsity, 3)
+        0.5
+        >>> print(report.table())  # doctest: +SKIP
+    """
 
     config: dict
     model: str

@@ -14,13 +14,16 @@
 
 from __future__ import annotations
 
+import os
 import time
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from llmprune.blocks import block_device, kwargs_on
 from llmprune.config import PruneConfig
+from llmprune.data import check_available
 from llmprune.engine.inputs import PhaseTimer, calibration_inputs, propagate
 from llmprune.engine.mask import allocate, block_config, calibrate_and_prune, prune_layer
 from llmprune.engine.plan import Plan, plan
@@ -28,9 +31,12 @@ from llmprune.engine.report import LayerReport, PruneReport
 from llmprune.engine.shrink import ShrinkStrategy
 from llmprune.math.quantize import quantize_weights
 from llmprune.models import get_blocks
-from llmprune.offload import placement
+from llmprune.offload import BlockStore, placement
 from llmprune.progress import progress as progress_bar
 from llmprune.results import versions
+
+if TYPE_CHECKING:  # annotations only
+    from transformers import PreTrainedTokenizerBase
 
 
 class MaskStrategy:
@@ -68,10 +74,22 @@ STRATEGIES = {"mask": MaskStrategy, "shrink": ShrinkStrategy}
 
 
 @torch.no_grad()
-def run(the_plan: Plan, model: nn.Module, tokenizer, data_dir=None, progress: bool = True,
+def run(the_plan: Plan, model: nn.Module, tokenizer: PreTrainedTokenizerBase,
+        data_dir: str | os.PathLike | None = None, progress: bool = True,
         device: str | torch.device | None = None, windows: torch.Tensor | None = None,
-        model_name: str | None = None, store=None) -> PruneReport:
-    """Execute ``the_plan`` on ``model`` in place; see :func:`prune` for the arguments."""
+        model_name: str | None = None, store: BlockStore | None = None) -> PruneReport:
+    """Execute ``the_plan`` (from :func:`llmprune.plan`) on ``model`` in place and return what was
+    done; the arguments are :func:`prune`'s. ``plan`` then ``run`` is :func:`prune`, split so that
+    a caller can check everything (and do other work, such as a dense evaluation) between the two.
+
+    Example::
+
+        >>> import llmprune
+        >>> model, tok = llmprune.load_model("smollm2-135m")
+        >>> config = llmprune.PruneConfig(method="wanda", sparsity=0.5)
+        >>> the_plan = llmprune.plan(model, config)  # every check, no calibration yet
+        >>> report = llmprune.run(the_plan, model, tok, data_dir="../shared/data")
+    """
     config = the_plan.config
     with placement(model, config, torch.device(device) if device is not None else None, store) as place:
         return _blocks(the_plan, model, tokenizer, data_dir, progress, windows, model_name, place)
@@ -132,23 +150,37 @@ def merge_quantization(parts: list[dict], config: PruneConfig) -> dict | None:
                                                                                       for p in parts)}
 
 
-def prune(model: nn.Module, tokenizer, config: PruneConfig, data_dir=None, progress: bool = True,
+def prune(model: nn.Module, tokenizer: PreTrainedTokenizerBase, config: PruneConfig,
+          data_dir: str | os.PathLike | None = None, progress: bool = True,
           device: str | torch.device | None = None, windows: torch.Tensor | None = None,
-          model_name: str | None = None, store=None) -> PruneReport:
-    """Prune ``model`` in place as ``config`` says and return what was done.
+          model_name: str | None = None, store: BlockStore | None = None) -> PruneReport:
+    """Prune ``model`` in place as ``config`` says and return what was done (a :class:`PruneReport`).
 
-    The same preflight as the CLI (:func:`llmprune.engine.plan.plan`) runs first. ``windows``
-    (nsamples, seqlen) overrides the calibration data set in ``config.calib``. ``device``: where
-    each block computes; by default the device the block already lives on. ``store``: an
+    Before anything slow, the same preflight as the CLI runs (:func:`llmprune.plan`: the layers
+    selected, N:M divisibility, a structured plan, the calibration memory), and the calibration
+    data is looked up (``config.calib.dataset`` in ``data_dir``, else ``$LLMPRUNE_DATA_DIR``, else
+    the hub): a missing file fails in a second. ``windows`` (nsamples, seqlen) token ids replace
+    the calibration data set. ``device``: where each block computes; by default the device the
+    block already lives on. ``progress``: a bar per block (plain lines when stderr is not a
+    terminal). ``model_name`` names the model in the report. ``store``: an
     :class:`llmprune.offload.BlockStore` holding the blocks (a model from
     :func:`llmprune.offload.load_for_offload`); they stay in it, pruned. Without one,
     ``config.offload`` makes a store for this call and puts the blocks back at the end.
 
+    To evaluate and save in the same call, with every check done before the model loads, use
+    :func:`llmprune.prune_model`.
+
     Example::
 
         >>> import llmprune
-        >>> model, tok = llmprune.load_model("smollm2-135m")
-        >>> report = llmprune.prune(model, tok, llmprune.PruneConfig(method="wanda", sparsity=0.5))
+        >>> model, tok = llmprune.load_model("smollm2-135m", dtype="float32")
+        >>> config = llmprune.PruneConfig(method="wanda", sparsity=0.5,
+        ...                               calib=llmprune.CalibConfig(dataset="c4", nsamples=16, seqlen=512))
+        >>> report = llmprune.prune(model, tok, config, data_dir="../shared/data")
+        >>> round(report.overall_sparsity, 2)
+        0.5
     """
     the_plan = plan(model, config, device)
+    if the_plan.needs and windows is None:
+        check_available(config.calib.dataset, data_dir, split="calibration")
     return run(the_plan, model, tokenizer, data_dir, progress, device, windows, model_name, store)

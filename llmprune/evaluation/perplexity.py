@@ -24,11 +24,14 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import os
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from llmprune.blocks import input_device
 from llmprune.data import eval_tokens
@@ -43,9 +46,14 @@ PROBE_TOKENS = 32  # length of the check that head(body(ids)) is the model's own
 
 log = logging.getLogger(__name__)
 
+if TYPE_CHECKING:  # annotations only
+    from transformers import PreTrainedTokenizerBase
+
 
 @dataclass
 class PerplexityResult:
+    """One perplexity measurement: ``ppl`` over ``windows`` windows of ``seqlen`` tokens."""
+
     dataset: str
     ppl: float
     windows: int
@@ -180,8 +188,21 @@ def _token_losses(split: HeadSplit, ids: torch.Tensor, chunk: int) -> torch.Tens
     return torch.cat(losses).view(batch, length)
 
 
+def _check_arguments(seqlen, batch_size, max_windows, logits_chunk) -> None:
+    if isinstance(seqlen, bool) or not isinstance(seqlen, int) or seqlen < 2:
+        raise LlmpruneError(f"seqlen {seqlen!r} is too short: use an integer of at least 2")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise LlmpruneError(f"batch size must be a positive integer, got {batch_size!r}")
+    if max_windows is not None and (isinstance(max_windows, bool) or not isinstance(max_windows, int)
+                                    or max_windows < 1):
+        raise LlmpruneError(f"max_windows must be a positive integer, got {max_windows!r}")
+    if logits_chunk is not None and (isinstance(logits_chunk, bool) or not isinstance(logits_chunk, int)
+                                     or logits_chunk < 1):
+        raise LlmpruneError(f"logits_chunk must be a positive integer or None, got {logits_chunk!r}")
+
+
 def perplexity(
-    model,
+    model: nn.Module,
     tokens: torch.Tensor,
     seqlen: int,
     batch_size: int = 1,
@@ -194,18 +215,18 @@ def perplexity(
 
     ``max_windows`` evaluates only the first windows; ``batch_size`` windows share a forward.
     ``logits_chunk`` positions' logits exist at once (see the module docstring); None computes the
-    whole batch's logits in one go, as the reference scripts do.
+    whole batch's logits in one go, as the reference scripts do. ``dataset`` names the stream in
+    the result.
+
+    Example::
+
+        >>> import llmprune
+        >>> model, tok = llmprune.load_model("smollm2-135m")
+        >>> ids = tok("the quick brown fox jumps over the lazy dog " * 40, return_tensors="pt").input_ids
+        >>> llmprune.perplexity(model, ids, seqlen=64, max_windows=2).windows
+        2
     """
-    if isinstance(seqlen, bool) or not isinstance(seqlen, int) or seqlen < 2:
-        raise LlmpruneError(f"seqlen {seqlen!r} is too short: use an integer of at least 2")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise LlmpruneError(f"batch size must be a positive integer, got {batch_size!r}")
-    if max_windows is not None and (isinstance(max_windows, bool) or not isinstance(max_windows, int)
-                                    or max_windows < 1):
-        raise LlmpruneError(f"max_windows must be a positive integer, got {max_windows!r}")
-    if logits_chunk is not None and (isinstance(logits_chunk, bool) or not isinstance(logits_chunk, int)
-                                     or logits_chunk < 1):
-        raise LlmpruneError(f"logits_chunk must be a positive integer or None, got {logits_chunk!r}")
+    _check_arguments(seqlen, batch_size, max_windows, logits_chunk)
     flat = tokens.reshape(-1)
     windows = flat.numel() // seqlen
     if max_windows is not None:
@@ -254,17 +275,33 @@ def _chunked_path(model, probe: torch.Tensor) -> HeadSplit | None:
 
 
 def evaluate_perplexity(
-    model,
-    tokenizer,
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
     dataset: str,
     seqlen: int,
-    data_dir=None,
+    data_dir: str | os.PathLike | None = None,
     batch_size: int = 1,
     max_windows: int | None = None,
     progress: bool = True,
 ) -> PerplexityResult:
-    """Perplexity on a named dataset (or local file): :func:`llmprune.data.eval_tokens` then
-    :func:`perplexity`."""
+    """Perplexity on a named dataset (``wikitext2``, ``ptb``, ``c4``) or a local ``.txt``/``.jsonl``
+    file, as the Wanda and SparseGPT papers measure it: the evaluation split's token stream
+    (:func:`llmprune.data.eval_tokens`, read from ``data_dir``, else ``$LLMPRUNE_DATA_DIR``,
+    else the hub) in non-overlapping windows of ``seqlen`` tokens (:func:`perplexity`).
+
+    ``max_windows``: only the first K windows (a quick look; None: all). ``batch_size``: windows
+    per forward pass. ``progress``: a bar (plain lines off a terminal). Returns a
+    :class:`PerplexityResult` (``ppl``, ``windows``, ``tokens``, ``seqlen``, ``seconds``).
+
+    Example::
+
+        >>> import llmprune
+        >>> model, tok = llmprune.load_model("smollm2-135m")
+        >>> result = llmprune.evaluate_perplexity(model, tok, "wikitext2", seqlen=512, max_windows=8,
+        ...                                       data_dir="../shared/data")
+        >>> result.windows
+        8
+    """
     tokens = eval_tokens(dataset, tokenizer, seqlen, data_dir=data_dir)
     return perplexity(model, tokens, seqlen, batch_size=batch_size, max_windows=max_windows,
                       progress=progress, dataset=dataset)

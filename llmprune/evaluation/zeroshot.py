@@ -221,8 +221,8 @@ def _metric(scores: dict, key: str) -> float | None:
 # ----------------------------------------------------------------------------- running
 
 def zeroshot(
-    model,
-    tokenizer,
+    model: Any,
+    tokenizer: Any,
     tasks: str | Sequence[str],
     limit: int | float | None = None,
     batch_size: int | str = 1,
@@ -234,7 +234,17 @@ def zeroshot(
     ``limit`` evaluates only the first ``limit`` documents of each task (a float below 1 is a
     fraction, as in lm-eval). ``batch_size`` is lm-eval's (an int, or "auto"). All tasks are
     loaded and checked before the first one runs. lm-eval sets a pad token on ``tokenizer`` if it
-    has none and puts ``model`` in eval mode; nothing else is changed.
+    has none and puts ``model`` in eval mode; nothing else is changed. ``data_dir``: local copies
+    of the tasks' data (default: ``$LLMPRUNE_DATA_DIR``, else lm-eval's hub datasets).
+    Returns a :class:`ZeroShotResult` (per task ``acc``/``acc_norm``; ``mean_acc``).
+
+    Example::
+
+        >>> import llmprune
+        >>> model, tok = llmprune.load_model("smollm2-135m")
+        >>> result = llmprune.zeroshot(model, tok, ["boolq", "rte"], limit=20, data_dir="../shared/data")
+        >>> sorted(result.tasks)
+        ['boolq', 'rte']
     """
     import lm_eval
     from lm_eval.evaluator import evaluate

@@ -33,7 +33,7 @@ def targets(blocks: int, config, ratios=None):
 
 
 SPEC = ALLOCATIONS.add(StepSpec(
-    name="depth", label="depth", prefix="Depth-", order=20, paper="", code="",
+    name="depth", label="depth", prefix="Depth-", order=20, paper="none (a baseline)", code="none",
     summary="sparsity rising linearly with depth", options=DepthOptions, run=targets, check=check,
     extra={"nm": False},
 ))

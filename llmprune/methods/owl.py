@@ -48,8 +48,9 @@ def targets(blocks: int, config, ratios):
 
 SPEC = ALLOCATIONS.add(StepSpec(
     name="owl", label="OWL", prefix="OWL-", order=10,
-    paper='Yin, Wu, Zhang, Zhang, Jaiswal, Pechenizkiy, Wang & Liu 2024, "Outlier Weighed Layerwise Sparsity '
-          '(OWL): A Missing Secret Sauce for Pruning LLMs to High Sparsity", ICML',
+    paper='Yin, Wu, Zhang, Hsieh, Wang, Jia, Li, Jaiswal, Pechenizkiy, Liang, Bendersky, Wang & Liu 2024, '
+          '"Outlier Weighed Layerwise Sparsity (OWL): A Missing Secret Sauce for Pruning LLMs to High '
+          'Sparsity", ICML',
     code="luuyin/OWL",
     summary="outlier-weighted per-block sparsity from a dense statistics pass",
     options=OwlOptions, needs=("norms",), run=targets, check=check, extra={"nm": True, "dense_pass": True},

@@ -39,8 +39,8 @@ def select(weight, stats, config):
 
 SPEC = METHODS.add(MethodSpec(
     name="ria", label="RIA", order=40,
-    paper='Zhang, Bai, Lin, Wang & Liu 2024, "Plug-and-Play: An Efficient Post-training Pruning Method for '
-          'Large Language Models", ICLR',
+    paper='Zhang, Bai, Lin, Zhao, Hou & Cannistraci 2024, "Plug-and-Play: An Efficient Post-training Pruning '
+          'Method for Large Language Models", ICLR',
     code="biomedical-cybernetics/Relative-importance-and-activation-pruning",
     summary="relative importance x input norm^a, one threshold per matrix; channel permutation for N:M",
     options=RiaOptions, needs=("norms",), supports=Supports(permute=True), select=select,

@@ -12,6 +12,6 @@ def targets(blocks: int, config, ratios=None):
 
 
 SPEC = ALLOCATIONS.add(StepSpec(
-    name="uniform", label="uniform", order=0, paper="", code="", summary="every block at the target",
-    run=targets, extra={"nm": True},
+    name="uniform", label="uniform", order=0, paper="none (a baseline)", code="none",
+    summary="every block at the target", run=targets, extra={"nm": True},
 ))

