@@ -23,7 +23,7 @@ install-test: install
 # Sized for a CPU: 8 calibration windows, the first 16 WikiText-2 windows (time and peak memory: README).
 demo: install
 	llmprune prune --model smollm2-135m --method wanda --sparsity 0.5 --calib c4 --nsamples 8 \
-		--seqlen 2048 --seed 0 --eval wikitext2 --max-windows 16 --batch-size 4 --json results/demo.json
+		--seqlen 2048 --seed 0 --eval wikitext2 --max-windows 16 --batch-size 1 --json results/demo.json
 
 # The house style (pyproject.toml's [tool.ruff]): pyflakes, pycodestyle, import order, bugbear.
 lint:
