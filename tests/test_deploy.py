@@ -422,3 +422,25 @@ def test_compressed_tensors_needs_int8(tmp_path, capsys):
     assert main(["compress", str(src), str(tmp_path / "ct"), "--format", "compressed-tensors"]) == 2
     assert "--quantize int8" in capsys.readouterr().err
     assert not (tmp_path / "ct").exists()
+
+
+def test_the_format_registry_saves_gguf_and_keeps_an_existing_file(tmp_path):
+    """save(..., "gguf") through the registry writes what `llmprune export` writes, and refuses to
+    replace a file without overwrite."""
+    from transformers import AutoModelForCausalLM
+
+    from llmprune.errors import LlmpruneError
+    from llmprune.export import save
+
+    model = make_model("llama", vocab_size=400)
+    out = tmp_path / "m.gguf"
+    line = save(model, make_tokenizer(), out, {}, False, "gguf")
+    assert out.is_file() and str(out) in line
+    back = AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file=out.name, dtype=torch.float32)
+    assert back.config.num_hidden_layers == model.config.num_hidden_layers
+    before = out.read_bytes()
+    with pytest.raises(LlmpruneError, match="exists"):
+        save(model, make_tokenizer(), out, {}, False, "gguf")
+    assert out.read_bytes() == before
+    save(model, make_tokenizer(), out, {}, True, "gguf", gguf_type="q8_0")
+    assert out.read_bytes() != before

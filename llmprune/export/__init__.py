@@ -18,6 +18,7 @@ from pathlib import Path
 
 from transformers import AutoModelForCausalLM
 
+from llmprune.errors import LlmpruneError
 from llmprune.export.compressed import compressed_metadata, load_compressed, write_compressed
 from llmprune.export.compressed_tensors import write_compressed_tensors
 from llmprune.export.gguf import export_gguf
@@ -61,7 +62,9 @@ def _encoded_saver(name: str, write):
 
 def _save_gguf(model, tokenizer, path, record: dict, overwrite: bool, what: str = "OUT",
                gguf_type: str = "f16", source: str | None = None, **_) -> str:
-    info = export_gguf(model, tokenizer, path, gguf_type=gguf_type, source=source, overwrite=overwrite)
+    if not overwrite and Path(path).exists():
+        raise LlmpruneError(f"{what} {path} exists: pass --overwrite to replace it")
+    info = export_gguf(model, tokenizer, path, gguf_type=gguf_type, source_gguf=source)
     return f"wrote {path} ({gguf_type}): {info}"
 
 
