@@ -72,7 +72,10 @@ def _pruned_parameters(model) -> set[str]:
 
 
 @pytest.mark.parametrize("model_type", sorted(FAMILIES))
-def test_family_prune_2_4_through_the_cli_save_reload(model_type, corpus, tmp_path):
+def test_family_prune_2_4_through_the_cli_save_reload(model_type, corpus, tmp_path, monkeypatch):
+    # what a user gets for a small local model: the checks right after the load, not in a child
+    # interpreter (8 s each, x 70 families; tests/test_reliability.py covers the early path)
+    monkeypatch.delenv("LLMPRUNE_EARLY_CHECK_BYTES", raising=False)
     from transformers import AutoModelForCausalLM
     from transformers.pytorch_utils import Conv1D
 
