@@ -37,7 +37,14 @@ try:  # what these import loads for seconds on a busy machine: Ctrl-C then is on
         field_help,
     )
     from llmprune.errors import LlmpruneError, OutputError
-    from llmprune.evaluation import check_eval_memory, evaluate
+    from llmprune.evaluation import (
+        check_dense_source,
+        check_eval_memory,
+        dense_caches_ready,
+        dense_reference,
+        evaluate,
+        needs_dense,
+    )
     from llmprune.executors import check_executor, run_recipe_submitit
     from llmprune.io import (
         check_apart,
@@ -50,7 +57,14 @@ try:  # what these import loads for seconds on a busy machine: Ctrl-C then is on
     )
     from llmprune.jobs import list_runs
     from llmprune.methods import METHODS
-    from llmprune.pipeline import available, ppl_table, prune_model, write_outputs
+    from llmprune.pipeline import (
+        available,
+        distance_line,
+        generation_line,
+        ppl_table,
+        prune_model,
+        write_outputs,
+    )
     from llmprune.preflight import check_data_dir, check_export, check_inputs, check_shapes_early, model_path
     from llmprune.recipes import load_recipe
     from llmprune.registry import option_fields
@@ -132,7 +146,7 @@ def _add_eval(p: argparse.ArgumentParser, dataset_flag: str, training: bool = Fa
     """The evaluation flags; with ``training`` (llmprune recover), --seqlen and --batch-size size
     the training windows, so evaluation's are --eval-seqlen and --eval-batch-size."""
     _field(p, EvalConfig, "datasets", dataset_flag, metavar="NAMES", default=None,
-           default_label="ptb, or none when --zeroshot is given")
+           default_label="wikitext2, or none when --zeroshot is given")
     if training:
         _field(p, EvalConfig, "seqlen", "--eval-seqlen", dest="eval_seqlen", type=int)
     else:
@@ -147,6 +161,13 @@ def _add_eval(p: argparse.ArgumentParser, dataset_flag: str, training: bool = Fa
         _field(p, EvalConfig, "batch_size", "--batch-size")
     _field(p, EvalConfig, "zeroshot", "--zeroshot", metavar="TASKS")
     _field(p, EvalConfig, "limit", "--limit", type=int)
+    _field(p, EvalConfig, "kl", "--eval-kl", dest="kl")
+    _field(p, EvalConfig, "kl_topk", "--kl-topk", metavar="K")
+    _field(p, EvalConfig, "kl_exact", "--kl-exact")
+    _field(p, EvalConfig, "kl_cache", "--kl-cache", metavar="DIR", type=str,
+           default_label="$LLMPRUNE_CACHE_DIR, else ~/.cache/llmprune")
+    _field(p, EvalConfig, "generate", "--generate", metavar="N")
+    _field(p, EvalConfig, "generate_tokens", "--generate-tokens", metavar="T")
     p.add_argument("--json", default=None, metavar="FILE", help="write the results as JSON")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
@@ -171,6 +192,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     ev = sub.add_parser("eval", help="perplexity / zero-shot accuracy of a model")
     _add_model(ev)
+    ev.add_argument("--dense", default=None, metavar="MODEL",
+                    help="the dense model --model was pruned from, for --eval-kl and --generate: hub id, "
+                         "directory, .gguf file or 'smollm2-135m'")
     _add_eval(ev, "--dataset")
 
     _add_prune_command(sub)
@@ -295,7 +319,9 @@ def _eval_config(args, datasets) -> EvalConfig:
     training = "eval_seqlen" in vars(args)  # llmprune recover: --seqlen/--batch-size are the training's
     return EvalConfig(datasets=datasets or (), seqlen=args.eval_seqlen if training else args.seqlen,
                       batch_size=args.eval_batch_size if training else args.batch_size,
-                      max_windows=args.max_windows, zeroshot=args.zeroshot, limit=args.limit)
+                      max_windows=args.max_windows, zeroshot=args.zeroshot, limit=args.limit,
+                      kl=args.kl, kl_topk=args.kl_topk, kl_exact=args.kl_exact, kl_cache=args.kl_cache,
+                      generate=args.generate, generate_tokens=args.generate_tokens)
 
 
 def _check_inputs(eval_config: EvalConfig, data_dir, args, paths: tuple = ()) -> None:
@@ -313,10 +339,10 @@ def _check_shapes_early(args, eval_config: EvalConfig, seqlens: tuple = ()) -> N
                        device_map=args.device_map, seqlens=seqlens)
 
 
-def _load(args):
+def _load(args, name=None):
     from llmprune.models import load_model
 
-    return load_model(args.model, dtype=args.dtype, device=args.device, seqlen=args.seqlen,
+    return load_model(name or args.model, dtype=args.dtype, device=args.device, seqlen=args.seqlen,
                       device_map=args.device_map)
 
 
@@ -348,23 +374,60 @@ def _json_writer(path: str, record: dict):
 
 
 def cmd_eval(args) -> int:
-    datasets = args.dataset if args.dataset is not None else (() if args.zeroshot else ("ptb",))
+    datasets = args.dataset if args.dataset is not None else (() if args.zeroshot else ("wikitext2",))
     eval_config = _eval_config(args, datasets)  # before torch loads (what follows imports it)
     data_dir = _data_dir(args.data_dir)
-    _check_inputs(eval_config, data_dir, args)
+    compare = needs_dense(eval_config)
+    if compare and args.dense is None:
+        raise LlmpruneError("--eval-kl and --generate compare --model with the dense model it was pruned "
+                            "from: give that model with --dense MODEL")
+    if args.dense is not None and not compare:
+        raise LlmpruneError("--dense is the reference of --eval-kl and --generate: add one of them, or drop "
+                            "--dense")
+    if compare:
+        check_dense_source(args.dense, "--dense")
+    _check_inputs(eval_config, data_dir, args, paths=(("--dense", model_path(args.dense), "input"),)
+                  if compare else ())
     _check_shapes_early(args, eval_config)
+    progress = not args.no_progress
+    reference = None
+    if compare:  # the dense side first: its caches, then (unless --kl-exact) it leaves memory
+        dense_model, dense_tok = _load(args, args.dense)
+        reference = dense_reference(dense_model, eval_config, keep=eval_config.kl_exact)
+        setting = dataclasses.replace(eval_config, zeroshot=())
+        if not dense_caches_ready(dense_model, dense_tok, setting, reference, data_dir):  # else: reused
+            recorded = dataclasses.replace(reference, record=True)
+            evaluate(dense_model, dense_tok, setting, data_dir, progress, dense=recorded)
+        del dense_model
     model, tokenizer = _load(args)
+    if compare and _vocabulary(tokenizer) != _vocabulary(dense_tok):
+        raise LlmpruneError(f"--model and --dense {args.dense} have different tokenizers: the KL compares "
+                            "next-token distributions over one vocabulary")
     check_eval_memory(model, eval_config)
-    eval_config, ppl, zs = evaluate(model, tokenizer, eval_config, data_dir, not args.no_progress)
+    result = evaluate(model, tokenizer, eval_config, data_dir, progress, dense=reference)
+    eval_config, ppl, zs = result.config, result.perplexity, result.zeroshot
     if ppl:
         print(ppl_table([(args.model, name, r) for name, r in ppl.items()]))
+        for name, r in ppl.items():
+            if r.distance is not None:
+                print(f"{name}: {distance_line(r.distance)}")
+    if result.generation is not None:
+        print(generation_line(result.generation))
     if zs is not None:
         print(zs.markdown_table())
     if not args.json:
         return 0
-    record = result_record(name="dense", model=args.model, eval_config=eval_config, perplexity=ppl,
-                           zeroshot=zs)
+    record = result_record(name="dense" if not compare else Path(str(args.model)).name, model=args.model,
+                           eval_config=eval_config, perplexity=ppl, zeroshot=zs,
+                           generation=result.generation_dict())
+    if compare:
+        record["dense_model"] = args.dense
     return _write_outputs([(args.json, _json_writer(args.json, record))])
+
+
+def _vocabulary(tokenizer) -> tuple:
+    probe = tokenizer.convert_tokens_to_ids(tokenizer.tokenize("the model"))
+    return (len(tokenizer), tokenizer.eos_token_id, probe)
 
 
 def cmd_prune(args) -> int:
@@ -373,7 +436,7 @@ def cmd_prune(args) -> int:
                         batch_size=args.calib_batch_size)
     config = PruneConfig(calib=calib, **{name: getattr(args, name) for name in _CORE_FIELDS},
                          options={name: getattr(args, name) for name in option_fields()})
-    eval_config = _eval_config(args, args.eval if args.eval is not None else ("ptb",))
+    eval_config = _eval_config(args, args.eval if args.eval is not None else ("wikitext2",))
     data_dir = _data_dir(args.data_dir)
     export = _export_config(args, args.save, "--save", config.quantize)
     try:  # the library's one call: the same checks, in the same order, as any Python caller gets
@@ -457,7 +520,10 @@ def cmd_recover(args) -> int:
 
     data_dir = _data_dir(args.data_dir)
     config = RecoverConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(RecoverConfig)})
-    eval_config = _eval_config(args, args.eval if args.eval is not None else ("ptb",))
+    eval_config = _eval_config(args, args.eval if args.eval is not None else ("wikitext2",))
+    if needs_dense(eval_config):
+        raise LlmpruneError("llmprune recover does not measure --eval-kl or --generate yet: measure the "
+                            "recovered checkpoint with `llmprune eval --model DIR --dense TEACHER --eval-kl`")
     earlier, pruned, pruned_with = _recover_preflight(args, config, eval_config, data_dir)
     progress = not args.no_progress
     load = dict(dtype=args.dtype, device=args.device, seqlen=args.eval_seqlen, device_map=args.device_map)
@@ -468,7 +534,8 @@ def cmd_recover(args) -> int:
 
     dense = (earlier or {}).get("dense") if args.resume else None
     if dense is None and not args.skip_dense and (eval_config.datasets or eval_config.zeroshot):
-        _, dense_ppl, dense_zs = evaluate(teacher, tokenizer, eval_config, data_dir, progress)
+        before = evaluate(teacher, tokenizer, eval_config, data_dir, progress)
+        dense_ppl, dense_zs = before.perplexity, before.zeroshot
         dense = {"perplexity": {k: v.to_dict() for k, v in dense_ppl.items()},
                  "zeroshot": dense_zs.to_dict() if dense_zs is not None else None}
     report = _recover_noting_checkpoint(args, model, teacher, tokenizer, config, eval_config, data_dir,

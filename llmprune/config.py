@@ -361,14 +361,26 @@ class EvalConfig:
         >>> full = llmprune.EvalConfig(datasets="wikitext2,ptb", zeroshot=("boolq", "rte"), limit=100)
     """
 
-    datasets: tuple[str, ...] = option(("ptb",), "perplexity datasets, comma separated: wikitext2, ptb, c4, "
-                                                 "or a local .txt/.jsonl path")
+    datasets: tuple[str, ...] = option(("wikitext2",), "perplexity datasets, comma separated: wikitext2, "
+                                                       "ptb, c4, or a local .txt/.jsonl path")
     seqlen: int | None = option(None, "evaluation window length (None: the model's context, at most 4096)")
     batch_size: int = option(1, "evaluation windows per forward pass")
     max_windows: int | None = option(None, "evaluate only the first K windows (None: all)")
     zeroshot: tuple[str, ...] = option((), "zero-shot tasks through lm-eval, e.g. "
-                                           "boolq,rte,winogrande,arc_easy,arc_challenge,openbookqa,piqa")
+                                           "boolq,rte,winogrande,arc_easy,arc_challenge,openbookqa,piqa; "
+                                           "also lambada_openai, gsm8k")
     limit: int | None = option(None, "zero-shot documents per task (None: all)")
+    kl: bool = option(False, "distance to the dense model on each perplexity dataset: mean "
+                             "KL(dense || model) per token, its 90/99/99.9th percentiles, top-1 agreement")
+    kl_topk: int = option(32, "dense log-probs kept per token in the dense cache (the top-k approximation)")
+    kl_exact: bool = option(False, "exact KL over the whole vocabulary beside the top-k approximation "
+                                   "(the dense model is kept in memory and run again; about 2x the "
+                                   "evaluation)")
+    kl_cache: str | None = option(None, "folder of the dense side's cache (None: $LLMPRUNE_CACHE_DIR, else "
+                                        "~/.cache/llmprune)")
+    generate: int = option(0, "greedy-continuation agreement with the dense model on this many C4 prompts "
+                              "(0: off)")
+    generate_tokens: int = option(32, "tokens generated per prompt for the agreement check")
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "datasets", as_tuple(self.datasets))
@@ -376,6 +388,13 @@ class EvalConfig:
         check_positive(self.batch_size, "batch size")
         check_positive(self.max_windows, "max_windows", allow_none=True)
         check_positive(self.limit, "limit", allow_none=True)
+        check_positive(self.kl_topk, "kl_topk")
+        check_positive(self.generate_tokens, "generate_tokens")
+        if isinstance(self.generate, bool) or not isinstance(self.generate, int) or self.generate < 0:
+            raise LlmpruneError(f"generate must be a number of prompts (0: off), got {self.generate!r}")
+        if (self.kl or self.kl_exact) and not self.datasets:
+            raise LlmpruneError("the KL distance is measured on the perplexity datasets, but none is given: "
+                                "add one, e.g. --eval wikitext2")
         if self.seqlen is not None:
             check_positive(self.seqlen, "seqlen")
             if self.seqlen < 2:

@@ -42,6 +42,7 @@ class Job:
     eval: EvalConfig
     prune: PruneConfig | None
     recover: RecoverConfig | None = None  # recovery after pruning (llmprune.recover)
+    base_name: str | None = None  # the recipe's name of a run that seeds: repeats (Run.base_name)
 
     @property
     def model_key(self) -> tuple[str, str, str]:
@@ -77,8 +78,8 @@ def plan(recipe: Recipe) -> list[Job]:
                 if len(evals) > 1:
                     name += f"-eval{j}"
                 jobs.append(Job(name, model, dtype, device, evaluation, None))
-        jobs.extend(Job(run.name, run.model, run.dtype, run.device, run.eval, run.prune, run.recover)
-                    for run in runs)
+        jobs.extend(Job(run.name, run.model, run.dtype, run.device, run.eval, run.prune, run.recover,
+                        run.base_name) for run in runs)
     _check_file_names(jobs)
     return jobs
 
@@ -104,20 +105,22 @@ def _check_file_names(jobs: list[Job]) -> None:
 
 
 def select(jobs: list[Job], only: str | Iterable[str] | None, recipe_path: Any = "RECIPE") -> list[Job]:
-    """The jobs named in ``only`` (all when None); an unknown name is an error that lists the
-    names and points to ``--list``."""
+    """The jobs named in ``only`` (all when None), in plan order; the name a recipe gives a run
+    that ``seeds:`` repeats selects all its seeds (``wanda`` for ``wanda-seed0``, ``wanda-seed1``). An
+    unknown name is an error that lists the names and points to ``--list``."""
     if only is None:
         return jobs
     wanted = [only] if isinstance(only, str) else list(only)
     names = [job.name for job in jobs]
-    unknown = [name for name in wanted if name not in names]
+    bases = [job.base_name for job in jobs if job.base_name is not None]
+    unknown = [name for name in wanted if name not in names and name not in bases]
     if unknown:
-        close = difflib.get_close_matches(unknown[0], names, n=1)
+        close = difflib.get_close_matches(unknown[0], names + list(dict.fromkeys(bases)), n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
         shown = ", ".join(names[:12]) + (f", … ({len(names)} in all)" if len(names) > 12 else "")
         raise LlmpruneError(f"--only {unknown[0]!r} is not a run of this recipe{hint}: runs are {shown}; "
                             f"`llmprune run {recipe_path} --list` lists them with what each one is")
-    return [job for job in jobs if job.name in wanted]
+    return [job for job in jobs if job.name in wanted or (job.base_name or job.name) in wanted]
 
 
 # ---------------------------------------------------------------------------------------------

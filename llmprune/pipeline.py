@@ -17,6 +17,7 @@ printing):
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -62,6 +63,21 @@ def ppl_table(rows: list[tuple[str, str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def distance_line(d: Any) -> str:
+    """One line for a :class:`~llmprune.evaluation.distance.DistanceResult`."""
+    how = "exact" if d.exact else f"top-{d.topk} approximation"
+    return (f"KL(dense || pruned) mean {d.kl_mean:.4f} nats/token, p90 {d.kl_p90:.4f}, p99 {d.kl_p99:.4f}, "
+            f"p99.9 {d.kl_p999:.4f} ({how}, {d.positions} positions); top-1 agreement {d.top1_agreement:.2%}")
+
+
+def generation_line(g: Any) -> str:
+    """One line for a :class:`~llmprune.evaluation.generation.GenerationResult`."""
+    return (f"greedy continuations ({g.prompts} C4 prompts x {g.new_tokens} tokens): {g.agreement:.2%} of "
+            f"the tokens identical before the first divergence, first divergence at token "
+            f"{g.first_divergence:.1f} "
+            f"on average, {g.identical:.0%} identical")
+
+
 @dataclass
 class PruneResult:
     """What :func:`prune_model` did.
@@ -70,7 +86,9 @@ class PruneResult:
     and its tokenizer. ``report``: the :class:`llmprune.PruneReport`. ``config``: the PruneConfig.
     ``eval_config``: the EvalConfig as run (its ``seqlen`` resolved). ``perplexity`` and
     ``zeroshot``: the pruned model's results ({dataset: PerplexityResult}, a ZeroShotResult or
-    None); ``dense_perplexity`` and ``dense_zeroshot``: the dense model's, before pruning (empty
+    None; each PerplexityResult carries its ``distance`` to the dense model when ``kl``);
+    ``generation``: the greedy-continuation agreement (``generate``); ``dense_perplexity`` and
+    ``dense_zeroshot``: the dense model's, before pruning (empty
     and None with ``dense=False``). ``record``: the result record, the same dict ``llmprune prune
     --json`` writes (and ``llmprune.json`` of a saved checkpoint holds). ``saved``: the checkpoint
     folder, ``json_path``: the JSON file, each None when not asked for or not written; ``errors``:
@@ -95,6 +113,7 @@ class PruneResult:
     zeroshot: ZeroShotResult | None = None
     dense_perplexity: dict[str, PerplexityResult] = field(default_factory=dict)
     dense_zeroshot: ZeroShotResult | None = None
+    generation: Any = None
     record: dict = field(default_factory=dict)
     saved: Path | None = None
     json_path: Path | None = None
@@ -117,6 +136,11 @@ class PruneResult:
             if dataset in self.dense_perplexity:
                 lines.append(f"{dataset}: dense {self.dense_perplexity[dataset].ppl:.3f} -> {self.label} "
                              f"{r.ppl:.3f} (pruning took {self.report.seconds:.1f} s)")
+        for dataset, r in self.perplexity.items():
+            if getattr(r, "distance", None) is not None:
+                lines.append(f"{dataset}: {distance_line(r.distance)}")
+        if self.generation is not None:
+            lines.append(generation_line(self.generation))
         if self.dense_zeroshot is not None:
             lines.append("dense:\n" + self.dense_zeroshot.markdown_table())
         if self.zeroshot is not None:
@@ -172,11 +196,17 @@ def preflight(model: str | None, config: PruneConfig, eval_config: EvalConfig, d
 
     export = ExportConfig() if export is None else export
     check_export(export, config.quantize)
+    if evaluation.needs_dense(eval_config) and config.offload is not None:
+        raise LlmpruneError("the KL distance and the continuation agreement keep the dense model's outputs, "
+                            "which an offloaded run does not hold: drop --offload, or --eval-kl/--generate")
+    if evaluation.needs_dense(eval_config) and model is not None:
+        evaluation.check_dense_source(model)
     check_offload(config, device_map, export.save_format)
     offload_dir = config.offload_dir if config.offload == "disk" else None
     check_inputs(eval_config, data_dir, model=model, dtype=dtype, device=device, device_map=device_map,
                  json_path=json_path, save=save, overwrite=overwrite,
                  calib=config.calib.dataset if needs_for(config) else None,
+                 calib_seqlen=config.calib.seqlen if needs_for(config) else None,
                  paths=(("--offload-dir", offload_dir, "workdir"),))
     if model is not None:
         check_shapes_early(model, eval_config, config, dtype=dtype, device=device, device_map=device_map)
@@ -313,23 +343,32 @@ def prune_loaded(model: Any, tokenizer: Any, config: PruneConfig, eval_config: E
     name = name or model_source(model) or type(model).__name__
     the_plan = plan(model, config, device)  # before any evaluation or calibration
     evaluation.check_eval_memory(model, eval_config)
+    reference = evaluation.dense_reference(model, eval_config)  # its fingerprint, before any weight changes
     dense_ppl, dense_zs = {}, None
-    if dense:
+    if dense or reference is not None:  # the distances need the dense pass: it writes their caches
+        recorded = dataclasses.replace(reference, record=True) if reference is not None else None
+        # without ``dense``, only what the caches need: no zero-shot tasks on the dense model
+        dense_config = eval_config if dense else dataclasses.replace(eval_config, zeroshot=())
         with _whole_model(store, eval_config):
-            _, dense_ppl, dense_zs = evaluation.evaluate(model, tokenizer, eval_config, data_dir, progress)
+            before = evaluation.evaluate(model, tokenizer, dense_config, data_dir, progress, dense=recorded)
+        dense_ppl, dense_zs = before.perplexity, before.zeroshot
     report = run(the_plan, model, tokenizer, data_dir=data_dir, progress=progress, device=device,
                  model_name=name, store=store)
     if echo is not None:
         echo(report.table())
     with _whole_model(store, eval_config):
-        resolved, ppl, zs = evaluation.evaluate(model, tokenizer, eval_config, data_dir, progress)
-    result = PruneResult(model=model, tokenizer=tokenizer, report=report, config=config, eval_config=resolved,
-                         perplexity=ppl, zeroshot=zs, dense_perplexity=dense_ppl, dense_zeroshot=dense_zs)
+        after = evaluation.evaluate(model, tokenizer, eval_config, data_dir, progress, dense=reference)
+    result = PruneResult(model=model, tokenizer=tokenizer, report=report, config=config,
+                         eval_config=after.config,
+                         perplexity=after.perplexity, zeroshot=after.zeroshot, generation=after.generation,
+                         dense_perplexity=dense_ppl, dense_zeroshot=dense_zs)
     dense_section = {"perplexity": {k: v.to_dict() for k, v in dense_ppl.items()},
                      "zeroshot": dense_zs.to_dict() if dense_zs is not None else None}
     result.record = result_record(name=f"{config.method}-{record_pattern(config)}-{config.sparsity:g}",
-                                  model=name, config=config, eval_config=resolved, perplexity=ppl,
-                                  zeroshot=zs, prune_report=report, dense=dense_section)
+                                  model=name, config=config, eval_config=after.config,
+                                  perplexity=after.perplexity,
+                                  zeroshot=after.zeroshot, prune_report=report, dense=dense_section,
+                                  generation=after.generation_dict())
     text = result.summary()
     if echo is not None and text:
         echo(text)

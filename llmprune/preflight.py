@@ -66,13 +66,14 @@ def check_inputs(eval_config: EvalConfig, data_dir: str | os.PathLike | None = N
                  model: str | os.PathLike | None = None, dtype: Any = "float32", device: Any = None,
                  device_map: Any = None, json_path: str | os.PathLike | None = None,
                  save: str | os.PathLike | None = None, overwrite: bool = False, calib: str | None = None,
-                 data_flag: str = "--eval", paths: tuple = ()) -> None:
+                 data_flag: str = "--eval", paths: tuple = (), calib_seqlen: int | None = None) -> None:
     """Everything that needs no model: the data (local files, or the hub's cache), zero-shot tasks,
     output paths (``json_path``, the checkpoint folder ``save``), the dtype and the device. Runs
     before the (slow) model load, so a bad input fails in a second.
 
     ``model``: the model reference (None for a model already in memory), an input no output may
-    collide with. ``calib``: the calibration dataset, when the run calibrates. ``data_flag`` names
+    collide with. ``calib``: the calibration dataset, when the run calibrates (``calib_seqlen``:
+    its window, which the generation prompts' check needs). ``data_flag`` names
     the evaluation datasets in messages. ``paths``: more outputs and inputs, ``(flag, path, role)``
     as :func:`llmprune.io.check_apart` takes them.
     """
@@ -102,6 +103,10 @@ def check_inputs(eval_config: EvalConfig, data_dir: str | os.PathLike | None = N
         from llmprune.evaluation.zeroshot import build_tasks
 
         build_tasks(eval_config.zeroshot, data_dir)  # names, files and rows
+    if eval_config.generate:
+        from llmprune.evaluation.generation import check_prompt_source
+
+        check_prompt_source(data_dir, calib=calib, calib_seqlen=calib_seqlen)
 
 
 def check_shapes_early(model: str | os.PathLike, eval_config: EvalConfig, config: PruneConfig | None = None,

@@ -14,12 +14,20 @@ product of some values into runs with generated names::
       prune: {method: wanda, sparsity: 0.5, pattern: unstructured,
               calib: {dataset: c4, nsamples: 32, seqlen: 2048, seed: 0}}     # PruneConfig
       eval: {datasets: [ptb], seqlen: 2048, max_windows: null, zeroshot: [], limit: null}  # EvalConfig
+      seeds: [0, 1, 2]           # optional: every run that reads calibration data, once per seed
     runs:
       - {name: magnitude-50, prune: {method: magnitude}}
     grid:
       - name: "{method}-{pattern}"            # str.format over the axes' last key names
         prune: {sparsity: 0.5}                # fixed overrides for this block
         axes: {prune.method: [magnitude, wanda], prune.pattern: [unstructured, "2:4"]}
+
+``seeds:`` (in ``defaults``, a run or a grid block; a run's list replaces the defaults', ``null``
+turns it off) repeats each run whose method reads calibration data once per calibration seed:
+run ``NAME`` becomes ``NAME-seed0``, ``NAME-seed1``, ... with ``prune.calib.seed`` set, and the
+report shows the mean and standard deviation over the seeds. A run that needs no calibration data
+(magnitude) and the dense baselines run once, under their own names. A recipe without ``seeds``
+gives the very runs it gave before the key existed.
 
 A run's ``recover:`` mapping (:class:`~llmprune.config.RecoverConfig`: method, steps, seqlen,
 lr, ...) trains the pruned model towards the dense one before it is evaluated (``llmprune
@@ -38,6 +46,7 @@ set of defaults. Every error is an :class:`LlmpruneError` naming the key's path,
 from __future__ import annotations
 
 import copy
+import dataclasses
 import difflib
 import itertools
 import math
@@ -63,6 +72,7 @@ from llmprune.config import (
     to_dict,
 )
 from llmprune.errors import LlmpruneError
+from llmprune.methods import needs_for
 from llmprune.registry import OPTION_REGISTRIES
 from llmprune.results import DENSE
 
@@ -77,7 +87,18 @@ MAX_RECIPE_BYTES = 1 << 20
 MAX_RECIPE_NODES = 100_000  # values once every alias is expanded (a 1000-run recipe needs ~30 000)
 MAX_RUNS = 10_000
 MAX_NAME_CHARS = 200  # a result file name (slug + ".json") must fit in 255 bytes
+MAX_SEED = 2**32 - 1  # a result's seed must stay an integer every reader takes (the report: below 10^12)
 _RUN_SCALARS = {"name": str, "model": str, "dtype": str, "device": str}
+
+
+class Seeds:
+    """The type of the run key ``seeds``: a non-empty list of distinct integers from 0 to
+    ``MAX_SEED``, or null (each run once, with its own ``prune.calib.seed``)."""
+
+
+def seed_name(name: str, seed: int) -> str:
+    """The name of run ``name``'s run for calibration seed ``seed`` (``wanda-2:4`` -> ``wanda-2:4-seed1``)."""
+    return f"{name}-seed{seed}"
 
 
 class RecipeError(LlmpruneError):
@@ -100,6 +121,9 @@ class Run:
     dtype: str = "float32"
     device: str = "auto"
     recover: RecoverConfig | None = None  # train the pruned model towards the dense one afterwards
+    # the name the recipe gives a run that ``seeds:`` repeats per seed (this run is ``seed_name(base_name,
+    # prune.calib.seed)``); --only takes it for all of them. Not written to recipe.json: the name says it
+    base_name: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         out = {"name": self.name, "model": self.model, "dtype": self.dtype, "device": self.device,
@@ -278,7 +302,7 @@ def run_schema() -> dict[str, Any]:
             prune.update(_hints(spec.options))
     prune["calib"] = dict(_hints(CalibConfig))
     return {**_RUN_SCALARS, "prune": prune, "eval": dict(_hints(EvalConfig)),
-            "recover": dict(_hints(RecoverConfig))}
+            "recover": dict(_hints(RecoverConfig)), "seeds": Seeds}
 
 
 def describe_type(hint: Any) -> str:
@@ -297,6 +321,8 @@ def describe_type(hint: Any) -> str:
         return "a string"
     if hint is Pattern:
         return 'a pattern such as unstructured or "2:4"'
+    if hint is Seeds:
+        return "a list of integers or null"
     if origin is tuple:
         return "a list of strings"
     return getattr(hint, "__name__", str(hint))
@@ -348,7 +374,28 @@ def _check_keys(data: Any, schema: Mapping[str, Any], path: str) -> None:
             _check_value(value, sub, where)
 
 
+def _check_seeds(value: Any, where: str) -> None:
+    """``seeds``: null, or a non-empty list of distinct integers from 0 to MAX_SEED."""
+    if value is None:
+        return
+    shown = f"got {_show(value)}"
+    if not isinstance(value, list) or not value:
+        raise RecipeError(f"{where} must be a non-empty list of calibration seeds such as [0, 1, 2] (null: "
+                          f"each run once, with its own prune.calib.seed), {shown}", where)
+    for seed in value:
+        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
+            raise RecipeError(f"{where} must list integers from 0 to {MAX_SEED}, got {_show(seed)} in "
+                              f"{_SHOWN.repr(value)}", where)
+    seen: set[int] = set()
+    for seed in value:
+        if seed in seen:
+            raise RecipeError(f"{where} lists seed {seed} twice: each seed makes one run", where)
+        seen.add(seed)
+
+
 def _check_value(value: Any, hint: Any, where: str) -> None:
+    if hint is Seeds:
+        return _check_seeds(value, where)
     if _fits(value, hint):
         return
     hint_text = ""
@@ -413,6 +460,9 @@ def _check_axis_path(dotted: Any, schema: Mapping[str, Any], where: str) -> Any:
     if dotted == "name":
         raise RecipeError(f"{path}: the run name cannot be an axis; set the grid's name template instead",
                           path)
+    if sub is Seeds:
+        raise RecipeError(f"{path}: seeds cannot be an axis; write seeds: [0, 1, 2] in the grid block (each "
+                          "of its runs is then made once per seed)", path)
     return sub
 
 
@@ -604,12 +654,44 @@ def _check_run_name(name_value: Any, where: str, seen: dict[str, str],
     seen[name_value], slugs[slug] = where, name_value
 
 
+def _per_seed(run: Run, merged: dict[str, Any], override: Mapping[str, Any], seeds: list[int], where: str,
+              seen: dict[str, str], slugs: dict[str, str]) -> list[Run]:
+    """``run`` once per calibration seed: ``NAME-seedK`` with ``prune.calib.seed`` K, resolved from
+    the run's keys as if written out by hand (so its result is checked like any other). A run that
+    sets its own seed as well is refused: which of the two would win is a guess."""
+    own_calib = (override.get("prune") or {}).get("calib") or {}
+    if "seed" in own_calib:
+        raise RecipeError(
+            f"{where}.prune.calib.seed: run {run.name!r} sets its own calibration seed, and seeds: "
+            f"{_SHOWN.repr(seeds)} sets one for each run it makes of it: drop one (seeds: null in the run "
+            "keeps its own seed)", f"{where}.prune.calib.seed")
+    runs = []
+    for seed in seeds:
+        name = seed_name(run.name, seed)
+        slug = slugify(name)
+        if name in seen or slug in slugs:
+            other = seen.get(name) or seen[slugs[slug]]
+            raise RecipeError(f"{where}: seeds: makes run {name!r} of run {run.name!r}, but {other} has that "
+                              f"name or result file ({slug}.json): rename one", where)
+        if len(slug) > MAX_NAME_CHARS:
+            raise RecipeError(f"{where}.name is too long for its seeds: its runs' result file names would "
+                              f"be longer than a file system allows; keep names under {MAX_NAME_CHARS - 25} "
+                              "characters", f"{where}.name")
+        seen[name], slugs[slug] = f"{where} (its seeds:)", name
+        data = deep_merge(merged, {"name": name, "prune": {"calib": {"seed": seed}}})
+        runs.append(dataclasses.replace(_resolve_run(data, where), base_name=run.name))
+    return runs
+
+
 def _top_level(data: Any, default_name: str) -> tuple[str, str, bool]:
     """The recipe's name, description and ``dense``, after refusing unknown top-level keys."""
     if not isinstance(data, Mapping):
         raise LlmpruneError(f"a recipe must be a mapping with runs:, got {_show(data)}")
     # top-level "x-..." keys are free for YAML anchors ("x-wanda: &wanda {...}"), as in compose files
     unknown = sorted(k for k in set(map(str, data)) - set(TOP_KEYS) if not k.startswith("x-"))
+    if "seeds" in unknown:
+        raise RecipeError("seeds is a run key: write it in defaults: for every run (or in a run or a grid "
+                          "block for those runs only)", "seeds")
     if unknown:
         raise _unknown_key(unknown[0], unknown[0], TOP_KEYS, "at the top")
     name = data.get("name", default_name)
@@ -656,7 +738,16 @@ def parse_recipe(data: Any, default_name: str = "recipe") -> Recipe:
     slugs: dict[str, str] = {}
     for where, override in overrides:
         _check_run_name(override.get("name"), where, seen, slugs, dense)
-        resolved.append(_resolve_run(deep_merge(defaults, override), where))
+        merged = deep_merge(defaults, override)
+        seeds = merged.pop("seeds", None)
+        run = _resolve_run(merged, where)
+        if seeds is None or not needs_for(run.prune):  # a run without calibration data runs once
+            resolved.append(run)
+        else:
+            resolved.extend(_per_seed(run, merged, override, seeds, where, seen, slugs))
+        if len(resolved) > MAX_RUNS:
+            raise LlmpruneError(f"the recipe makes more than {MAX_RUNS:,} runs once seeds: repeats them per "
+                                "seed: split it into several recipes")
     slurm = data.get("slurm")
     if slurm is not None:
         _check_keys(slurm, _hints(SlurmConfig), "slurm")
@@ -719,4 +810,4 @@ def load_recipe(path: str | Path) -> Recipe:
 
 
 __all__ = ["Recipe", "Run", "RecipeError", "load_recipe", "parse_recipe", "deep_merge", "slugify",
-           "read_yaml", "run_schema", "describe_type", "TOP_KEYS", "RECIPE_SCHEMA"]
+           "read_yaml", "run_schema", "describe_type", "seed_name", "Seeds", "TOP_KEYS", "RECIPE_SCHEMA"]

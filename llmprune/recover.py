@@ -443,7 +443,8 @@ def _evaluate(model, tokenizer, eval_config, data_dir, progress: bool,
     model.eval()
     try:
         evaluation = eval_config if full else dataclasses.replace(eval_config, zeroshot=())
-        _, ppl, zs = evaluate(model, tokenizer, evaluation, data_dir, progress)
+        result = evaluate(model, tokenizer, evaluation, data_dir, progress)
+        ppl, zs = result.perplexity, result.zeroshot
     finally:
         model.train(was_training)
     return {k: v.to_dict() for k, v in ppl.items()}, (zs.to_dict() if zs is not None else None)

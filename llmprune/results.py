@@ -11,14 +11,15 @@ any machine (the method registry it asks for defaults holds specs, torch-free).
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import metadata
 from typing import Any, Iterable
 
-from llmprune.config import to_dict
+from llmprune.config import PLACEMENT_FIELDS, to_dict
 from llmprune.errors import LlmpruneError
 from llmprune.methods import effective_group_metric, get_method, needs_for
 
@@ -28,7 +29,7 @@ RECOVERED_UNKNOWN = "pruned"  # the method of a recovered model whose pruning le
 MISSING = "-"  # how tables show a setting a run does not have
 # zero-shot tasks llmprune ships, in the Wanda paper's column order (the report's order too)
 AVAILABLE_TASKS = ("boolq", "rte", "hellaswag", "winogrande", "arc_easy",
-                   "arc_challenge", "openbookqa", "piqa")
+                   "arc_challenge", "openbookqa", "piqa", "lambada_openai", "gsm8k")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -76,6 +77,7 @@ def result_record(
     recipe: str | None = None,
     dense: dict | None = None,
     recover: dict | None = None,
+    generation: dict | None = None,
 ) -> dict:
     """One run's result in the shared schema (``RESULT_SCHEMA``), ready for JSON.
 
@@ -84,6 +86,9 @@ def result_record(
     carried by ``llmprune prune --json`` files for the report to use as the baseline.
     ``recover``: what ``llmprune recover`` did to the pruned model (its RecoverReport, with the
     teacher); ``config`` is then the pruning config, or None when the pruned model has no record.
+    ``generation``: the greedy-continuation agreement with the dense model (agreement,
+    first_divergence, identical, ...), stored only when given, so records without it stay as they were.
+    A perplexity entry may carry its ``distance`` to the dense model (KL, top-1 agreement).
     """
     method, sparsity, pattern, group, metric, nsamples, seed, config_dict = _config_columns(config)
     report = prune_report.to_dict() if hasattr(prune_report, "to_dict") else prune_report
@@ -111,6 +116,8 @@ def result_record(
     }
     if dense is not None:
         record["dense"] = dense
+    if generation is not None:
+        record["generation"] = generation.to_dict() if hasattr(generation, "to_dict") else generation
     if recover is not None:
         record["recover"] = recover
         if config is None:  # pruned by something else: not the dense baseline
@@ -171,6 +178,16 @@ class Result:
     # (e.g. ("owl", "dsnot", "reconstruct")), and the measured sparsity of each block
     variant: tuple[str, ...] = ()
     block_sparsity: tuple[float, ...] = ()
+    # issue 22: the run's settings without its calibration seed; results that differ only in their
+    # seed share it, and the report shows their mean and standard deviation
+    seed_group: str = ""
+    # the distance to the dense model per perplexity dataset (kl_mean, kl_p90, kl_p99, kl_p999,
+    # top1_agreement, topk_mass, ...), the greedy-continuation agreement (agreement,
+    # first_divergence, identical, ...) and the perplexity a zero-shot task reports (lambada_openai):
+    # each where the record has it, as plain JSON values
+    distance: dict[str, dict[str, Any]] = field(default_factory=dict)
+    generation: dict[str, Any] | None = None
+    task_ppl: dict[str, float] = field(default_factory=dict)
 
     @property
     def dense(self) -> bool:
@@ -327,7 +344,56 @@ def parse_result(record: dict, file: str) -> Result:
         machine=str(record.get("machine") or "")[:1000],
         structured=nm is not None,
         nm=nm,
+        seed_group=_seed_group(record, config, evaluation),
+        distance=_distances(record.get("perplexity")),
+        generation=_plain(record["generation"]) if isinstance(record.get("generation"), dict) else None,
+        task_ppl=_numbers(zeroshot.get("tasks"), "ppl"),
     )
+
+
+def _seed_group(record: dict, config: dict, evaluation: dict) -> str:
+    """What a result is besides its calibration seed, as canonical JSON: model, method, sparsity,
+    pattern, the prune config without ``calib.seed`` and without where the work ran, the
+    evaluation and the recovery settings. The run's name, versions and timings are not part of it."""
+    config = {k: v for k, v in config.items() if k not in PLACEMENT_FIELDS}
+    if isinstance(config.get("calib"), dict):
+        config["calib"] = {k: v for k, v in config["calib"].items() if k != "seed"}
+    recovered = record.get("recover")
+    key = {key: record.get(key) for key in ("model", "method", "sparsity", "pattern")} | {
+        "config": config, "eval": evaluation,
+        "recover": recovered.get("config") if isinstance(recovered, dict) else None}
+    return json.dumps(key, sort_keys=True, default=str)
+
+
+_PLAIN_DEPTH, _PLAIN_ITEMS = 4, 10_000  # bounds on what a damaged or hand-edited record may hold
+
+
+def _plain(value: Any, depth: int = 0) -> Any:
+    """A record's section as plain, bounded JSON values (numbers, strings, true/false, lists and
+    mappings of them); anything else, or nested too deeply, becomes None."""
+    if value is None or isinstance(value, bool):
+        return value
+    if isinstance(value, (int, float)):
+        return value if isinstance(value, int) and abs(value) < 10**15 else _float(value)
+    if isinstance(value, str):
+        return value[:1000]
+    if depth >= _PLAIN_DEPTH:
+        return None
+    if isinstance(value, list):
+        return [_plain(v, depth + 1) for v in value[:_PLAIN_ITEMS]]
+    if isinstance(value, dict):
+        return {str(k)[:200]: _plain(v, depth + 1) for k, v in list(value.items())[:_PLAIN_ITEMS]}
+    return None
+
+
+def _distances(perplexity: Any) -> dict[str, dict[str, Any]]:
+    """``{dataset: distance section}`` of the perplexity entries that carry one (a mapping)."""
+    out = {}
+    for dataset, entry in (perplexity.items() if isinstance(perplexity, dict) else ()):
+        distance = entry.get("distance") if isinstance(entry, dict) else None
+        if isinstance(distance, dict):
+            out[str(dataset)[:200]] = _plain(distance)
+    return out
 
 
 def _variant(config: dict) -> tuple[str, ...]:

@@ -25,7 +25,15 @@ import torch
 from llmprune import engine
 from llmprune.data import check_available
 from llmprune.errors import LlmpruneError
-from llmprune.evaluation import check_eval_memory, evaluate
+from llmprune.evaluation import (
+    DenseReference,
+    check_eval_memory,
+    dense_caches_ready,
+    dense_reference,
+    evaluate,
+    needs_dense,
+)
+from llmprune.evaluation.generation import check_prompt_source
 from llmprune.evaluation.zeroshot import build_tasks
 from llmprune.io import check_output_dir, write_json_atomic
 from llmprune.jobs import RECIPE_FILE, Job, claim_out_dir, comparable_recipe, matches, plan, read_json, select
@@ -85,26 +93,54 @@ def _machine(device: str) -> str:
 
 
 def _execute(job: Job, model, tokenizer, recipe: Recipe, device: str, data_dir, progress: bool,
-             teacher=None) -> dict:
-    """Prune, recover when the run says so (``teacher``: the dense model), evaluate."""
+             teacher=None, reference: DenseReference | None = None) -> dict:
+    """Prune, recover when the run says so (``teacher``: the dense model), evaluate; the distances
+    to the dense model compare with ``reference`` (the dense run writes its caches)."""
     report = None
     if job.prune is not None:
         report = engine.prune(model, tokenizer, job.prune, data_dir=data_dir,
                               progress=progress, model_name=job.model)
     recovered = None
     if job.recover is None:
-        resolved, perplexity, zeroshot = evaluate(model, tokenizer, job.eval, data_dir, progress)
+        if reference is not None and needs_dense(job.eval):
+            reference = dataclasses.replace(reference, record=job.prune is None)
+        else:
+            reference = None
+        result = evaluate(model, tokenizer, job.eval, data_dir, progress, dense=reference)
+        resolved, perplexity, zeroshot = result.config, result.perplexity, result.zeroshot
+        generation = result.generation_dict()
     else:  # recover() evaluates before and after training
         result = recover(model, teacher, tokenizer, job.recover, data_dir=data_dir, progress=progress,
                          eval_config=job.eval)
         resolved = dataclasses.replace(job.eval, seqlen=resolve_seqlen(model, job.eval.seqlen))
         perplexity, zeroshot = result.curve[-1]["perplexity"], result.curve[-1].get("zeroshot")
         recovered = result.to_dict() | {"teacher": job.model, "complete": True}
+        generation = None
     record = result_record(name=job.name, model=job.model, config=job.prune, eval_config=resolved,
                            perplexity=perplexity, zeroshot=zeroshot, prune_report=report, recipe=recipe.name,
-                           recover=recovered)
+                           recover=recovered, generation=generation)
     record["machine"] = _machine(device)
     return record
+
+
+def _cache_setting(evaluation):
+    """The part of an evaluation setting the dense caches depend on (no zero-shot tasks)."""
+    return dataclasses.replace(evaluation, zeroshot=(), limit=None)
+
+
+def _record_dense(model, tokenizer, jobs: list[Job], reference: DenseReference, data_dir,
+                  progress: bool) -> None:
+    """Write the dense model's caches for ``jobs`` where they are missing (a resumed recipe whose
+    dense run was done before, its caches since deleted): one dense pass per evaluation setting,
+    skipped where every cache is already there."""
+    recorded = dataclasses.replace(reference, record=True)
+    done = set()
+    for job in jobs:
+        setting = _cache_setting(job.eval)
+        if setting in done or dense_caches_ready(model, tokenizer, setting, recorded, data_dir):
+            continue
+        done.add(setting)
+        evaluate(model, tokenizer, setting, data_dir, progress, dense=recorded)
 
 
 def _check_inputs(jobs: list[Job], data_dir, check_models: bool = True) -> None:
@@ -119,8 +155,14 @@ def _check_inputs(jobs: list[Job], data_dir, check_models: bool = True) -> None:
             checks.append(("data", (job.prune.calib.dataset,), "calibration"))
         if job.prune is not None and job.prune.offload == "disk":
             checks.append(("offload", job.prune.offload_dir))
+        if job.eval.generate:
+            calib = job.prune.calib if job.prune is not None and needs_for(job.prune) else None
+            checks.append(("prompts", calib.dataset if calib else None, calib.seqlen if calib else None))
         if job.recover is not None:
             checks.append(("recover", job.recover, job.eval.datasets, job.prune))
+            if needs_dense(job.eval):
+                raise LlmpruneError(f"run {job.name!r}: a recovered run does not measure eval.kl or "
+                                    "eval.generate yet: drop them from this run")
         for check in checks:
             if check in seen:
                 continue
@@ -136,6 +178,11 @@ def _check_inputs(jobs: list[Job], data_dir, check_models: bool = True) -> None:
             elif kind == "offload":
                 try:
                     check_offload_dir(check[1])
+                except LlmpruneError as exc:
+                    raise LlmpruneError(f"run {job.name!r}: {exc}") from None
+            elif kind == "prompts":
+                try:
+                    check_prompt_source(data_dir, calib=check[1], calib_seqlen=check[2])
                 except LlmpruneError as exc:
                     raise LlmpruneError(f"run {job.name!r}: {exc}") from None
             elif kind == "recover":
@@ -188,6 +235,20 @@ def _run_on_model(model_name: str, dtype: str, device: str, jobs: list[Job], loa
     _check_shapes(jobs, model)
     saved = snapshot_weights(model)
     dirty = False
+    # the dense model's fingerprint, the key of the caches every run's distances read
+    comparing = [job for job in jobs if needs_dense(job.eval)]
+    reference = dense_reference(model, comparing[0].eval) if comparing else None
+    if comparing and any(job.eval.kl_exact for job in comparing):
+        reference = dataclasses.replace(reference, model=loader(model_name, dtype=dtype, device=device)[0])
+    if comparing:
+        # dense runs first: their pass writes the caches the others read; a setting whose dense run was
+        # done earlier gets its caches checked (and rebuilt where missing) now
+        jobs = sorted(jobs, key=lambda job: job.prune is not None or job.recover is not None)
+        pending_dense = {_cache_setting(job.eval) for job in jobs
+                         if job.prune is None and job.recover is None}
+        _record_dense(model, tokenizer,
+                      [job for job in comparing if _cache_setting(job.eval) not in pending_dense],
+                      reference, data_dir, progress)
     teacher = None  # the dense model, loaded again for the first run that recovers
     try:
         for job in jobs:
@@ -198,7 +259,7 @@ def _run_on_model(model_name: str, dtype: str, device: str, jobs: list[Job], loa
             dirty = job.prune is not None  # set before running: a failure leaves it pruned
             if job.recover is not None and teacher is None:
                 teacher = loader(model_name, dtype=dtype, device=device)[0]
-            record = _execute(job, model, tokenizer, recipe, device, data_dir, progress, teacher)
+            record = _execute(job, model, tokenizer, recipe, device, data_dir, progress, teacher, reference)
             write_json_atomic(out / job.filename, record)
             bar.update(1)
     finally:

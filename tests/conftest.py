@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("LLMPRUNE_EARLY_CHECK_BYTES", "0")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# the dense caches of --eval-kl/--generate go to a folder of this session, never to the user's ~/.cache
+os.environ.setdefault("LLMPRUNE_CACHE_DIR", tempfile.mkdtemp(prefix="llmprune-test-cache-"))
 
 ROOT = Path(__file__).resolve().parents[1]
 CORPUS = [

@@ -285,3 +285,109 @@ def test_tasks_dir_override(tmp_path, monkeypatch, data_dir):
     monkeypatch.setenv(zs.TASKS_DIR_ENV, str(tmp_path / "absent"))
     with pytest.raises(LlmpruneError, match=r"task folder .*absent does not exist"):
         zs.build_tasks("boolq", data_dir)
+
+
+# ----------------------------------------------------------------------------- gsm8k (generative, zero-shot)
+
+GSM8K_FILE = "gsm8k/test.jsonl"
+
+
+def gsm8k_rows(root: Path, n: int) -> list[dict]:
+    return [json.loads(line) for line in (root / GSM8K_FILE).read_text(encoding="utf-8").splitlines()[:n]]
+
+
+def test_local_gsm8k_matches_registered(data_dir):
+    local, sources = zs.build_tasks(["gsm8k"], data_dir)
+    task = local["gsm8k"]
+    rows = gsm8k_rows(data_dir, 4)
+    registered = registered_task_from("gsm8k/gsm8k.yaml", rows)
+    assert len(task.eval_docs) == 1319
+    for i, row in enumerate(rows):
+        assert task.doc_to_text(task.eval_docs[i]) == registered.doc_to_text(registered.eval_docs[i])
+        assert task.doc_to_text(task.eval_docs[i]) == f"Question: {row['question']}\nAnswer:"
+        assert task.doc_to_target(task.eval_docs[i]) == registered.doc_to_target(registered.eval_docs[i])
+    for key in ("output_type", "metric_list", "generation_kwargs", "filter_list", "repeats"):
+        assert getattr(task.config, key) == getattr(registered.config, key), key
+    assert task.config.metadata["version"] == registered.config.metadata["version"]
+    # the one difference: no train split offline, so no few-shot examples
+    assert registered.config.num_fewshot == 5 and task.config.num_fewshot == 0
+    assert task.config.fewshot_split is None and task.config.training_split is None
+    assert sources["gsm8k"] == str((data_dir / GSM8K_FILE).resolve())
+
+
+def registered_task_from(yaml_path: str, docs: list[dict]):
+    import datasets
+    import lm_eval
+    from lm_eval.api.task import ConfigurableTask
+    from lm_eval.tasks._yaml_loader import load_yaml
+
+    cfg = load_yaml(Path(lm_eval.__file__).parent / "tasks" / yaml_path, resolve_func=True)
+    cfg.pop("tag", None)
+    splits = {cfg[k] for k in ("training_split", "validation_split", "test_split", "fewshot_split")
+              if cfg.get(k)}
+    cfg["custom_dataset"] = lambda **_: datasets.DatasetDict({s: datasets.Dataset.from_list(docs)
+                                                              for s in splits})
+    return ConfigurableTask(config=cfg)
+
+
+def test_gsm8k_tiny_model_generates_with_max_gen_toks(data_dir, monkeypatch):
+    from lm_eval.models.huggingface import HFLM
+
+    budgets = []
+    plain = HFLM._model_generate
+
+    def spy(self, context, max_length, stop, **kwargs):
+        budgets.append(max_length - context.shape[1])  # tokens the model may add
+        return plain(self, context, max_length, stop, **kwargs)
+
+    monkeypatch.setattr(HFLM, "_model_generate", spy)
+    model, tokenizer = make_model(vocab_size=512, max_position_embeddings=512), make_tokenizer()
+    tokenizer.pad_token = None  # lm-eval must give it one for batched (left-padded) generation
+    result = zs.zeroshot(model, tokenizer, "gsm8k", limit=2, batch_size=2, data_dir=data_dir,
+                         progress=False, max_gen_toks=5)
+    task = result.tasks["gsm8k"]
+    assert budgets == [5] and task.n == 2 and task.n_total == 1319 and task.version == "3.0"
+    assert set(task.metrics) == {"exact_match,strict-match", "exact_match_stderr,strict-match",
+                                 "exact_match,flexible-extract", "exact_match_stderr,flexible-extract"}
+    assert task.acc == task.metrics["exact_match,strict-match"] and task.ppl is None
+    assert tokenizer.pad_token is not None
+
+
+def _gold(answer: str) -> str:
+    return answer.split("#### ")[-1].replace(",", "").strip()
+
+
+def test_gsm8k_scoring_by_hand(data_dir, monkeypatch):
+    """Known generations in place of the model's: exact match under each filter, worked by hand."""
+    from lm_eval.models.huggingface import HFLM
+
+    rows = gsm8k_rows(data_dir, 5)
+    golds = [_gold(r["answer"]) for r in rows]  # 18, 3, 70000, 540, 20
+    assert golds[2] == "70000"
+    outputs = [
+        f"She earns {golds[0]} dollars.\n#### {golds[0]}",  # strict yes, flexible yes (last number)
+        f"2 + 1 = {golds[1]} bolts in total",  # strict: no "####" line; flexible: last number
+        "#### 70,000",  # the comma is ignored by the metric: both yes
+        f"#### {golds[3]} and then 7 more",  # strict yes; flexible takes the last number, 7: no
+        "I cannot tell",  # neither
+    ]
+    strict = [1, 0, 1, 1, 0]
+    flexible = [1, 1, 1, 0, 0]
+    by_prompt = {f"Question: {r['question']}\nAnswer:": out for r, out in zip(rows, outputs)}
+    monkeypatch.setattr(HFLM, "generate_until",
+                        lambda self, requests, disable_tqdm=False: [by_prompt[r.args[0]] for r in requests])
+    model, tokenizer = make_model(vocab_size=512), make_tokenizer()
+    result = zs.zeroshot(model, tokenizer, "gsm8k", limit=5, data_dir=data_dir, progress=False,
+                         max_gen_toks=16)
+    task = result.tasks["gsm8k"]
+    assert task.acc == pytest.approx(sum(strict) / 5)
+    assert task.metrics["exact_match,strict-match"] == pytest.approx(sum(strict) / 5)
+    assert task.metrics["exact_match,flexible-extract"] == pytest.approx(sum(flexible) / 5)
+
+
+def test_max_gen_toks_checked(data_dir):
+    with pytest.raises(LlmpruneError, match="max_gen_toks must be a positive"):
+        zs.zeroshot(None, None, "gsm8k", max_gen_toks=0, data_dir=data_dir)
+    model, tokenizer = make_model(vocab_size=512), make_tokenizer()  # 256 positions
+    with pytest.raises(LlmpruneError, match="max_gen_toks 256 leaves no room .* gsm8k .* 256 tokens"):
+        zs.zeroshot(model, tokenizer, "gsm8k", limit=1, data_dir=data_dir, progress=False)

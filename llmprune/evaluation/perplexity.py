@@ -46,8 +46,10 @@ PROBE_TOKENS = 32  # length of the check that head(body(ids)) is the model's own
 
 log = logging.getLogger(__name__)
 
-if TYPE_CHECKING:  # annotations only
+if TYPE_CHECKING:  # annotations only (distance imports this module)
     from transformers import PreTrainedTokenizerBase
+
+    from llmprune.evaluation.distance import DenseSide, DistanceResult
 
 
 @dataclass
@@ -61,9 +63,13 @@ class PerplexityResult:
     seqlen: int
     seconds: float  # the model loop only (tokenization excluded)
     tokens_per_s: float
+    distance: DistanceResult | None = None  # to the dense model, when asked for (``dense=``)
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        d = dataclasses.asdict(self)
+        if self.distance is None:
+            d.pop("distance")  # records without a distance stay as they were
+        return d
 
 
 def _labels(ids: torch.Tensor) -> torch.Tensor:
@@ -157,13 +163,13 @@ def _probe(model, split: HeadSplit, ids: torch.Tensor) -> str | None:
     return None
 
 
-def _chunked_window_nll(split: HeadSplit, ids: torch.Tensor, chunk: int) -> torch.Tensor:
+def _chunked_window_nll(split: HeadSplit, ids: torch.Tensor, chunk: int, on_logits=None) -> torch.Tensor:
     """:func:`_window_nll` of the model's logits, with at most ``chunk`` positions' logits at once.
-    ids (B, L) -> (B,)."""
-    return _token_losses(split, ids, chunk).sum(dim=1) / (ids.shape[1] - 1)
+    ids (B, L) -> (B,). ``on_logits(first_row, logits)`` sees each chunk's logits (the distance)."""
+    return _token_losses(split, ids, chunk, on_logits).sum(dim=1) / (ids.shape[1] - 1)
 
 
-def _token_losses(split: HeadSplit, ids: torch.Tensor, chunk: int) -> torch.Tensor:
+def _token_losses(split: HeadSplit, ids: torch.Tensor, chunk: int, on_logits=None) -> torch.Tensor:
     """Next-token cross-entropy at every position (0 at the last), float32, in chunks. (B, L) -> (B, L).
 
     Each position's loss depends on its own logits row only, and the per-token losses are summed as
@@ -184,6 +190,8 @@ def _token_losses(split: HeadSplit, ids: torch.Tensor, chunk: int) -> torch.Tens
         logits = split.logits(flat[first : first + size])  # (size, vocab)
         target = labels[first : first + size].to(logits.device)
         losses.append(F.cross_entropy(logits.float(), target, reduction="none"))  # (size,)
+        if on_logits is not None:
+            on_logits(first, logits)
         del logits  # before the next chunk allocates its own
     return torch.cat(losses).view(batch, length)
 
@@ -210,13 +218,16 @@ def perplexity(
     progress: bool = True,
     dataset: str = "",
     logits_chunk: int | None = LOGITS_CHUNK,
+    dense: DenseSide | None = None,
 ) -> PerplexityResult:
     """Perplexity of ``model`` on a 1-D token stream (or ``(1, n)``) in windows of ``seqlen``.
 
     ``max_windows`` evaluates only the first windows; ``batch_size`` windows share a forward.
     ``logits_chunk`` positions' logits exist at once (see the module docstring); None computes the
     whole batch's logits in one go, as the reference scripts do. ``dataset`` names the stream in
-    the result.
+    the result. ``dense``: also measure the distance to the dense model on the same positions from
+    the same logits (:mod:`llmprune.evaluation.distance`; the perplexity is the same number), in the
+    result's ``distance``; a ``dense`` that records writes the dense cache instead.
 
     Example::
 
@@ -238,6 +249,7 @@ def perplexity(
         )
     data = flat[: windows * seqlen].view(windows, seqlen)  # (windows, seqlen)
     device = input_device(model)
+    tracker = dense.start(dataset, data) if dense is not None else None  # a missing cache fails here
 
     with torch.inference_mode():
         split = _chunked_path(model, data[:1, :PROBE_TOKENS].to(device)) if logits_chunk is not None else None
@@ -246,21 +258,38 @@ def perplexity(
         with progress_bar(windows, f"ppl {dataset}".strip(), "win", disable=not progress, leave=False) as bar:
             for first in range(0, windows, batch_size):
                 ids = data[first : first + batch_size].to(device)  # (B, seqlen)
-                if split is not None:
-                    per_window.append(_chunked_window_nll(split, ids, logits_chunk))
-                else:
-                    logits = model(input_ids=ids, use_cache=False).logits  # (B, seqlen, vocab)
-                    per_window.append(_window_nll(logits, ids))
-                    del logits  # free the biggest tensor before the next forward allocates its own
+                per_window.append(_batch_nll(model, split, ids, logits_chunk, tracker, first))
                 bar.update(ids.shape[0])
         mean_nll = torch.cat([nll.cpu() for nll in per_window]).double().mean().item()
+        distance = tracker.finish() if tracker is not None else None
     seconds = time.perf_counter() - start
     ppl = float("inf") if mean_nll >= 700 else math.exp(mean_nll)  # exp overflows; nan stays nan
     tokens_done = windows * seqlen
-    return PerplexityResult(
-        dataset=dataset, ppl=ppl, windows=windows, tokens=tokens_done, seqlen=seqlen,
-        seconds=seconds, tokens_per_s=tokens_done / seconds if seconds > 0 else float("inf"),
-    )
+    return PerplexityResult(dataset=dataset, ppl=ppl, windows=windows, tokens=tokens_done, seqlen=seqlen,
+                            seconds=seconds, distance=distance,
+                            tokens_per_s=tokens_done / seconds if seconds > 0 else float("inf"))
+
+
+def _batch_nll(model, split: HeadSplit | None, ids: torch.Tensor, logits_chunk: int | None, tracker,
+               first: int) -> torch.Tensor:
+    """The mean loss of each window of one batch ``ids`` (B, seqlen), windows ``first ..`` of the
+    stream; ``tracker`` (the distance's, or None) sees every chunk of logits. -> (B,)."""
+    on_logits = None
+    if tracker is not None:
+        tracker.batch(first, ids)
+        base = first * ids.shape[1]
+
+        def on_logits(row, logits):
+            tracker.rows(base + row, logits)
+    if split is not None:
+        return _chunked_window_nll(split, ids, logits_chunk, on_logits)
+    logits = model(input_ids=ids, use_cache=False).logits  # (B, seqlen, vocab)
+    nll = _window_nll(logits, ids)
+    if on_logits is not None:
+        flat_logits = logits.reshape(-1, logits.shape[-1])
+        for row in range(0, flat_logits.shape[0], LOGITS_CHUNK):
+            on_logits(row, flat_logits[row : row + LOGITS_CHUNK])
+    return nll
 
 
 def _chunked_path(model, probe: torch.Tensor) -> HeadSplit | None:
@@ -283,6 +312,7 @@ def evaluate_perplexity(
     batch_size: int = 1,
     max_windows: int | None = None,
     progress: bool = True,
+    dense: DenseSide | None = None,
 ) -> PerplexityResult:
     """Perplexity on a named dataset (``wikitext2``, ``ptb``, ``c4``) or a local ``.txt``/``.jsonl``
     file, as the Wanda and SparseGPT papers measure it: the evaluation split's token stream
@@ -290,8 +320,9 @@ def evaluate_perplexity(
     else the hub) in non-overlapping windows of ``seqlen`` tokens (:func:`perplexity`).
 
     ``max_windows``: only the first K windows (a quick look; None: all). ``batch_size``: windows
-    per forward pass. ``progress``: a bar (plain lines off a terminal). Returns a
-    :class:`PerplexityResult` (``ppl``, ``windows``, ``tokens``, ``seqlen``, ``seconds``).
+    per forward pass. ``progress``: a bar (plain lines off a terminal). ``dense``: the distance to
+    the dense model too (:func:`perplexity`). Returns a :class:`PerplexityResult` (``ppl``,
+    ``windows``, ``tokens``, ``seqlen``, ``seconds``, ``distance``).
 
     Example::
 
@@ -304,4 +335,4 @@ def evaluate_perplexity(
     """
     tokens = eval_tokens(dataset, tokenizer, seqlen, data_dir=data_dir)
     return perplexity(model, tokens, seqlen, batch_size=batch_size, max_windows=max_windows,
-                      progress=progress, dataset=dataset)
+                      progress=progress, dataset=dataset, dense=dense)

@@ -2,7 +2,16 @@
 
 The Wanda paper (Sun et al., 2023, "A Simple and Effective Pruning Approach for Large Language
 Models", Table 2) judges a pruned model by lm-eval's zero-shot accuracy on BoolQ, RTE, HellaSwag,
-WinoGrande, ARC-e, ARC-c and OBQA, and reports their mean; PIQA is offered too.
+WinoGrande, ARC-e, ARC-c and OBQA, and reports their mean; PIQA is offered too. Two tasks of
+another kind sit beside them:
+
+- ``lambada_openai`` (loglikelihood of a passage's last word): ``acc`` is the share of passages
+  whose last word is the greedy continuation, ``ppl`` lm-eval's perplexity of that word.
+- ``gsm8k`` (generate until a stop string, greedy): ``acc`` is the exact match of the
+  ``strict-match`` filter ("#### <number>"), and ``metrics`` keeps the ``flexible-extract`` one
+  too. Offline there is no train split to draw lm-eval's 5 examples from, so it runs zero-shot
+  like every task here; its numbers are not the published 5-shot ones. Generation is slow on a
+  CPU: ``max_gen_toks`` (default :data:`MAX_GEN_TOKS`, lm-eval's) caps the answer length.
 
 Where the tasks come from:
 - with a data dir (``data_dir=`` or ``$LLMPRUNE_DATA_DIR``): the task YAMLs shipped in the
@@ -40,6 +49,9 @@ from llmprune.results import AVAILABLE_TASKS  # defined there: reports order tas
 
 TASKS_DIR_ENV = "LLMPRUNE_TASKS_DIR"
 REGISTRY_SOURCE = "lm-eval registry"
+MAX_GEN_TOKS = 256  # lm-eval's HFLM default: tokens a generative task may produce per answer
+# (metric, filter) reported as a task's ``acc`` where it is not lm-eval's plain "acc,none"
+PRIMARY_METRIC = {"gsm8k": ("exact_match", "strict-match")}
 
 # lm-eval says these on every call with an in-memory model or a local reader; none needs action.
 _BENIGN_LOG_MESSAGES = (
@@ -149,7 +161,12 @@ def _registry_tasks(names: list[str]) -> tuple[dict, dict[str, str]]:
 
 @dataclass(frozen=True)
 class TaskResult:
-    """One task's scores; ``acc_norm`` is None where the task does not define it."""
+    """One task's scores; ``acc_norm`` and ``ppl`` are None where the task does not define them.
+
+    ``acc`` is the task's accuracy (gsm8k: exact match of the strict-match filter); ``ppl`` its
+    perplexity metric (lambada_openai); ``metrics`` every number lm-eval returned, keyed as lm-eval
+    keys them (``"exact_match,flexible-extract"``); results saved before these fields read as None.
+    """
 
     name: str
     acc: float
@@ -161,6 +178,8 @@ class TaskResult:
     version: str
     source: str  # data file(s) read, or "lm-eval registry"
     seconds: float
+    ppl: float | None = None
+    metrics: dict[str, float] | None = None
 
 
 @dataclass(frozen=True)
@@ -203,19 +222,49 @@ class ZeroShotResult:
                 return "–"
             return f"{value:.4f} ± {stderr:.4f}" if stderr is not None else f"{value:.4f}"
 
-        lines = ["| task | version | n | acc | acc_norm |", "|---|---:|---:|---:|---:|"]
+        # the ppl column only where a task has one, so tables of the accuracy tasks stay as they were
+        ppl = any(t.ppl is not None for t in self.tasks.values())
+        lines = ["| task | version | n | acc | acc_norm |" + (" ppl |" if ppl else ""),
+                 "|---|---:|---:|---:|---:|" + ("---:|" if ppl else "")]
         for t in self.tasks.values():
+            extra = f" {fmt(t.ppl, None)} |" if ppl else ""
             lines.append(f"| {t.name} | {t.version} | {t.n} | {fmt(t.acc, t.acc_stderr)} "
-                         f"| {fmt(t.acc_norm, t.acc_norm_stderr)} |")
-        lines.append(f"| **mean acc** ({len(self.tasks)} tasks) | | | {self.mean_acc:.4f} | |")
+                         f"| {fmt(t.acc_norm, t.acc_norm_stderr)} |" + extra)
+        lines.append(f"| **mean acc** ({len(self.tasks)} tasks) | | | {self.mean_acc:.4f} | |"
+                     + (" |" if ppl else ""))
         return "\n".join(lines) + "\n"
 
 
-def _metric(scores: dict, key: str) -> float | None:
-    value = scores.get(f"{key},none")
-    if isinstance(value, (int, float)) and not (isinstance(value, float) and math.isnan(value)):
+def _number(value) -> float | None:
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and not math.isnan(value):
         return float(value)
     return None  # absent, or lm-eval's "N/A" stderr for a single document
+
+
+def _metric(scores: dict, key: str, filter_name: str = "none") -> float | None:
+    return _number(scores.get(f"{key},{filter_name}"))
+
+
+def _task_result(name: str, out: dict, source: str, seconds: float) -> TaskResult:
+    """A :class:`TaskResult` from lm-eval's ``evaluate`` output for one task."""
+    scores = out["results"][name]
+    counts = out["n-samples"][name]
+    metric, filter_name = PRIMARY_METRIC.get(name, ("acc", "none"))
+    every = {key: _number(value) for key, value in scores.items() if "," in key}
+    return TaskResult(
+        name=name,
+        acc=_metric(scores, metric, filter_name),
+        acc_stderr=_metric(scores, f"{metric}_stderr", filter_name),
+        acc_norm=_metric(scores, "acc_norm"),
+        acc_norm_stderr=_metric(scores, "acc_norm_stderr"),
+        n=int(counts["effective"]),
+        n_total=int(counts["original"]),
+        version=str(out["versions"][name]),
+        source=source,
+        seconds=round(seconds, 3),
+        ppl=_metric(scores, "perplexity"),
+        metrics={key: value for key, value in every.items() if value is not None},
+    )
 
 
 # ----------------------------------------------------------------------------- running
@@ -228,6 +277,7 @@ def zeroshot(
     batch_size: int | str = 1,
     data_dir: str | os.PathLike | None = None,
     progress: bool = True,
+    max_gen_toks: int = MAX_GEN_TOKS,
 ) -> ZeroShotResult:
     """Zero-shot accuracy of the in-memory ``model`` on ``tasks`` (names from ``AVAILABLE_TASKS``).
 
@@ -236,7 +286,10 @@ def zeroshot(
     loaded and checked before the first one runs. lm-eval sets a pad token on ``tokenizer`` if it
     has none and puts ``model`` in eval mode; nothing else is changed. ``data_dir``: local copies
     of the tasks' data (default: ``$LLMPRUNE_DATA_DIR``, else lm-eval's hub datasets).
-    Returns a :class:`ZeroShotResult` (per task ``acc``/``acc_norm``; ``mean_acc``).
+    ``max_gen_toks``: the most tokens a generative task (gsm8k) generates per answer (lm-eval's
+    256 by default; lower it on a CPU). Every task runs zero-shot, gsm8k included (lm-eval's
+    registered gsm8k is 5-shot). Returns a :class:`ZeroShotResult` (per task ``acc``/``acc_norm``,
+    ``ppl`` where defined, ``metrics``; ``mean_acc``).
 
     Example::
 
@@ -251,33 +304,21 @@ def zeroshot(
 
     _check_limit(limit)
     _check_batch_size(batch_size)
+    _check_max_gen_toks(max_gen_toks)
     built, sources = build_tasks(tasks, data_dir)
 
     results: dict[str, TaskResult] = {}
     start = time.perf_counter()
     with _quiet(), _progress(progress):
-        lm = _make_lm(model, tokenizer, batch_size, progress)
+        lm = _make_lm(model, tokenizer, batch_size, progress, max_gen_toks)
+        _check_room(lm, built, max_gen_toks)
         for name, task in built.items():
             task.set_config(key="num_fewshot", value=0)
             task.set_fewshot_seed(seed=1234)  # simple_evaluate's default; unused at zero shots
             t0 = time.perf_counter()
             out = evaluate(lm=lm, task_dict={"tasks": {name: task}, "groups": {}, "group_map": {}},
                            limit=limit, log_samples=False)
-            seconds = time.perf_counter() - t0
-            scores = out["results"][name]
-            counts = out["n-samples"][name]
-            results[name] = TaskResult(
-                name=name,
-                acc=_metric(scores, "acc"),
-                acc_stderr=_metric(scores, "acc_stderr"),
-                acc_norm=_metric(scores, "acc_norm"),
-                acc_norm_stderr=_metric(scores, "acc_norm_stderr"),
-                n=int(counts["effective"]),
-                n_total=int(counts["original"]),
-                version=str(out["versions"][name]),
-                source=sources[name],
-                seconds=round(seconds, 3),
-            )
+            results[name] = _task_result(name, out, sources[name], time.perf_counter() - t0)
     return ZeroShotResult(tasks=results, limit=limit, batch_size=batch_size,
                           lm_eval_version=lm_eval.__version__, seconds=round(time.perf_counter() - start, 3))
 
@@ -299,16 +340,37 @@ def _check_batch_size(batch_size) -> None:
         raise LlmpruneError(f"batch_size must be a positive integer or 'auto', got {batch_size!r}")
 
 
-def _make_lm(model, tokenizer, batch_size, progress: bool):
+def _check_max_gen_toks(max_gen_toks) -> None:
+    if isinstance(max_gen_toks, bool) or not isinstance(max_gen_toks, int) or max_gen_toks < 1:
+        raise LlmpruneError(f"max_gen_toks must be a positive number of tokens, got {max_gen_toks!r}")
+
+
+def _check_room(lm, built: dict, max_gen_toks: int) -> None:
+    # lm-eval keeps max_length - max_gen_toks tokens of prompt and asserts that is positive
+    generative = [name for name, task in built.items() if task.config.output_type == "generate_until"]
+    if generative and max_gen_toks >= lm.max_length:
+        raise LlmpruneError(f"max_gen_toks {max_gen_toks} leaves no room for the prompt of {generative[0]} "
+                            f"in the model's {lm.max_length} tokens of context: lower max_gen_toks")
+
+
+def _make_lm(model, tokenizer, batch_size, progress: bool, max_gen_toks: int = MAX_GEN_TOKS):
     from lm_eval.models.huggingface import HFLM
 
     class InMemoryHFLM(HFLM):
-        """HFLM whose loglikelihood progress bar follows ``progress``."""
+        """HFLM whose loglikelihood and generation progress bars follow ``progress``."""
 
         def loglikelihood(self, requests, disable_tqdm: bool = False):
             return super().loglikelihood(requests, disable_tqdm=disable_tqdm or not progress)
 
-    # The tokenizer object is passed so HFLM never looks the model's name up on the hub.
+        def generate_until(self, requests, disable_tqdm: bool = False):
+            return super().generate_until(requests, disable_tqdm=disable_tqdm or not progress)
+
+        @property
+        def max_gen_toks(self) -> int:  # HFLM hard-codes 256 here; a task's generation_kwargs still win
+            return max_gen_toks
+
+    # The tokenizer object is passed so HFLM never looks the model's name up on the hub; HFLM
+    # gives it a pad token if it has none (batched generation pads on the left).
     return InMemoryHFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
 
 
@@ -357,11 +419,13 @@ def _progress(progress: bool) -> Iterator[None]:
     import lm_eval.api.model as model_module
     import lm_eval.api.task as task_module
     import lm_eval.models.huggingface as hf_module
+    import tqdm as tqdm_module  # lm-eval's bootstrap of a perplexity's stderr imports tqdm.tqdm when it runs
 
     if progress and sys.stderr.isatty():
         yield
         return
-    modules = (task_module, model_module, hf_module) if progress else (task_module,)
+    modules = ((task_module, model_module, hf_module, tqdm_module) if progress
+               else (task_module, tqdm_module))
     originals = [module.tqdm for module in modules]
     for module, original in zip(modules, originals):
         module.tqdm = _plain_tqdm if progress else functools.partial(original, disable=True)

@@ -8,7 +8,9 @@
   zero-shot accuracy and per task when present, and one row per run with every setting;
 * ``summary.csv``: one row per run;
 * PNG plots (``plots.py``): perplexity vs sparsity, vs calibration samples, bars per pattern or
-  per group/metric, each when that comparison is in the folder.
+  per group/metric, each when that comparison is in the folder;
+* ``hides.md`` and ``hides.png`` (``hides.py``) when the runs measured their distance to the
+  dense model (``eval.kl``, ``eval.generate``).
 
 Everything is sorted and free of timestamps, so the same files give byte-identical tables. No
 torch, transformers or lm-eval import on this path: a report can be made on any machine.
@@ -25,6 +27,7 @@ from pathlib import Path
 
 from llmprune.errors import LlmpruneError
 from llmprune.io import write_text_atomic
+from llmprune.report.hides import write_hides
 from llmprune.report.plots import PLOTS
 from llmprune.report.tables import (
     choose_layout,
@@ -163,6 +166,16 @@ def write_report(results_dir: str | os.PathLike) -> dict[str, Path]:
                 written[path.name] = path
 
     lines += zeroshot_sections(results)
+    compared = sorted({d for r in results for d in r.distance}) or (
+        sorted({d for r in results for d in r.ppl}) if any(r.generation for r in results) else [])
+    if compared:  # distances to the dense model: the "what perplexity hides" table and plot
+        dataset = "wikitext2" if "wikitext2" in compared else compared[0]
+        hides = write_hides(folder, dataset)
+        written.update({path.name: path for path in hides.values()})
+        lines += ["## What perplexity hides", "",
+                  f"[hides.md](hides.md): {dataset} perplexity beside the KL to the dense model, top-1 "
+                  "agreement, the zero-shot mean, LAMBADA and greedy-continuation agreement, with their rank "
+                  "correlations.", ""]
     lines += ["## All runs", ""] + run_table(results) + [""]
     if plots:
         lines += ["## Plots", ""]

@@ -3,7 +3,9 @@
 perplexity vs sparsity per method (log y) when unstructured sparsity varies, grouped bars per
 pattern when N:M columns are present, perplexity vs calibration samples (log2 x) when
 ``nsamples`` varies, grouped bars when the comparison group or metric varies. Each function
-returns None when its comparison is not in the results.
+returns None when its comparison is not in the results. Results that differ only in their
+calibration seed are one point or bar: their mean, with error bars of ±1 sample standard deviation
+(``tables.merge_seeds``); with one seed per setting nothing changes.
 
 matplotlib's object API on the Agg canvas: no global pyplot state, no display needed. PNGs are
 saved without the "Software" stamp, so the same results and matplotlib give the same bytes.
@@ -16,7 +18,16 @@ from pathlib import Path
 from typing import Any, Callable
 
 from llmprune.io import write_atomic
-from llmprune.report.tables import KNOBS, knob_order, method_key, method_label, varies_within_method
+from llmprune.report.tables import (
+    KNOBS,
+    Stat,
+    knob_order,
+    merge_seeds,
+    method_key,
+    method_label,
+    seed_groups,
+    varies_within_method,
+)
 from llmprune.results import MISSING, Result
 
 
@@ -50,21 +61,40 @@ def _dense_line(ax, dense: list[Result], dataset: str) -> None:
         ax.axhline(dense[0].ppl[dataset], color="gray", linestyle="--", linewidth=1, label="Dense")
 
 
+def _merged(results: list[Result], dataset: str) -> list[tuple[Result, Stat]]:
+    """The results with a finite perplexity on ``dataset``, one per seed group (its mean and spread)."""
+    return [(r, stat) for r, stat in merge_seeds(results, lambda r: r.ppl.get(dataset)) if _finite(stat.mean)]
+
+
 def _series(results: list[Result], layout_knobs: list[str], x: Callable[[Result], Any],
-            dataset: str) -> dict[tuple, tuple[str, list[tuple[Any, float]]]]:
-    """Lines keyed by method and the other varying knobs; points sorted by x."""
+            dataset: str) -> dict[tuple, tuple[str, list[tuple[Any, float, float]]]]:
+    """Lines keyed by method and the other varying knobs; points ``(x, mean, std)`` sorted by x (the
+    std 0 for a single result)."""
     lines: dict[tuple, tuple[str, list]] = {}
-    for r in results:
-        y = r.ppl.get(dataset)
-        if not _finite(y):
-            continue
+    for r, stat in _merged(results, dataset):
         key = (method_key(r),) + tuple(knob_order(k, r.knob(k)) for k in layout_knobs)
         extra = [f"{k}={r.knob_label(k)}" for k in layout_knobs if r.knob(k) is not None]
         label = method_label(r) + (f" ({', '.join(extra)})" if extra else "")
         points = lines.setdefault(key, (label, []))[1]
-        if all(px != x(r) for px, _ in points):
-            points.append((x(r), y))
+        if all(px != x(r) for px, _, _ in points):
+            points.append((x(r), stat.mean, stat.std or 0.0))
     return {k: (label, sorted(points)) for k, (label, points) in sorted(lines.items())}
+
+
+def _line(ax, points: list[tuple[Any, float, float]], label: str) -> None:
+    """A line with a marker per point, and ±1 std error bars where a point is a mean over seeds."""
+    xs, ys, errs = [p[0] for p in points], [p[1] for p in points], [p[2] for p in points]
+    if any(errs):
+        ax.errorbar(xs, ys, yerr=errs, marker="o", capsize=3, label=label)
+    else:
+        ax.plot(xs, ys, marker="o", label=label)
+
+
+def _bars(ax, xs: list[float], ys: list[float], errs: list[float], width: float, label: str) -> None:
+    if any(errs):
+        ax.bar(xs, ys, width=width, label=label, yerr=errs, capsize=3)
+    else:
+        ax.bar(xs, ys, width=width, label=label)
 
 
 def log_y(ax) -> None:
@@ -84,7 +114,7 @@ def plot_sparsity(results: list[Result], dataset: str, title: str, path: Path) -
     others = [k for k in KNOBS if varies_within_method(pruned, k)]
     fig, ax = new_figure()
     for label, points in _series(pruned, others, lambda r: round(r.sparsity * 100, 6), dataset).values():
-        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=label)
+        _line(ax, points, label)
     _dense_line(ax, [r for r in results if r.dense], dataset)
     log_y(ax)
     return finish_figure(fig, ax, path, "unstructured sparsity (%)", f"{dataset} perplexity (log scale)",
@@ -100,7 +130,7 @@ def plot_nsamples(results: list[Result], dataset: str, title: str, path: Path) -
     fig, ax = new_figure()
     ticks: set[int] = set()
     for label, points in _series(pruned, others, lambda r: r.nsamples, dataset).values():
-        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=label)
+        _line(ax, points, label)
         ticks.update(p[0] for p in points)
     _dense_line(ax, [r for r in results if r.dense], dataset)
     ax.set_xscale("log", base=2)
@@ -122,8 +152,8 @@ def plot_pattern(results: list[Result], dataset: str, title: str, path: Path) ->
     width = 0.8 / max(len(bars), 1)
     for j, (label, points) in enumerate(bars.values()):
         where = {key: i for i, (key, _) in enumerate(settings)}
-        xs = [where[x] + (j - (len(bars) - 1) / 2) * width for x, _ in points]
-        ax.bar(xs, [y for _, y in points], width=width, label=label)
+        xs = [where[p[0]] + (j - (len(bars) - 1) / 2) * width for p in points]
+        _bars(ax, xs, [p[1] for p in points], [p[2] for p in points], width, label)
     _dense_line(ax, [r for r in results if r.dense], dataset)
     log_y(ax)
     ax.set_xticks(range(len(columns)))
@@ -141,20 +171,22 @@ def plot_group_metric(results: list[Result], dataset: str, title: str, path: Pat
               and varies_within_method(pruned, k)]
     groups = sorted({r.group for r in pruned}, key=lambda g: knob_order("group", g))
     bars: dict[tuple, tuple[str, dict]] = {}
-    for r in pruned:
+    merged = _merged(pruned, dataset)
+    for r, stat in merged:
         key = (method_key(r), knob_order("metric", r.metric))
         key += tuple(knob_order(k, r.knob(k)) for k in others)
         extra = [f"{k}={r.knob_label(k)}" for k in others if r.knob(k) is not None]
         label = f"{method_label(r)}, metric {r.knob_label('metric')}"
         label += f" ({', '.join(extra)})" if extra else ""
-        bars.setdefault(key, (label, {}))[1].setdefault(r.group, r.ppl[dataset])
+        bars.setdefault(key, (label, {}))[1].setdefault(r.group, stat)
     fig, ax = new_figure()
     width = 0.8 / max(len(bars), 1)
     for j, (label, values) in enumerate(v for _, v in sorted(bars.items())):
         xs = [i + (j - (len(bars) - 1) / 2) * width for i, g in enumerate(groups) if g in values]
-        ax.bar(xs, [values[g] for g in groups if g in values], width=width, label=label)
+        shown = [values[g] for g in groups if g in values]
+        _bars(ax, xs, [s.mean for s in shown], [s.std or 0.0 for s in shown], width, label)
     _dense_line(ax, [r for r in results if r.dense], dataset)
-    heights = [r.ppl[dataset] for r in pruned]
+    heights = [stat.mean for _, stat in merged]
     if max(heights) > 10 * min(heights):  # e.g. the activation-only metric: keep the others readable
         log_y(ax)
     ax.set_xticks(range(len(groups)))
@@ -171,9 +203,16 @@ def plot_block_sparsity(results: list[Result], dataset: str, title: str, path: P
     if not allocated:
         return None
     fig, ax = new_figure()
-    for r in sorted(allocated, key=lambda r: (r.setting, method_key(r))):
-        ax.plot(range(len(r.block_sparsity)), [100 * s for s in r.block_sparsity], marker=".",
-                label=f"{method_label(r)} {r.setting_label}")
+    for group in sorted(seed_groups(allocated), key=lambda g: (g[0].setting, method_key(g[0]))):
+        r = group[0]
+        label = f"{method_label(r)} {r.setting_label}"
+        blocks = [Stat.of([100 * m.block_sparsity[i] for m in group])
+                  for i in range(min(len(m.block_sparsity) for m in group))]
+        if len(group) == 1:
+            ax.plot(range(len(blocks)), [b.mean for b in blocks], marker=".", label=label)
+        else:  # the seeds' mean per block, ±1 std
+            ax.errorbar(range(len(blocks)), [b.mean for b in blocks], yerr=[b.std for b in blocks],
+                        marker=".", capsize=2, label=label)
     for setting, _label in sorted({(r.setting, r.setting_label) for r in allocated}):
         target = next(r.sparsity for r in allocated if r.setting == setting)
         ax.axhline(100 * target, color="gray", linestyle="--", linewidth=0.8)

@@ -19,6 +19,12 @@ Kinds (:data:`KINDS`):
 * ``frontier``: the frontier table, ``recipe eval/results/frontier_smollm2 ptb``.
 * ``demo [FILE]``: one sentence on ``make demo`` as measured by ``benchmarks/demo_memory.py --json``
   (``eval/results/demo_smollm2.json``): perplexity dense and pruned, time, peak memory.
+* ``protocol [FILE]``: the full WikiText-2 protocol on SmolLM2, llmprune's perplexity beside the
+  reference loop's (``benchmarks/full_protocol.py --json``, ``eval/results/full_protocol_wikitext2.json``).
+* ``kl [FILE]``: the cost and the error of the KL's top-k approximation, from
+  ``benchmarks/kl_cost.py --json`` (``eval/results/kl_smollm2.json``).
+* ``hides DIR DATASET runs|correlations``: the "what perplexity hides" tables of a results folder
+  (:mod:`llmprune.report.hides`).
 
 ``python -m llmprune.report.readme FILE...`` rewrites the regions of each file in place
 (atomically); ``--check`` only says which files differ (exit 1). ``tests/test_readme_tables.py``
@@ -43,7 +49,7 @@ from llmprune.errors import LlmpruneError
 from llmprune.io import write_text_atomic
 from llmprune.methods import ALLOCATIONS, METHODS, RECONSTRUCTIONS, REFINERS
 from llmprune.registry import OPTION_REGISTRIES
-from llmprune.report import load_results
+from llmprune.report import hides, load_results
 from llmprune.report.tables import pivot, ppl_scopes, scope_title
 from llmprune.results import DENSE, MISSING, percent
 
@@ -304,12 +310,18 @@ def _flag(args: list[str], flag: str) -> str | None:
     return args[args.index(flag) + 1] if flag in args[:-1] else None
 
 
+def _result_file(kind: str, args: list[str], root: Path, default: str) -> tuple[str, Path]:
+    """``(name, path)`` of the eval/results file a ``KIND [FILE]`` table reads (``default`` when none
+    is named)."""
+    if len(args) > 1:
+        raise LlmpruneError(f"table {kind} takes at most a file name, got {' '.join(args)!r}")
+    name = args[0] if args else default
+    return name, root / RESULTS / name
+
+
 def demo_line(args: list[str], root: Path) -> list[str]:
     """One sentence on ``make demo`` as measured (``benchmarks/demo_memory.py --json``)."""
-    if len(args) > 1:
-        raise LlmpruneError(f"table demo takes at most a file name, got {' '.join(args)!r}")
-    name = args[0] if args else DEMO_FILE
-    path = root / RESULTS / name
+    name, path = _result_file("demo", args, root, DEMO_FILE)
     if not path.is_file():
         return [f"`make demo` not measured yet: run `python benchmarks/demo_memory.py --skip-eval --json "
                 f"{RESULTS.as_posix()}/{name}`, then `{COMMAND} FILE`."]
@@ -332,9 +344,71 @@ def demo_line(args: list[str], root: Path) -> list[str]:
             f"{demo.get('load_before')} before, {demo.get('load_after')} after)."]
 
 
+PROTOCOL_FILE = "full_protocol_wikitext2.json"
+
+
+def protocol_table(args: list[str], root: Path) -> list[str]:
+    """The full WikiText-2 protocol, llmprune beside the reference loop (``benchmarks/full_protocol.py``)."""
+    _, path = _result_file("protocol", args, root, PROTOCOL_FILE)
+    try:
+        rows = json.loads(path.read_text(encoding="utf-8"))["rows"]
+        body = [[row["variant"], str(row["windows"]), f"{row['tokens']:,}", f"{row['llmprune_ppl']:.4f}",
+                 f"{row['reference_ppl']:.4f}", f"{row['rel_diff']:+.1e}"] for row in rows]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise LlmpruneError(f"protocol: {path} is not a full_protocol.py result "
+                            f"({type(exc).__name__}: {exc})") from None
+    header = ["model", "windows", "tokens", "llmprune ppl", "reference loop ppl", "relative difference"]
+    return _table(header, body, "lrrrrr")
+
+
+KL_FILE = "kl_smollm2.json"
+
+
+def kl_lines(args: list[str], root: Path) -> list[str]:
+    """The cost and error of the KL's top-k approximation (``benchmarks/kl_cost.py --json``)."""
+    name, path = _result_file("kl", args, root, KL_FILE)
+    if not path.is_file():
+        return [f"Measured by `benchmarks/kl_cost.py` (`{RESULTS.as_posix()}/{name}`): not yet run."]
+    try:
+        kl = json.loads(path.read_text(encoding="utf-8"))
+        cost, dense, approx = kl["cost"], kl["dense"], kl["approximation"]
+        windows, seqlen = kl["args"]["windows"], kl["args"]["seqlen"]
+        exact = approx["exact"]
+        body = [["exact (`--kl-exact`)", f"{exact['kl_mean']:.4f}", f"{exact['kl_p99']:.3f}",
+                 f"{exact['top1_agreement']:.2%}", MISSING, MISSING, MISSING]]
+        for k in sorted(int(key[3:]) for key in approx if key.startswith("top")):
+            a = approx[f"top{k}"]
+            body.append([f"top-{k}", f"{a['kl_mean']:.4f} ({a['rel_error']['kl_mean']:+.1%})",
+                         f"{a['kl_p99']:.3f} ({a['rel_error']['kl_p99']:+.1%})", f"{a['top1_agreement']:.2%}",
+                         f"{a['dense_topk_mass']:.3f}", f"{dense['cache_bytes_per_position'][str(k)]:.0f}",
+                         f"{dense['cache_bytes_full_wikitext2'][str(k)] / 2**20:.0f} MiB"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise LlmpruneError(f"kl: {path} is not a kl_cost.py result ({type(exc).__name__}: {exc})") from None
+    lines = [f"Measured by `benchmarks/kl_cost.py` on SmolLM2 pruned by Wanda 50% "
+             f"(`{RESULTS.as_posix()}/{name}`, "
+             f"first {windows} WikiText-2 windows of {seqlen}, {kl['machine']}, load average "
+             f"{kl['load_start']:.2f} at the start, {kl['load_end']:.2f} at the end): the evaluation with "
+             f"the distance read from the top-32 cache took {cost['ratio_median']:.3f}× a plain perplexity "
+             f"pass (median of {len(cost['ratios'])} interleaved pairs; target ≤ {cost['target']}), the "
+             f"exact KL {cost['exact_ratio']:.2f}×.", ""]
+    header = ["KL from", "mean (error)", "p99 (error)", "top-1 agreement", "dense mass in top-k",
+              "cache bytes / position", "cache for all of WikiText-2"]
+    return lines + _table(header, body, "lrrrrrr")
+
+
+def hides_table(args: list[str], root: Path) -> list[str]:
+    """``hides DIR DATASET runs|correlations``: a table of ``llmprune.report.hides`` for a results folder."""
+    if len(args) != 3 or args[2] not in ("runs", "correlations"):
+        raise LlmpruneError("table hides takes DIR DATASET runs|correlations, e.g. "
+                            "`hides eval/results/hides_smollm2 wikitext2 correlations`")
+    rows, _ = hides.load_rows(root / args[0], args[1])
+    return hides.run_lines(rows) if args[2] == "runs" else hides.correlation_lines(rows)
+
+
 KINDS: dict[str, Callable[[list[str], Path], list[str]]] = {
     "methods": methods_table, "recipe": recipe_table, "parity": parity_table, "frontier": frontier_table,
-    "demo": demo_line,
+    "demo": demo_line, "hides": hides_table, "kl": kl_lines,
+    "protocol": protocol_table,
 }
 
 

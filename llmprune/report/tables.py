@@ -2,13 +2,16 @@
 
 A paper-style table puts methods on the rows and the pattern/sparsity on the columns, or the
 ablated knob when only that varies (``choose_layout``); the dense model's number fills every
-column of its row, as the reference for each. Every order is explicit (the papers' order for
-methods, groups and metrics), so the same files always give the same bytes.
+column of its row, as the reference for each. Results that differ only in their calibration seed
+(a recipe's ``seeds:``) fill one cell with their mean ± sample standard deviation
+(``merge_seeds``). Every order is explicit (the papers' order for methods, groups and metrics), so
+the same files always give the same bytes.
 """
 
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import math
 from dataclasses import dataclass
@@ -86,6 +89,89 @@ def varies_within_method(results: list[Result], knob: str) -> bool:
 
 
 # ---------------------------------------------------------------------------------------------
+# calibration seeds: results that differ only in their seed are one setting, measured n times
+
+
+@dataclass(frozen=True)
+class Stat:
+    """A cell's number: ``mean`` over ``n`` results (one: the result's own value), ``std`` their
+    sample standard deviation (ddof=1; None for a single result) and the seeds they were made with."""
+
+    mean: float
+    std: float | None = None
+    n: int = 1
+    seeds: tuple[int, ...] = ()
+
+    @classmethod
+    def of(cls, values: list[float], seeds: tuple[int, ...] = ()) -> "Stat":
+        n = len(values)
+        if n == 1:
+            return cls(values[0], None, 1, seeds)
+        mean = math.fsum(values) / n
+        if not math.isfinite(mean):  # inf - inf is nan: a spread around an infinite mean means nothing
+            return cls(mean, math.nan, n, seeds)
+        return cls(mean, math.sqrt(math.fsum((v - mean) ** 2 for v in values) / (n - 1)), n, seeds)
+
+
+def seed_groups(results: list[Result]) -> list[list[Result]]:
+    """``results`` in their order, with those that differ only in their calibration seed (the same
+    ``seed_group``, two or more distinct seeds) gathered into one list at the place of the first;
+    a second result of the same seed is left out of its group. Every other result is a group of
+    one, so a folder with one seed per setting gives back its results one by one."""
+    members: dict[str, dict[int, Result]] = {}
+    for r in results:
+        if r.seed is not None and not r.dense:
+            members.setdefault(r.seed_group, {}).setdefault(r.seed, r)
+    groups: list[list[Result]] = []
+    placed: set[str] = set()
+    for r in results:
+        same = members.get(r.seed_group, {}) if r.seed is not None and not r.dense else {}
+        if len(same) < 2:
+            groups.append([r])
+        elif r.seed_group not in placed:
+            placed.add(r.seed_group)
+            groups.append(list(same.values()))
+    return groups
+
+
+def merge_seeds(results: list[Result], value: Callable[[Result], float | None]) -> list[tuple[Result, Stat]]:
+    """One ``(result, Stat of value)`` per seed group of ``results`` (those with a value): a group
+    of several seeds is its first result with the seed cleared (so the seed is no knob of the
+    table) and the mean and sample standard deviation of ``value`` over the group."""
+    out = []
+    for group in seed_groups([r for r in results if value(r) is not None]):
+        if len(group) == 1:
+            out.append((group[0], Stat(value(group[0]))))
+        else:
+            seeds = tuple(sorted(r.seed for r in group))
+            out.append((dataclasses.replace(group[0], seed=None), Stat.of([value(r) for r in group], seeds)))
+    return out
+
+
+def _stat_cell(stat: Stat | None, digits: int, scale: float, with_n: bool) -> str:
+    if stat is None or stat.std is None:
+        return _fmt(None if stat is None else stat.mean, digits, scale)
+    cell = f"{_fmt(stat.mean, digits, scale)} ± {_fmt(stat.std, digits, scale)}"
+    return cell + (f" (n={stat.n})" if with_n else "")
+
+
+def seeds_note(stats: Iterable[Stat]) -> str | None:
+    """The footnote of a table with ± cells: what ± is, over how many seeds (None: no ± cell)."""
+    merged = [s for s in stats if s.std is not None]
+    if not merged:
+        return None
+    counts = {s.n for s in merged}
+    seeds = {s.seeds for s in merged}
+    if len(counts) > 1:
+        over = "the n calibration seeds given in the cell"
+    else:
+        over = f"n = {merged[0].n} calibration seeds"
+        if len(seeds) == 1 and merged[0].seeds:
+            over += f" ({', '.join(map(str, merged[0].seeds))})"
+    return f"a ± b: mean ± sample standard deviation (ddof=1) over {over}; the other cells are single runs."
+
+
+# ---------------------------------------------------------------------------------------------
 # pivot: which knob goes on the columns, which on the rows
 
 
@@ -140,8 +226,11 @@ def _markdown(header: list[str], rows: list[list[str]], align: list[str] | None 
 def pivot(results: list[Result], value: Callable[[Result], float | None], digits: int = 2,
           scale: float = 1.0) -> list[str]:
     """A markdown table: rows are methods (plus varying knobs), columns the layout's knob. The
-    dense model's value fills every column of its row, as the reference for each."""
-    results = [r for r in results if value(r) is not None]
+    dense model's value fills every column of its row, as the reference for each. Results that
+    differ only in their calibration seed share a cell: ``mean ± std``, and a footnote says so."""
+    merged = merge_seeds(results, value)
+    stats = {id(r): stat for r, stat in merged}
+    results = [r for r, _ in merged]
     layout = choose_layout(results)
     pruned = [r for r in results if not r.dense]
     columns: dict[tuple, str] = {}
@@ -149,18 +238,21 @@ def pivot(results: list[Result], value: Callable[[Result], float | None], digits
         columns.setdefault(layout.col_key(r), r.knob_label(layout.column))
     if not columns:  # only dense results: a single column
         columns[()] = "dense"
-    rows: dict[tuple, tuple[str, dict[tuple, float | None]]] = {}
+    rows: dict[tuple, tuple[str, dict[tuple, Stat]]] = {}
     for r in results:  # already sorted, so the first result for a cell wins
         label, cells = rows.setdefault(layout.row_key(r), (layout.row_label(r), {}))
         if r.dense:
             for key in columns:
-                cells.setdefault(key, value(r))
+                cells.setdefault(key, stats[id(r)])
         else:
-            cells.setdefault(layout.col_key(r), value(r))
+            cells.setdefault(layout.col_key(r), stats[id(r)])
+    shown = [stat for _, cells in rows.values() for stat in cells.values()]
+    with_n = len({s.n for s in shown if s.std is not None}) > 1
     corner = "Method" if layout.column == "setting" else f"Method / {KNOB_TITLES[layout.column]}"
-    body = [[label] + [_fmt(cells.get(key), digits, scale) for key in columns]
+    body = [[label] + [_stat_cell(cells.get(key), digits, scale, with_n) for key in columns]
             for _, (label, cells) in sorted(rows.items(), key=lambda item: item[0])]
-    return _markdown([corner] + list(columns.values()), body)
+    note = seeds_note(shown)
+    return _markdown([corner] + list(columns.values()), body) + ([] if note is None else ["", note])
 
 
 # ---------------------------------------------------------------------------------------------

@@ -38,6 +38,8 @@ FORMATS = {
     "piqa": "PIQA jsonl: goal, sol1, sol2; labels file: one 0/1 per line",
     "hellaswag": "HellaSwag (rowanz) jsonl: ind, activity_label, ctx_a, ctx_b, ctx, endings[4], "
                  "label, source_id, split, split_type",
+    "lambada_openai": "LAMBADA (OpenAI) jsonl: text, a passage whose last word is the target",
+    "gsm8k": "GSM8K (openai/grade-school-math) jsonl: question, answer ending in '#### <number>'",
 }
 
 
@@ -215,6 +217,22 @@ def _hellaswag(row: dict, _label) -> dict:
             "label": str(label)}
 
 
+def _lambada(row: dict, _label) -> dict:
+    # EleutherAI/lambada_openai: text only; the task splits off the last word itself
+    text = _text(row, "text")
+    if len(text.split(" ")) < 2:
+        raise RowError("text must hold a context and a last word separated by a space")
+    return {"text": text}
+
+
+def _gsm8k(row: dict, _label) -> dict:
+    # openai/gsm8k main: question, answer (worked solution, final line "#### <number>")
+    answer = _text(row, "answer")
+    if "#### " not in answer:
+        raise RowError("answer has no '#### <number>' final line")
+    return {"question": _text(row, "question"), "answer": answer}
+
+
 # ----------------------------------------------------------------------------- custom_dataset entry points
 
 def _loader(task: str, convert: Callable[..., dict], labels: str = "none"):
@@ -254,3 +272,5 @@ arc_challenge = _loader("arc_challenge", _arc)
 openbookqa = _loader("openbookqa", _openbookqa)
 piqa = _loader("piqa", _piqa, labels="required")
 hellaswag = _loader("hellaswag", _hellaswag)
+lambada_openai = _loader("lambada_openai", _lambada)
+gsm8k = _loader("gsm8k", _gsm8k)
