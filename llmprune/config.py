@@ -352,7 +352,16 @@ class EvalConfig:
     - ``batch_size``: windows per forward pass (and lm-eval's batch size).
     - ``max_windows``: evaluate only the first K windows, a quick look; None: all.
     - ``zeroshot``: lm-eval tasks, e.g. ``("boolq", "rte", "winogrande", "arc_easy")``; ``()``: none.
-    - ``limit``: documents per zero-shot task; None: all.
+    - ``limit``: documents per zero-shot task; None: all. ``lambada_openai`` and ``gsm8k`` are
+      zero-shot tasks too.
+    - ``kl``: on each perplexity dataset, the distance to the dense model (``--eval-kl``): mean
+      KL(dense || model) per token, its 90/99/99.9th percentiles, top-1 agreement
+      (docs/evaluation.md).
+    - ``kl_topk``: dense log-probs kept per position in the dense cache (32).
+    - ``kl_exact``: also the exact KL, the dense model kept in memory and run again (about 2x).
+    - ``kl_cache``: the caches' folder; None: ``$LLMPRUNE_CACHE_DIR``, else ``~/.cache/llmprune``.
+    - ``generate``: greedy-continuation agreement with the dense model on this many C4 prompts; 0: off.
+    - ``generate_tokens``: tokens generated per prompt (32).
 
     Example::
 

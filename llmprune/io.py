@@ -327,7 +327,13 @@ def signals_raise():
         yield
         return
 
+    owner = os.getpid()
+
     def handler(signum, _frame):
+        if os.getpid() != owner:  # a forked worker (lm-eval's bootstrap pool) being ended: die as by default
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
         raise Interrupted(signum)
 
     previous = {}

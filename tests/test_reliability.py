@@ -589,3 +589,25 @@ def test_a_small_local_model_skips_the_early_child_and_is_refused_after_its_load
     monkeypatch.setenv("LLMPRUNE_EARLY_CHECK_BYTES", "0")
     assert preflight.worth_checking_early(setup / "model")
     assert preflight.worth_checking_early("some-org/a-hub-model")  # a download: always checked first
+
+
+def test_a_forked_worker_ended_by_sigterm_dies_instead_of_raising():
+    """lm-eval's bootstrap pool forks workers inside llmprune's run and ends them with SIGTERM: a worker
+    that raised Interrupted instead of dying left the pool's join, and the run, hanging (measured)."""
+    from llmprune.io import Interrupted, signals_raise
+
+    with signals_raise():
+        pid = os.fork()
+        if pid == 0:  # the child: wait for the parent's SIGTERM; reaching the end would mean it was caught
+            try:
+                time.sleep(30)
+            except BaseException:  # noqa: BLE001
+                os._exit(3)
+            os._exit(4)
+        time.sleep(0.3)
+        os.kill(pid, signal.SIGTERM)
+        _, status = os.waitpid(pid, 0)
+        assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGTERM
+        with pytest.raises(Interrupted):  # the process that installed the handler still gets the exception
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(1)

@@ -11,11 +11,9 @@ measure ranks the runs exactly as perplexity does; the lower it is, the more per
 share of discordant pairs (two runs that perplexity and the measure order differently) is given
 beside it, since with few runs a correlation says little.
 
-Torch-free, from the JSON alone, like the rest of :mod:`llmprune.report`::
-
-    python -m llmprune.report.hides eval/results/hides_smollm2 --dataset wikitext2
-
-writes ``hides.md`` and ``hides.png`` into the folder.
+Torch-free, from the JSON alone, like the rest of :mod:`llmprune.report`: ``llmprune report DIR``
+writes ``hides.md`` and ``hides.png`` into the folder when its runs measured a distance;
+:func:`write_hides` (or :func:`main`, ``--dataset``) for another dataset.
 """
 
 from __future__ import annotations
