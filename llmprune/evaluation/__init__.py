@@ -144,6 +144,7 @@ def dense_caches_ready(model, tokenizer, evaluation: EvalConfig, reference: Dens
     by reading it, as a pruned run would): the KL's per dataset, the continuations' for ``generate``."""
     from llmprune.data import eval_tokens
     from llmprune.evaluation.distance import DenseSide
+    from llmprune.evaluation.perplexity import window_count
     from llmprune.models import resolve_seqlen
 
     seqlen = resolve_seqlen(model, evaluation.seqlen)
@@ -151,9 +152,7 @@ def dense_caches_ready(model, tokenizer, evaluation: EvalConfig, reference: Dens
         side = DenseSide(key=reference.key, cache_dir=cache_root(evaluation), topk=evaluation.kl_topk)
         for dataset in evaluation.datasets:
             flat = eval_tokens(dataset, tokenizer, seqlen, data_dir=data_dir).reshape(-1)
-            windows = flat.numel() // seqlen
-            if evaluation.max_windows is not None:
-                windows = min(windows, evaluation.max_windows)
+            windows = window_count(flat, seqlen, evaluation.max_windows)
             if windows < 1 or not side.ready(dataset, flat[: windows * seqlen].view(windows, seqlen)):
                 return False
     if evaluation.generate:

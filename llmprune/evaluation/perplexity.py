@@ -239,9 +239,7 @@ def perplexity(
     """
     _check_arguments(seqlen, batch_size, max_windows, logits_chunk)
     flat = tokens.reshape(-1)
-    windows = flat.numel() // seqlen
-    if max_windows is not None:
-        windows = min(windows, max_windows)
+    windows = window_count(flat, seqlen, max_windows)
     if windows < 1:
         raise LlmpruneError(
             f"the {dataset or 'evaluation'} stream has {flat.numel()} tokens, fewer than one window of "
@@ -290,6 +288,12 @@ def _batch_nll(model, split: HeadSplit | None, ids: torch.Tensor, logits_chunk: 
         for row in range(0, flat_logits.shape[0], LOGITS_CHUNK):
             on_logits(row, flat_logits[row : row + LOGITS_CHUNK])
     return nll
+
+
+def window_count(flat: torch.Tensor, seqlen: int, max_windows: int | None) -> int:
+    """How many whole windows of ``seqlen`` tokens of the stream ``flat`` are evaluated."""
+    windows = flat.numel() // seqlen
+    return windows if max_windows is None else min(windows, max_windows)
 
 
 def _chunked_path(model, probe: torch.Tensor) -> HeadSplit | None:
