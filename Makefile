@@ -35,6 +35,9 @@ test: install-test lint
 	$(PYTHON) -m pytest -q
 	PYTHON=$(PYTHON) bash .ci/wheel_smoke.sh
 
+# the llamacpp extra first: the benchmarks run the exported GGUF files in llama.cpp (a source build of
+# llama-cpp-python, minutes the first time; pip reuses its wheel cache afterwards)
 bench: install
+	$(PIP) install -q -e ".[llamacpp]"
 	$(PYTHON) benchmarks/eval_throughput.py
 	$(PYTHON) benchmarks/prune_speed.py

@@ -43,6 +43,7 @@ try:  # what these import loads for seconds on a busy machine: Ctrl-C then is on
         dense_caches_ready,
         dense_reference,
         evaluate,
+        llamacpp,
         needs_dense,
     )
     from llmprune.executors import check_executor, run_recipe_submitit
@@ -65,7 +66,14 @@ try:  # what these import loads for seconds on a busy machine: Ctrl-C then is on
         prune_model,
         write_outputs,
     )
-    from llmprune.preflight import check_data_dir, check_export, check_inputs, check_shapes_early, model_path
+    from llmprune.preflight import (
+        check_data_dir,
+        check_export,
+        check_gguf_export,
+        check_inputs,
+        check_shapes_early,
+        model_path,
+    )
     from llmprune.recipes import load_recipe
     from llmprune.registry import option_fields
     from llmprune.report import ReportWarning, write_report
@@ -201,6 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_recover_command(sub)
     _add_run_command(sub)
     _add_model_file_commands(sub)
+    _add_llamacpp_command(sub)
 
     rp = sub.add_parser("report", help="tables and plots from a results folder")
     rp.add_argument("results", help="folder of result JSON files")
@@ -306,6 +315,30 @@ def _add_model_file_commands(sub) -> None:
     ex.add_argument("out", help="the .gguf file to write")
     _field(ex, ExportConfig, "gguf_type", "--type", dest="gguf_type")
     ex.add_argument("--overwrite", action="store_true", help="replace an existing file at OUT")
+
+
+def _add_llamacpp_command(sub) -> None:
+    """``llmprune llamacpp``: a GGUF file run in llama.cpp itself (the llamacpp extra)."""
+    lc = sub.add_parser("llamacpp", help="perplexity (and tokens/s) of a .gguf file in llama.cpp, on the "
+                                         "windows `llmprune eval` scores (needs llmprune[llamacpp])")
+    lc.add_argument("gguf", help="the .gguf file, e.g. one written by `llmprune export`")
+    lc.add_argument("--tokenizer", default=None, metavar="MODEL",
+                    help="tokenize with this model's tokenizer: hub id, HF directory, .gguf file or "
+                         "'smollm2-135m' (default: the GGUF's own)")
+    lc.add_argument("--dataset", default="wikitext2", help="wikitext2 (default), ptb, c4 or a local file")
+    lc.add_argument("--seqlen", type=int, default=2048,
+                    help="window length = llama.cpp's n_ctx (default: 2048)")
+    lc.add_argument("--max-windows", type=int, default=None, help="only the first K windows (default: all)")
+    lc.add_argument("--data-dir", default=None,
+                    help="folder with local copies of the datasets (default: $LLMPRUNE_DATA_DIR, else the "
+                         "hub)")
+    lc.add_argument("--threads", type=int, default=None, help="llama.cpp threads (default: every core)")
+    lc.add_argument("--speed", action="store_true",
+                    help="also prefill and decode tokens/s and peak memory, in a fresh process")
+    lc.add_argument("--prompt-tokens", type=int, default=512, help="--speed's prompt (default: 512)")
+    lc.add_argument("--gen-tokens", type=int, default=64, help="--speed's generated tokens (default: 64)")
+    lc.add_argument("--json", default=None, metavar="FILE", help="write the results as JSON")
+    lc.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 
 # ---------------------------------------------------------------- helpers
@@ -661,8 +694,8 @@ def cmd_compress(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from llmprune.export.gguf import check_exportable, export_gguf
-    from llmprune.models import load_model, model_config, source_gguf
+    from llmprune.export.gguf import export_gguf
+    from llmprune.models import load_model, source_gguf
 
     export = ExportConfig(gguf_type=args.gguf_type)
     out = check_output_file(args.out, "OUT")
@@ -671,7 +704,7 @@ def cmd_export(args) -> int:
     check_apart([("MODEL", model_path(args.model), "input"), ("OUT", out, "file")])
     if out.exists() and not args.overwrite:
         raise LlmpruneError(f"{out} exists: give a new file name or --overwrite")
-    check_exportable(model_config(args.model))  # the family, before the weights load
+    check_gguf_export(args.model, export.gguf_type)  # the type's package, family and widths: before the load
     model, tokenizer = load_model(args.model, dtype="float32")
     try:
         info = export_gguf(model, tokenizer, out, export.gguf_type, source_gguf(args.model))
@@ -680,14 +713,41 @@ def cmd_export(args) -> int:
                else f"{exc} (a short write: the disk is full or a file-size limit hit)")
         print(f"llmprune: error: could not write {out}: {why}", file=sys.stderr)
         return EXIT_OUTPUT_FAILED
+    arch = info["architecture"]
+    per_block = "" if arch == "llama" else f"; architecture {arch} (per-block widths: llama.cpp reads it, " \
+                                           "transformers does not)"
     print(f"wrote {info['path']}: {info['bytes']:,} bytes, {export.gguf_type} "
           f"({', '.join(f'{n} {t}' for t, n in sorted(info['tensor_types'].items()))} tensors), tokenizer "
-          f"{info['tokenizer']}")
+          f"{info['tokenizer']}{per_block}")
     return 0
 
 
+def cmd_llamacpp(args) -> int:
+    if args.json:
+        check_output_file(args.json)
+    data_dir = _data_dir(args.data_dir)
+    speed_tokens = (args.prompt_tokens, args.gen_tokens) if args.speed else None
+    llamacpp.check_run(args.gguf, args.seqlen, speed_tokens, args.threads, args.max_windows)  # before loading
+    ppl = llamacpp.evaluate_gguf(args.gguf, args.tokenizer, args.dataset, args.seqlen, args.max_windows,
+                                 data_dir, args.threads, progress=not args.no_progress)
+    print(f"llama.cpp {ppl.dataset} ppl {ppl.ppl:.4f} ({ppl.windows} windows x {ppl.seqlen} tokens, "
+          f"threads {ppl.threads}, {ppl.seconds:.1f} s)")
+    speed = None
+    if args.speed:
+        speed = llamacpp.speed_in_child(args.gguf, args.threads, args.prompt_tokens, args.gen_tokens)
+        print(f"llama.cpp speed (threads {speed.threads}, median of {speed.repeats}): prefill "
+              f"{speed.prefill_tokens_per_s:.1f} tok/s ({speed.prompt_tokens} tokens), decode "
+              f"{speed.decode_tokens_per_s:.1f} tok/s ({speed.gen_tokens} tokens), peak RSS "
+              f"{speed.peak_rss_mib:.0f} MiB")
+    if not args.json:
+        return 0
+    record = llamacpp.result_record(args.gguf, args.tokenizer, ppl, speed)
+    return _write_outputs([(args.json, _json_writer(args.json, record))])
+
+
 COMMANDS = {"eval": cmd_eval, "prune": cmd_prune, "recover": cmd_recover, "run": cmd_run,
-            "inspect": cmd_inspect, "report": cmd_report, "compress": cmd_compress, "export": cmd_export}
+            "inspect": cmd_inspect, "report": cmd_report, "compress": cmd_compress, "export": cmd_export,
+            "llamacpp": cmd_llamacpp}
 
 
 _MESSAGE_LIMIT = 2000  # characters of an error shown; a message built from a huge value stays readable

@@ -21,7 +21,7 @@ from llmprune.registry import option, option_fields, owners
 QUANT_TYPES = ("int8",)
 SAVE_FORMATS = ("dense", "compressed", "compressed-tensors")
 SAVE_DTYPES = ("float16", "bfloat16", "float32")
-GGUF_TYPES = ("f16", "q8_0")
+GGUF_TYPES = ("f16", "q8_0", "q5_0", "q4_0", "q4_k")  # llmprune.export.gguf.TYPES
 # issue 11, out-of-core pruning: where the blocks and the calibration activations wait their turn
 OFFLOAD_MODES = ("cpu", "disk")
 ACTIVATION_PLACES = ("cpu",)
@@ -448,7 +448,9 @@ class ExportConfig:
       for vLLM / transformers; needs the compressed-tensors package).
     - ``save_dtype``: the stored floats of a compressed checkpoint: ``"float16"``, ``"bfloat16"``
       or ``"float32"``; None: the model's dtype.
-    - ``gguf_type``: GGUF weight matrices: ``"f16"`` or ``"q8_0"``.
+    - ``gguf_type``: GGUF weight matrices: ``"f16"``, ``"q8_0"``, ``"q5_0"``, ``"q4_0"`` (written
+      by gguf-py) or ``"q4_k"`` (llama.cpp's Q4_K_M, by llama.cpp's quantizer: needs
+      llama-cpp-python).
 
     Example::
 
@@ -462,7 +464,8 @@ class ExportConfig:
                                        "package)")
     save_dtype: str | None = option(None, "dtype of the stored floating-point values of a compressed "
                                           "checkpoint: float16, bfloat16 or float32 (default: the model's)")
-    gguf_type: str = option("f16", "GGUF type of the weight matrices: f16 or q8_0 (norms stay f32)")
+    gguf_type: str = option("f16", "GGUF type of the weight matrices: f16, q8_0, q5_0, q4_0 or q4_k "
+                                   "(llama.cpp's Q4_K_M; needs llama-cpp-python); norms stay f32")
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "save_format", choice(self.save_format, SAVE_FORMATS, "save format"))

@@ -475,6 +475,9 @@ def _fill(tmp: Path, model: Any, tokenizer: Any, record: dict,
             model.save_pretrained(tmp, safe_serialization=True)
         else:
             write_weights(model, tmp)
+        from llmprune.nonuniform import write_loader  # torch and transformers: io itself stays light
+
+        write_loader(model, tmp)  # blocks of different widths: the modeling file plain transformers needs
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
     files = sorted(p.name for p in tmp.iterdir()) + [SAVE_METADATA]

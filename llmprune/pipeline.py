@@ -121,8 +121,11 @@ class PruneResult:
 
     @property
     def label(self) -> str:
-        """How tables name the pruned model: method and pattern or sparsity, e.g. ``wanda 50%``."""
+        """How tables name the pruned model: method and pattern or sparsity, e.g. ``wanda 50%``
+        (a depth method: the blocks it removed, e.g. ``shortgpt -4 blocks``)."""
         c = self.config
+        if self.report.depth:
+            return f"{c.method} -{len(self.report.depth['removed_blocks'])} blocks"
         return f"{c.method} {c.pattern if c.pattern.structured else f'{c.sparsity:.0%}'}"
 
     def summary(self) -> str:

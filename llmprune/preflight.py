@@ -62,6 +62,20 @@ def check_export(export: ExportConfig, quantize: str | None) -> None:
             raise LlmpruneError("--save-format compressed-tensors writes int8 weights: add --quantize int8")
 
 
+def check_gguf_export(model: str | os.PathLike, gguf_type: str) -> None:
+    """What ``llmprune export`` refuses before the weights load: a GGUF type whose writer is not
+    installed (q4_k needs llama-cpp-python), a family the LLaMA layout does not describe, and an
+    o_proj or down_proj width in the config that the type's quantization blocks cannot hold
+    (the modules are checked again before writing: per-block widths the config cannot tell)."""
+    from llmprune.export.gguf import check_exportable, check_gguf_type, check_widths, config_widths
+    from llmprune.models import model_config
+
+    check_gguf_type(gguf_type)
+    config = model_config(str(model))
+    check_exportable(config)
+    check_widths(config_widths(config), gguf_type)
+
+
 def check_inputs(eval_config: EvalConfig, data_dir: str | os.PathLike | None = None, *,
                  model: str | os.PathLike | None = None, dtype: Any = "float32", device: Any = None,
                  device_map: Any = None, json_path: str | os.PathLike | None = None,

@@ -310,7 +310,9 @@ def lora_targets(model: nn.Module, suffixes: tuple[str, ...] = ()) -> tuple[str,
 
 
 def check_teacher(student: nn.Module, teacher: nn.Module) -> None:
-    """The teacher must be the student's dense original: same vocabulary and architecture."""
+    """The teacher must be the student's dense original: same vocabulary, family and width of the
+    residual stream; structured and depth pruning leave the student with fewer blocks, MLP
+    channels or heads, never more."""
     def vocab(model):
         return int(model.get_output_embeddings().weight.shape[0])
 
@@ -319,11 +321,14 @@ def check_teacher(student: nn.Module, teacher: nn.Module) -> None:
                             f"{vocab(student)}: distillation compares their logits token by token, so give "
                             "the dense model the student was pruned from as --teacher")
     s, t = student.config, teacher.config
-    for key in ("model_type", "num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads"):
-        if getattr(s, key, None) != getattr(t, key, None):
+    for key, same in (("model_type", True), ("hidden_size", True), ("num_hidden_layers", False),
+                      ("intermediate_size", False), ("num_attention_heads", False)):
+        mine, theirs = getattr(s, key, None), getattr(t, key, None)
+        smaller = isinstance(mine, int) and isinstance(theirs, int) and mine < theirs
+        if mine != theirs and (same or not smaller):
             raise LlmpruneError(f"the teacher's architecture differs from the student's ({key} "
-                                f"{getattr(t, key, None)} vs {getattr(s, key, None)}): give the dense model "
-                                "the student was pruned from as --teacher")
+                                f"{theirs} vs {mine}): give the dense model the student was pruned from as "
+                                "--teacher")
 
 
 def pruning_record(model_path: str) -> dict | None:

@@ -40,6 +40,7 @@ class Supports:
     unstructured: bool = True  # a sparsity fraction, exact counts per comparison group
     nm: bool = True  # N:M patterns
     shrink: bool = False  # removes whole channels and heads (the engine's shrink strategy)
+    drop: bool = False  # removes whole decoder blocks (the engine's drop strategy: depth pruning)
     permute: bool = False  # RIA's channel reallocation before an N:M mask
     nm_allocation: bool = False  # per-block N:M kept counts (OWL's N:M allocation)
     select: bool = True  # exposes its mask, so refiners and reconstructions can follow it

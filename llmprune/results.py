@@ -293,9 +293,13 @@ class _Fields:
 
 
 def record_pattern(config) -> str:
-    """The pattern a result shows: ``structured`` for methods that remove whole channels and heads
-    (their config keeps the default ``unstructured``, which would misname them), else the config's."""
-    return "structured" if get_method(config.method).supports.shrink else str(config.pattern)
+    """The pattern a result shows: ``structured`` for methods that remove whole channels and heads,
+    ``depth`` for those that remove whole blocks (their config keeps the default ``unstructured``,
+    which would misname them), else the config's."""
+    supports = get_method(config.method).supports
+    if supports.drop:
+        return "depth"
+    return "structured" if supports.shrink else str(config.pattern)
 
 
 def parse_result(record: dict, file: str) -> Result:

@@ -12,7 +12,8 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parents[1] / "llmprune"
 # heavy or optional third-party packages a function may import when it runs (not at import time)
 LAZY_OK = {"torch", "transformers", "accelerate", "datasets", "lm_eval", "peft", "submitit",
-           "compressed_tensors", "matplotlib", "gguf", "safetensors", "tqdm", "pyarrow", "packaging", "numpy"}
+           "compressed_tensors", "matplotlib", "gguf", "safetensors", "tqdm", "pyarrow", "packaging", "numpy",
+           "llama_cpp"}
 # functions longer than 60 lines whose math or flow reads better whole
 LONG_OK: set[str] = {
     "llmprune.math.solvers.sparsegpt.sparsegpt_prune",  # the paper's Algorithm 1: one column-block OBS sweep

@@ -267,7 +267,10 @@ def test_teacher_must_match_vocabulary_and_architecture(tokenizer, texts):
     with pytest.raises(LlmpruneError, match="vocabulary"):
         recover(student, _teacher(vocab_size=640), tokenizer, _config(texts), progress=False)
     with pytest.raises(LlmpruneError, match="architecture differs .*num_hidden_layers"):
-        recover(student, _teacher(layers=3), tokenizer, _config(texts), progress=False)
+        # a teacher with fewer blocks than its student
+        recover(student, _teacher(layers=1), tokenizer, _config(texts), progress=False)
+    with pytest.raises(LlmpruneError, match="architecture differs .*hidden_size"):
+        recover(student, _teacher(hidden_size=96), tokenizer, _config(texts), progress=False)
     with pytest.raises(LlmpruneError, match="architecture differs .*model_type"):
         recover(student, make_model("qwen2", initializer_range=0.2), tokenizer,
                 _config(texts), progress=False)
@@ -384,6 +387,7 @@ def test_cli_bad_input_is_one_line_exit_2(saved_models, texts, capsys, extra, me
 def test_cli_teacher_mismatch_exit_2(saved_models, texts, tokenizer, tmp_path, capsys):
     _, pruned, _ = saved_models
     other = save_pruned(_teacher(vocab_size=640), tokenizer, tmp_path / "other", {})
+    capsys.readouterr()  # the save's own progress lines
     assert main(_cli(str(other), pruned, texts)) == 2
     err = capsys.readouterr().err.strip()
     assert "vocabulary" in err and len(err.splitlines()) == 1
@@ -493,3 +497,16 @@ def test_smollm2_two_to_four_stays_two_to_four_through_lora(smollm2, data_dir):
     for name, weight in _weights(student).items():
         assert torch.equal(weight == 0, zeros[name]), name
     assert not any("lora" in n for n, _ in student.named_parameters())
+
+
+def test_a_depth_pruned_student_distils_from_its_deeper_teacher(tokenizer, texts):
+    teacher = _teacher(layers=3)
+    student = copy.deepcopy(teacher)
+    windows = torch.randint(0, 400, (2, 16), generator=torch.Generator().manual_seed(0))
+    prune(student, tokenizer, PruneConfig(method="shortgpt", remove_blocks=1), windows=windows,
+          progress=False)
+    before = _weights(student)
+    with pytest.warns(RecoverWarning, match="no zero weights"):
+        recover(student, teacher, tokenizer, _config(texts), progress=False)
+    after = _weights(student)
+    assert len(get_blocks(student)) == 2 and all(not torch.equal(before[k], after[k]) for k in before)

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from llmprune.config import PruneConfig
+from llmprune.engine.drop import DropPlan, plan_drop
 from llmprune.engine.inputs import check_calibration_memory
 from llmprune.engine.shrink import StructuredPlan, plan_structured
 from llmprune.errors import LlmpruneError
@@ -72,9 +73,12 @@ class Plan:
     block_needs: frozenset[str]  # statistics of each block's own pass
     blocks: list[BlockPlan] | None = None  # the mask strategy's layers per block
     structured: StructuredPlan | None = None  # the shrink strategy's counts per block
+    drop: DropPlan | None = None  # the drop strategy's block count
 
     @property
     def strategy(self) -> str:
+        if self.drop is not None:
+            return "drop"
         return "shrink" if self.structured is not None else "mask"
 
 
@@ -94,7 +98,9 @@ def plan(model: nn.Module, config: PruneConfig, device: str | torch.device | Non
         ['mlp.down_proj', 'mlp.gate_proj']
     """
     method = get_method(config.method)
-    if method.supports.shrink:
+    if method.supports.drop:
+        result = Plan(config, method, needs_for(config), block_needs(config), drop=plan_drop(model, config))
+    elif method.supports.shrink:
         result = Plan(config, method, needs_for(config), block_needs(config),
                       structured=plan_structured(model, config))
     else:

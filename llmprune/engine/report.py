@@ -32,6 +32,7 @@ class PruneReport:
     used (source, windows, seqlen), None without calibration; ``versions``: of the libraries;
     ``phase_seconds``: per block, seconds collecting statistics, pruning and propagating;
     ``allocation``: per-block targets; ``structured``: a shrink method's plan and parameter counts;
+    ``depth``: a depth method's removed blocks and block scores;
     ``quantization``: what ``quantize`` did; ``offload``: block loads and writes. ``to_dict()`` is
     the ``"prune"`` section of a result record; ``table()`` the text ``llmprune prune`` prints.
 
@@ -60,6 +61,8 @@ class PruneReport:
     # structured methods (structured.py): the plan and the parameters before/after; --quantize: what it did
     structured: dict | None = None
     quantization: dict | None = None
+    # depth methods (drop.py): the blocks removed, each block's score, the parameters before/after
+    depth: dict | None = None
     # --offload (offload.py): the store's mode, block loads and writes, peak blocks materialised at once
     offload: dict | None = None
 
@@ -96,6 +99,10 @@ class PruneReport:
             targets = self.allocation["block_sparsity"]
             lines.append(f"allocation {self.allocation['allocation']}: block sparsity "
                          + " ".join(f"{s:.3f}" for s in targets))
+        if self.depth:
+            d = self.depth
+            lines.append(f"removed blocks {d['removed_blocks']} of {d['blocks_before']} ({d['method']}); "
+                         f"parameters {d['params_before']:,} -> {d['params_after']:,}")
         blocks = len(self.block_seconds)
         per_block = sum(self.block_seconds) / blocks if blocks else 0.0
         lines.append(f"pruned in {self.seconds:.1f} s ({blocks} blocks, {per_block:.2f} s per block)")

@@ -24,6 +24,7 @@ from torch import nn
 from llmprune.blocks import block_device, kwargs_on
 from llmprune.config import PruneConfig
 from llmprune.data import check_available
+from llmprune.engine.drop import DropStrategy
 from llmprune.engine.inputs import PhaseTimer, calibration_inputs, propagate
 from llmprune.engine.mask import allocate, block_config, calibrate_and_prune, prune_layer
 from llmprune.engine.plan import Plan, plan
@@ -70,7 +71,7 @@ class MaskStrategy:
         return {"allocation": self.targets.to_dict()}
 
 
-STRATEGIES = {"mask": MaskStrategy, "shrink": ShrinkStrategy}
+STRATEGIES = {"mask": MaskStrategy, "shrink": ShrinkStrategy, "drop": DropStrategy}
 
 
 @torch.no_grad()
@@ -113,8 +114,8 @@ def _blocks(the_plan: Plan, model: nn.Module, tokenizer, data_dir, progress: boo
     quantized: list[dict] = []
     timer = PhaseTimer()
     what = config.structure if the_plan.strategy == "shrink" else config.pattern
-    with progress_bar(len(blocks),
-                      f"{config.method} {what} {config.sparsity:.0%}", "block", not progress) as bar:
+    label = getattr(strategy, "label", None) or f"{config.method} {what} {config.sparsity:.0%}"
+    with progress_bar(len(blocks), label, "block", not progress) as bar:
         for i in range(len(blocks)):
             t_block = time.perf_counter()
             timer.new_block()
@@ -133,6 +134,7 @@ def _blocks(the_plan: Plan, model: nn.Module, tokenizer, data_dir, progress: boo
             block_seconds.append(time.perf_counter() - t_block)
             bar.update(1)
     extra = strategy.finish(blocks)
+    reports += extra.pop("layers", [])
     name = model_name or getattr(getattr(model, "config", None), "_name_or_path", "") or type(model).__name__
     return PruneReport(config=config.to_dict(), model=str(name), layers=reports, block_seconds=block_seconds,
                        seconds=time.perf_counter() - start, calibration=calibration, versions=versions(),

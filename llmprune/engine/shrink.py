@@ -13,28 +13,60 @@ A method with ``bias`` (FLAP) compensates what it removes: the removed channels'
 ``W[:, removed] @ mean(x)[removed]`` becomes a bias of down_proj / o_proj (``mlp_bias`` /
 ``attention_bias`` in the config).
 
-Both official codes prune the same fraction in every block (FLAP's "UL-UM" structure), which
-keeps the config standard: ``--sparsity`` is the fraction of each decoder block's parameters
-removed. ``--structure mlp`` removes MLP channels only; ``heads`` KV groups only; ``both`` the
-same fraction of each block's KV groups (rounded) and the rest from the MLP.
+``--structure mlp`` removes MLP channels only; ``heads`` KV groups only; ``both`` the same fraction
+of each block's KV groups (rounded) and the rest from the MLP. ``--width-allocation`` decides how
+much each block loses:
+
+uniform  the same in every block (both official codes' default, FLAP's "UL-UM" structure), which
+         keeps the config standard: ``--sparsity`` is the fraction of each decoder block's
+         parameters removed.
+global   FLAP's adaptive structure search ("AL-AM"): a pass of the calibration windows through the
+         dense blocks scores every block's channels and KV groups before any is pruned; one ranking
+         of all of them by standardised score, weighted by the parameters each holds, decides what
+         goes (``llmprune.math.channels.global_keep``; where it differs from the official code:
+         ``llmprune.methods.flap``). FLAP then shrinks each block with those dense statistics;
+         Wanda-sp keeps the per-block counts and chooses the channels from its usual sequential
+         pass (inputs through the blocks already pruned).
+owl      OWL's outlier-weighted ratios (``llmprune.math.allocation``) from the same dense pass over
+         all of a block's Linears (``owl_m``, ``owl_lambda``): block i removes the fraction s_i of
+         its parameters, s_i spread 2 lambda around ``--sparsity`` (mean exactly ``--sparsity``, up
+         to rounding), less where the block has more outliers; a block that would pass the most
+         its structure can remove gives the rest to the others.
+
+``--sparsity`` is then the fraction of all blocks' parameters removed; every block keeps at least
+one KV group and one (``channel_multiple``) MLP channel. The blocks differ, so the config cannot
+describe them with one width: ``llmprune.nonuniform`` adds the per-block widths and the checkpoint's
+modeling file.
 """
 
 from __future__ import annotations
 
 import copy
-from dataclasses import asdict, dataclass
+import time
+from dataclasses import asdict, dataclass, replace
+from types import SimpleNamespace
 from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 from transformers import AutoModelForCausalLM
 
-from llmprune.engine.inputs import propagate
+from llmprune.blocks import block_device, block_output, kwargs_on
+from llmprune.engine.inputs import batches, propagate
+from llmprune.engine.mask import outlier_ratios
 from llmprune.engine.report import LayerReport
 from llmprune.errors import LlmpruneError
-from llmprune.math.channels import group_scores, keep_top
+from llmprune.math.allocation import capped_shares, owl_sparsities
+from llmprune.math.channels import (
+    global_keep,
+    group_scores,
+    keep_top,
+    standardised,
+    standardised_group_scores,
+)
 from llmprune.methods import get_method
-from llmprune.models import get_blocks, prunable_linears
+from llmprune.models import block_stages, get_blocks, prunable_linears, select_layers
+from llmprune.nonuniform import block_layout, describe_widths, model_class
 from llmprune.stats import input_moments
 
 if TYPE_CHECKING:
@@ -79,9 +111,17 @@ def block_parts(model: nn.Module, index: int, block: nn.Module | None = None) ->
                       {role: block.get_submodule(found[role]) for role in ROLES}, found)
 
 
+# fields a uniform plan's report leaves out, so that its record keeps the keys it always had
+_PER_BLOCK_FIELDS = ("channel_params", "group_params", "width_allocation", "blocks", "block_channels",
+                     "block_groups", "allocation")
+
+
 @dataclass(frozen=True)
 class StructuredPlan:
-    """How much every block keeps (the same in each), fixed before calibration."""
+    """How much each block keeps. ``width_allocation`` uniform: the same in every block
+    (``keep_channels``, ``keep_groups``), fixed before calibration. global / owl: per block
+    (``block_channels``, ``block_groups``), decided by the dense scoring pass before the first
+    block is pruned (:func:`allocate_widths`); until then only the target is known."""
 
     structure: str
     hidden: int
@@ -89,18 +129,64 @@ class StructuredPlan:
     kv_heads: int
     head_dim: int
     intermediate: int
-    keep_channels: int  # MLP intermediate channels kept
+    keep_channels: int  # MLP intermediate channels kept (per-block widths: the dense count until allocated)
     keep_groups: int  # KV groups kept (each: one KV head and heads // kv_heads query heads)
     block_params: int  # parameters of one dense block
-    removed_params: int  # parameters one block loses (before any added bias)
+    removed_params: int  # parameters one block loses, before any added bias (per-block widths: mean target)
     bias: bool
+    channel_params: int = 0  # one MLP channel: a row of gate and up (with biases), a column of down
+    group_params: int = 0  # parameters of one KV group: its q/k/v rows (with biases) and o_proj columns
+    width_allocation: str = "uniform"
+    blocks: int = 1
+    block_channels: tuple[int, ...] | None = None  # per block (global, owl), after the scoring pass
+    block_groups: tuple[int, ...] | None = None
+    allocation: dict | None = None  # JSON-ready facts of the per-block allocation (OWL's outlier ratios ...)
+
+    @property
+    def uniform(self) -> bool:
+        return self.width_allocation == "uniform"
+
+    @property
+    def removes_mlp(self) -> bool:
+        """Whether the MLPs are shrunk: per-block widths shrink every block's (a block that keeps
+        all its channels still gets FLAP's bias, so that one config switch describes all blocks)."""
+        return self.keep_channels < self.intermediate if self.uniform else self.structure in ("mlp", "both")
+
+    @property
+    def removes_heads(self) -> bool:
+        return self.keep_groups < self.kv_heads if self.uniform else self.structure in ("heads", "both")
+
+    def channels(self, block: int) -> int:
+        return self.keep_channels if self.block_channels is None else self.block_channels[block]
+
+    def groups(self, block: int) -> int:
+        return self.keep_groups if self.block_groups is None else self.block_groups[block]
+
+    def removed(self, block: int) -> int:
+        """Parameters block ``block`` loses (before any added bias)."""
+        return ((self.intermediate - self.channels(block)) * self.channel_params
+                + (self.kv_heads - self.groups(block)) * self.group_params)
+
+    def most_removed(self, multiple: int) -> int:
+        """The most one block can lose: it keeps one KV group and one ``multiple`` of MLP channels."""
+        most = (self.kv_heads - 1) * self.group_params if self.structure in ("heads", "both") else 0
+        if self.structure in ("mlp", "both"):
+            most += (self.intermediate - _round_keep(1, multiple, self.intermediate)) * self.channel_params
+        return most
 
     @property
     def target_fraction(self) -> float:
         return self.removed_params / self.block_params
 
     def to_dict(self) -> dict:
-        return {**asdict(self), "removed_fraction": self.target_fraction}
+        out = {k: v for k, v in asdict(self).items() if k not in _PER_BLOCK_FIELDS}
+        if self.uniform or self.block_channels is None:
+            return {**out, "removed_fraction": self.target_fraction}
+        removed = [self.removed(i) for i in range(self.blocks)]
+        return {**out, "width_allocation": self.width_allocation, "keep_channels": list(self.block_channels),
+                "keep_groups": list(self.block_groups), "removed_params": removed,
+                "removed_fraction": sum(removed) / (self.blocks * self.block_params),
+                **(self.allocation or {})}
 
 
 def _text_config(model: nn.Module):
@@ -108,14 +194,12 @@ def _text_config(model: nn.Module):
     return config.get_text_config() if hasattr(config, "get_text_config") else config
 
 
-def plan_structured(model: nn.Module, config: PruneConfig) -> StructuredPlan:
-    """Counts to keep per block, checked against the model before any calibration: the fraction
-    must be reachable with what ``--structure`` removes, at least one KV group and one channel
-    must stay, and the model's config must be able to describe the smaller block."""
+def _geometry(model: nn.Module, config: PruneConfig) -> StructuredPlan:
+    """The dense block's counts (nothing removed yet), checked: grouped-query attention that splits
+    by heads, and every block of the same shapes as block 0."""
     spec = get_method(config.method).structured
     text = _text_config(model)
-    parts = block_parts(model, 0)
-    lin = parts.linears
+    lin = block_parts(model, 0).linears
     hidden, inter = lin["gate_proj"].in_features, lin["gate_proj"].out_features
     heads = int(text.num_attention_heads)
     kv_heads = int(getattr(text, "num_key_value_heads", None) or heads)
@@ -125,19 +209,41 @@ def plan_structured(model: nn.Module, config: PruneConfig) -> StructuredPlan:
                             f"{tuple(lin['q_proj'].weight.shape)} and k_proj "
                             f"{tuple(lin['k_proj'].weight.shape)} is not grouped-query attention llmprune "
                             "can split by heads")
-    block_params = sum(p.numel() for p in get_blocks(model)[0].parameters())
+    blocks = get_blocks(model)
+    for i in range(1, len(blocks)):
+        other = block_parts(model, i).linears
+        for role, layer in lin.items():
+            if other[role].weight.shape != layer.weight.shape:
+                raise LlmpruneError(f"block {i}'s {role} is {tuple(other[role].weight.shape)}, block 0's "
+                                    f"{tuple(layer.weight.shape)}: structured pruning needs blocks of equal "
+                                    "widths (this model's already differ per block); prune the dense model")
     bias_of = {role: int(lin[role].bias is not None) for role in ROLES}
     # a row of gate, up; a column of down
     per_channel = 3 * hidden + bias_of["gate_proj"] + bias_of["up_proj"]
     q_per_kv = heads // kv_heads
     per_group = head_dim * ((2 * q_per_kv + 2) * hidden + q_per_kv * bias_of["q_proj"]
                             + bias_of["k_proj"] + bias_of["v_proj"])
+    block_params = sum(p.numel() for p in blocks[0].parameters())
+    return StructuredPlan(config.structure, hidden, heads, kv_heads, head_dim, inter, inter, kv_heads,
+                          block_params, 0, spec.bias, per_channel, per_group, config.width_allocation,
+                          len(blocks))
+
+
+def plan_structured(model: nn.Module, config: PruneConfig) -> StructuredPlan:
+    """Counts to keep per block, checked against the model before any calibration: the fraction
+    must be reachable with what ``--structure`` removes, at least one KV group and one channel
+    must stay, and the model's config must be able to describe the smaller block."""
+    dense = _geometry(model, config)
+    if not dense.uniform:
+        return _plan_per_block(model, config, dense)
+    inter, kv_heads = dense.intermediate, dense.kv_heads
+    block_params, per_channel, per_group = dense.block_params, dense.channel_params, dense.group_params
     target = config.sparsity * block_params
     s = config.structure
     remove_groups = 0
     if s in ("heads", "both"):
         ideal = target / per_group if s == "heads" else config.sparsity * kv_heads
-        remove_groups = _groups_to_remove(model, ideal, kv_heads, q_per_kv, config.sparsity, s)
+        remove_groups = _groups_to_remove(model, ideal, kv_heads, dense.heads // kv_heads, config.sparsity, s)
         if s == "heads" and remove_groups == 0:
             raise LlmpruneError(
                 f"sparsity {config.sparsity:g} is less than half a KV group ({per_group / block_params:.1%} "
@@ -153,14 +259,40 @@ def plan_structured(model: nn.Module, config: PruneConfig) -> StructuredPlan:
                 f"sparsity {config.sparsity:g} would remove every MLP channel: --structure {s} can remove at "
                 f"most {most / block_params:.1%} of a block; lower --sparsity"
                 + (" or use --structure both" if s == "mlp" else ""))
-    plan = StructuredPlan(s, hidden, heads, kv_heads, head_dim, inter, keep_channels,
-                          kv_heads - remove_groups, block_params,
-                          (inter - keep_channels) * per_channel + remove_groups * per_group, spec.bias)
+    plan = replace(dense, keep_channels=keep_channels, keep_groups=kv_heads - remove_groups,
+                   removed_params=(inter - keep_channels) * per_channel + remove_groups * per_group)
     if plan.keep_channels == inter and plan.keep_groups == kv_heads:
         raise LlmpruneError(f"sparsity {config.sparsity:g} removes nothing from blocks of {block_params:,} "
                             f"parameters (one MLP channel is {per_channel:,}, rounded to multiples of "
                             f"{config.channel_multiple}): raise --sparsity or lower --channel-multiple")
     _check_expressible(model, plan)
+    return plan
+
+
+def _plan_per_block(model: nn.Module, config: PruneConfig, dense: StructuredPlan) -> StructuredPlan:
+    """Per-block widths: only the target is fixed here; it must be reachable with every block
+    keeping one KV group and one ``channel_multiple`` of MLP channels, remove something, and the
+    checkpoint's class must be able to rebuild blocks of their own widths."""
+    s, how = config.structure, f"--structure {config.structure} --width-allocation {config.width_allocation}"
+    most = dense.most_removed(config.channel_multiple)
+    if config.sparsity * dense.block_params > most:
+        raise LlmpruneError(
+            f"sparsity {config.sparsity:g} is more than {how} can remove: every block keeps at least one KV "
+            f"group and {_round_keep(1, config.channel_multiple, dense.intermediate)} MLP channel(s), so at "
+            f"most {most / dense.block_params:.1%} of a block goes; lower --sparsity"
+            + (" or use --structure both" if s != "both" else ""))
+    unit = min(([dense.group_params] if s in ("heads", "both") else [])
+               + ([dense.channel_params * min(config.channel_multiple, dense.intermediate)]
+                  if s in ("mlp", "both") else []))
+    # global spreads the whole target over all blocks; owl gives each block about the mean
+    spread = dense.blocks if config.width_allocation == "global" else 1
+    if 2 * config.sparsity * dense.block_params * spread < unit:
+        raise LlmpruneError(f"sparsity {config.sparsity:g} is less than half of the smallest unit {how} "
+                            f"removes ({unit:,} parameters, blocks of {dense.block_params:,}): it removes "
+                            "nothing; raise --sparsity"
+                            + (" or lower --channel-multiple" if s != "heads" else ""))
+    plan = replace(dense, removed_params=round(config.sparsity * dense.block_params))
+    _check_rebuildable(model, plan)
     return plan
 
 
@@ -307,6 +439,23 @@ def describe_pruned(config, plan: StructuredPlan) -> None:
             text.attention_bias = True
 
 
+def describe_per_block(model: nn.Module, plan: StructuredPlan, config=None) -> None:
+    """Per-block widths: ``config`` (default: the model's, in place) keeps its dense counts and gets
+    each block's widths and where its Linears are (``llmprune.nonuniform``); FLAP's bias switches
+    cover every block, as every block of a shrunk kind got its bias."""
+    config = model.config if config is None else config
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    if plan.bias:
+        if plan.removes_mlp:
+            text.mlp_bias = True
+        if plan.removes_heads:
+            text.attention_bias = True
+    groups = [plan.groups(i) for i in range(plan.blocks)]
+    describe_widths(config, block_layout(model, get_blocks(model), block_parts(model, 0).names),
+                    [plan.channels(i) for i in range(plan.blocks)],
+                    [g * (plan.heads // plan.kv_heads) for g in groups], groups, plan.head_dim)
+
+
 def shrunk_config(config, plan: StructuredPlan):
     """A copy of the model config describing the pruned blocks."""
     new = copy.deepcopy(config)
@@ -316,61 +465,197 @@ def shrunk_config(config, plan: StructuredPlan):
 
 def _shrink(parts: BlockParts, plan: StructuredPlan, keep_channels: torch.Tensor, keep_groups: torch.Tensor,
             mlp_mean: torch.Tensor | None, attn_mean: torch.Tensor | None) -> None:
-    if plan.keep_channels < plan.intermediate:
+    if plan.removes_mlp:
         shrink_mlp(parts, keep_channels, mlp_mean, plan.bias)
-    if plan.keep_groups < plan.kv_heads:
+    if plan.removes_heads:
         shrink_attention(parts, keep_groups, plan.heads, plan.kv_heads, plan.head_dim, attn_mean, plan.bias)
+
+
+def _shrunk_copy(model: nn.Module, plan: StructuredPlan, channels: int, groups: int) -> dict:
+    """Parameter shapes of a meta-device copy of block 0 shrunk to ``channels`` / ``groups``."""
+    block = copy.deepcopy(get_blocks(model)[0]).to("meta")
+    mean = (torch.zeros(plan.intermediate, device="meta"),
+            torch.zeros(plan.heads * plan.head_dim, device="meta"))
+    _shrink(block_parts(model, 0, block), plan, torch.arange(channels), torch.arange(groups),
+            *(mean if plan.bias else (None, None)))
+    return {k: tuple(v.shape) for k, v in block.state_dict().items()}
+
+
+def _built_block(build) -> dict:
+    """Parameter shapes of block 0 of the meta-device model ``build()`` makes (or why it failed)."""
+    try:
+        with torch.device("meta"):
+            built = build()
+        return {k: tuple(v.shape) for k, v in get_blocks(built)[0].state_dict().items()}
+    except LlmpruneError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - any failure means: this config cannot describe it
+        return {"(config)": f"{type(exc).__name__}: {exc}"}
+
+
+def _first_difference(ours: dict, reference: dict) -> str:
+    diff = sorted(set(ours.items()) ^ set(reference.items()), key=str)[0]
+    return f"{diff[0]}: {'pruned' if diff in ours.items() else 'config says'} {diff[1]}"
 
 
 def _check_expressible(model: nn.Module, plan: StructuredPlan) -> None:
     """The pruned block must be what the model class builds from the new config, or the saved
     checkpoint would not load: shrink a meta-device copy of block 0 and compare it, parameter by
     parameter, with block 0 of a meta-device model made from :func:`shrunk_config`."""
-    block = copy.deepcopy(get_blocks(model)[0]).to("meta")
-    mean = (torch.zeros(plan.intermediate, device="meta"),
-            torch.zeros(plan.heads * plan.head_dim, device="meta"))
-    _shrink(block_parts(model, 0, block), plan, torch.arange(plan.keep_channels),
-            torch.arange(plan.keep_groups), *(mean if plan.bias else (None, None)))
-    try:
-        with torch.device("meta"):
-            built = AutoModelForCausalLM.from_config(shrunk_config(model.config, plan))
-        reference = {k: tuple(v.shape) for k, v in get_blocks(built)[0].state_dict().items()}
-    except Exception as exc:  # noqa: BLE001 - any failure means: this config cannot describe it
-        reference = {"(config)": f"{type(exc).__name__}: {exc}"}
-    ours = {k: tuple(v.shape) for k, v in block.state_dict().items()}
+    ours = _shrunk_copy(model, plan, plan.keep_channels, plan.keep_groups)
+    reference = _built_block(lambda: AutoModelForCausalLM.from_config(shrunk_config(model.config, plan)))
     if ours != reference:
-        diff = sorted(set(ours.items()) ^ set(reference.items()), key=str)[0]
         model_type = getattr(model.config, "model_type", None)
         raise LlmpruneError(
-            f"model type {model_type!r} cannot describe the pruned block in its config ({diff[0]}: "
-            f"{'pruned' if diff in ours.items() else 'config says'} {diff[1]}): its class does not follow "
+            f"model type {model_type!r} cannot describe the pruned block in its config "
+            f"({_first_difference(ours, reference)}): its class does not follow "
             "intermediate_size/head_dim"
             + ("/mlp_bias/attention_bias (FLAP's bias compensation); try wanda-sp" if plan.bias else "")
             + " or --structure mlp")
 
 
-def _choose(parts: BlockParts, plan: StructuredPlan, moments: dict, score_fn, spec: StructuredSpec,
-            config: PruneConfig) -> tuple[torch.Tensor, torch.Tensor, dict]:
-    """Channels and KV groups to keep in one block, from the method's channel scores."""
+def _check_rebuildable(model: nn.Module, plan: StructuredPlan) -> None:
+    """Per-block widths: the checkpoint's class (the model's transformers class, its Linears rebuilt
+    at each block's widths by ``llmprune.nonuniform_modeling``) must build the block the surgery
+    makes. Probed on block 0, on the meta device, with about half of what the structure removes."""
+    channels = max(plan.intermediate // 2, 1) if plan.removes_mlp else plan.intermediate
+    groups = max(plan.kv_heads // 2, 1) if plan.removes_heads else plan.kv_heads
+    probe = replace(plan, block_channels=(channels,) * plan.blocks, block_groups=(groups,) * plan.blocks)
+    ours = _shrunk_copy(model, probe, channels, groups)
+    config = copy.deepcopy(model.config)
+    describe_per_block(model, probe, config)
+    reference = _built_block(lambda: model_class(config)._from_config(config))
+    if ours != reference:
+        raise LlmpruneError(
+            f"model type {getattr(model.config, 'model_type', None)!r} cannot rebuild blocks of their own "
+            f"widths ({_first_difference(ours, reference)}): use --width-allocation uniform")
+
+
+def _choose(parts: BlockParts, plan: StructuredPlan, index: int, moments: dict, score_fn,
+            spec: StructuredSpec, config: PruneConfig) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """Channels and KV groups to keep in block ``index``, from the method's channel scores."""
     keep_channels = torch.arange(plan.intermediate)
     keep_groups = torch.arange(plan.kv_heads)
     info: dict = {}
     if "mlp" in moments:
         scores = score_fn(parts.linears["down_proj"].weight, moments["mlp"], config)  # (intermediate,)
-        keep_channels = keep_top(scores.cpu(), plan.keep_channels)
-        info["down_proj"] = {"kept_channels": plan.keep_channels}
+        keep_channels = keep_top(scores.cpu(), plan.channels(index))
+        info["down_proj"] = {"kept_channels": plan.channels(index)}
     if "attention" in moments:
         scores = score_fn(parts.linears["o_proj"].weight, moments["attention"], config)  # (heads * head_dim,)
         groups = group_scores(scores.cpu(), plan.heads, plan.kv_heads, plan.head_dim, spec.head_power)
-        keep_groups = keep_top(groups, plan.keep_groups)
+        keep_groups = keep_top(groups, plan.groups(index))
         info["o_proj"] = {"kept_kv_groups": keep_groups.tolist(), "group_scores": groups.tolist()}
     return keep_channels, keep_groups, info
+
+
+def _watched(plan: StructuredPlan) -> dict[str, str]:
+    """The layers whose inputs are scored: o_proj's for KV groups, down_proj's for MLP channels."""
+    return {kind: role for kind, role, on in (("attention", "o_proj", plan.removes_heads),
+                                              ("mlp", "down_proj", plan.removes_mlp)) if on}
+
+
+# ---- per-block widths: the dense scoring pass before any block is pruned ------------------------
+
+@torch.no_grad()
+def _dense_scores(model: nn.Module, plan: StructuredPlan, blocks, inputs, place, method,
+                  config: PruneConfig, keep_inputs: bool) -> tuple[list[dict], list[dict]]:
+    """The calibration windows through the unpruned blocks (FLAP's statistics pass): per block, the
+    input moments of o_proj / down_proj and the method's channel scores from them. ``keep_inputs``:
+    work on a copy, so that block 0's inputs stay for the pruning pass (Wanda-sp); else in place."""
+    hidden = inputs.hidden.clone() if keep_inputs else inputs.hidden
+    watch = _watched(plan)
+    all_moments, all_scores = [], []
+    for i in range(len(blocks)):
+        with place.use(i, write=False) as block:
+            dev = block_device(block)
+            kwargs = kwargs_on(inputs.kwargs, dev)
+            lin = block_parts(model, i, block).linears
+            with input_moments({kind: lin[role] for kind, role in watch.items()}) as moments:
+                for batch in batches(hidden, config.calib.batch_size):
+                    hidden[batch] = block_output(block(hidden[batch].to(dev), **kwargs)).to(hidden.device)
+            all_scores.append({kind: method.channel_score(lin[role].weight, moments[kind], config).cpu()
+                               for kind, role in watch.items()})
+            all_moments.append(moments)
+    return all_moments, all_scores
+
+
+def _global_widths(plan: StructuredPlan, scores: list[dict], head_power: int,
+                   config: PruneConfig) -> tuple[list[int], list[int]]:
+    """FLAP's global search over the dense scores; each block's MLP count then rounded to
+    ``channel_multiple``."""
+    mlp = [standardised(s["mlp"]) for s in scores] if plan.removes_mlp else None
+    groups = ([standardised_group_scores(s["attention"], plan.heads, plan.kv_heads, plan.head_dim, head_power)
+               for s in scores] if plan.removes_heads else None)
+    channels, kept_groups = global_keep(mlp, groups, plan.channel_params, plan.group_params,
+                                        config.sparsity * plan.block_params * plan.blocks)
+    channels = ([_round_keep(c, config.channel_multiple, plan.intermediate) for c in channels] if mlp
+                else [plan.intermediate] * plan.blocks)
+    return channels, (kept_groups if groups else [plan.kv_heads] * plan.blocks)
+
+
+def _block_counts(plan: StructuredPlan, fraction: float, multiple: int) -> tuple[int, int]:
+    """Kept MLP channels and KV groups of a block that loses ``fraction`` of its parameters, by the
+    uniform plan's arithmetic (``both``: that fraction of its KV groups, rounded, the rest from the
+    MLP), held to one KV group and one ``multiple`` of channels."""
+    target = fraction * plan.block_params
+    remove_groups = 0
+    if plan.structure in ("heads", "both"):
+        ideal = target / plan.group_params if plan.structure == "heads" else fraction * plan.kv_heads
+        remove_groups = min(max(round(ideal), 0), plan.kv_heads - 1)
+    channels = plan.intermediate
+    if plan.structure in ("mlp", "both"):
+        remove = max(round((target - remove_groups * plan.group_params) / plan.channel_params), 0)
+        channels = _round_keep(max(plan.intermediate - remove, 1), multiple, plan.intermediate)
+    return channels, plan.kv_heads - remove_groups
+
+
+def _owl_widths(model: nn.Module, plan: StructuredPlan, blocks, inputs, place,
+                config: PruneConfig) -> tuple[list[int], list[int], dict]:
+    """OWL's block fractions from the outlier ratios of each block's Wanda scores (all its Linears,
+    the dense pass of ``llmprune.engine.mask``), held to what a block can lose, then counts."""
+    layers = select_layers(model)
+    plans = [SimpleNamespace(layers=found, stages=block_stages(model, i, found))  # engine.plan's BlockPlan
+             for i, found in enumerate(layers)]
+    ratios = outlier_ratios(blocks, plans, inputs, config, None, place)
+    wanted = owl_sparsities(ratios, config.sparsity, config.owl_lambda)
+    most = plan.most_removed(config.channel_multiple) / plan.block_params
+    fractions = capped_shares(wanted, [most] * plan.blocks)
+    counts = [_block_counts(plan, f, config.channel_multiple) for f in fractions]
+    info = {"outlier_ratio": ratios, "block_target": fractions}
+    return [c for c, _ in counts], [g for _, g in counts], info
+
+
+def allocate_widths(model: nn.Module, plan: StructuredPlan, blocks, inputs, place, method,
+                    config: PruneConfig) -> tuple[StructuredPlan, list[dict] | None]:
+    """Per-block widths (global, owl) from a pass of the calibration windows through the dense
+    blocks, before any block is pruned. Returns the plan holding them and, for a method whose
+    statistics come from the dense model (FLAP, global), each block's input moments of that pass,
+    which the surgery then uses instead of a second pass."""
+    t0 = time.perf_counter()
+    moments = None
+    if plan.width_allocation == "owl":
+        channels, groups, info = _owl_widths(model, plan, blocks, inputs, place, config)
+    else:
+        dense = method.structured.dense_statistics
+        moments, scores = _dense_scores(model, plan, blocks, inputs, place, method, config,
+                                        keep_inputs=not dense)
+        channels, groups = _global_widths(plan, scores, method.structured.head_power, config)
+        info, moments = {}, (moments if dense else None)
+    if channels == [plan.intermediate] * plan.blocks and groups == [plan.kv_heads] * plan.blocks:
+        raise LlmpruneError(f"--width-allocation {plan.width_allocation} at sparsity {config.sparsity:g} "
+                            "keeps every channel and KV group after rounding: raise --sparsity or lower "
+                            "--channel-multiple")
+    info["allocation_seconds"] = time.perf_counter() - t0
+    return replace(plan, block_channels=tuple(channels), block_groups=tuple(groups), allocation=info), moments
 
 
 class ShrinkStrategy:
     """One block of a shrink method: a dense pass with hooks on o_proj's and down_proj's inputs,
     the channel scores, the surgery, and (Wanda-sp) a pass of the shrunk block for the next
-    block's inputs; FLAP takes the next inputs from the dense pass itself."""
+    block's inputs; FLAP takes the next inputs from the dense pass itself. Per-block widths first
+    run the dense scoring pass over all blocks (:func:`allocate_widths`); FLAP then reuses its
+    statistics and needs no pass of its own per block."""
 
     def __init__(self, plan, model: nn.Module):
         self.config = plan.config
@@ -378,15 +663,15 @@ class ShrinkStrategy:
         self.method = plan.method
         self.spec = plan.method.structured
         self.model = model
-        self.watch = {"attention": "o_proj", "mlp": "down_proj"}
-        if self.plan.keep_groups == self.plan.kv_heads:
-            del self.watch["attention"]
-        if self.plan.keep_channels == self.plan.intermediate:
-            del self.watch["mlp"]
+        self.watch = _watched(self.plan)
         self.params_before = 0
+        self.dense: list[dict] | None = None  # per block, the scoring pass's input moments (FLAP, global)
 
     def prepare(self, blocks, inputs, place) -> None:
         self.params_before = sum(p.numel() for b in blocks for p in b.parameters())
+        if not self.plan.uniform:
+            self.plan, self.dense = allocate_widths(self.model, self.plan, blocks, inputs, place, self.method,
+                                                    self.config)
 
     def block(self, i: int, block: nn.Module, inputs, hidden, kwargs, dev, timer, last: bool):
         """Shrink block ``i``; returns its layer reports and the layers to quantize."""
@@ -394,16 +679,20 @@ class ShrinkStrategy:
         parts = block_parts(self.model, i)
         before = {role: (tuple(layer.weight.shape), layer.weight.numel())
                   for role, layer in parts.linears.items()}
-        with timer("stats", dev):
-            with input_moments({kind: parts.linears[role] for kind, role in self.watch.items()}) as moments:
+        out = None
+        if self.dense is not None:
+            moments = self.dense[i]
+        else:
+            watched = {kind: parts.linears[role] for kind, role in self.watch.items()}
+            with timer("stats", dev), input_moments(watched) as moments:
                 out = propagate(block, hidden, kwargs, batch, dev)  # dense outputs
         with timer("prune", dev):
-            keep_channels, keep_groups, info = _choose(parts, self.plan, moments, self.method.channel_score,
-                                                       self.spec, self.config)
+            keep_channels, keep_groups, info = _choose(parts, self.plan, i, moments,
+                                                       self.method.channel_score, self.spec, self.config)
             _shrink(parts, self.plan, keep_channels, keep_groups,
                     moments["mlp"].mean if self.spec.bias and "mlp" in moments else None,
                     moments["attention"].mean if self.spec.bias and "attention" in moments else None)
-        if not last:
+        if not last and out is not None:
             with timer("propagate", dev):
                 inputs.hidden = (out if self.spec.dense_statistics
                                  else propagate(block, hidden, kwargs, batch, dev))
@@ -420,7 +709,10 @@ class ShrinkStrategy:
 
     def finish(self, blocks) -> dict:
         """The model config made to describe the shrunk blocks; the report's ``structured`` entry."""
-        describe_pruned(self.model.config, self.plan)
+        if self.plan.uniform:
+            describe_pruned(self.model.config, self.plan)
+        else:
+            describe_per_block(self.model, self.plan)
         params_after = sum(p.numel() for b in blocks for p in b.parameters())
         return {"structured": {**self.plan.to_dict(), "block_params_before": self.params_before,
                                "block_params_after": params_after,

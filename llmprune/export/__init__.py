@@ -23,11 +23,14 @@ from llmprune.export.compressed import compressed_metadata, load_compressed, wri
 from llmprune.export.compressed_tensors import write_compressed_tensors
 from llmprune.export.gguf import export_gguf
 from llmprune.io import save_pruned
+from llmprune.nonuniform import folder_model_class
 from llmprune.registry import FORMATS, FormatSpec
 
 
 def _load_hf(source: str, device_map=None, hub_kwargs: dict | None = None, **dtype_kwarg):
-    return AutoModelForCausalLM.from_pretrained(source, device_map=device_map, low_cpu_mem_usage=True,
+    # blocks of different widths (llmprune.nonuniform): llmprune's own class, never the folder's code
+    model_class = folder_model_class(source, hub_kwargs) or AutoModelForCausalLM
+    return model_class.from_pretrained(source, device_map=device_map, low_cpu_mem_usage=True,
                                                 **dtype_kwarg, **(hub_kwargs or {}))
 
 

@@ -31,6 +31,7 @@ from torch import nn
 from llmprune.errors import LlmpruneError
 from llmprune.math.quantize import dequantize_int8, quantize_int8
 from llmprune.models.layout import get_blocks, prunable_linears
+from llmprune.nonuniform import model_class as per_block_class
 
 FORMAT = "llmprune.compressed"
 VERSION = "1"
@@ -205,6 +206,6 @@ def load_compressed(path: str | Path, device_map=None, **dtype_kwarg) -> nn.Modu
     dtype_kwarg = {k: (saved if v in (None, "auto") else v) for k, v in dtype_kwarg.items()}
     config = AutoConfig.from_pretrained(path)
     # the Auto class wants a path; the state is ours
-    model_class = AutoModelForCausalLM._model_mapping[type(config)]
+    model_class = per_block_class(config) or AutoModelForCausalLM._model_mapping[type(config)]
     return model_class.from_pretrained(None, config=config, state_dict=state,
                                        device_map=device_map, **dtype_kwarg)

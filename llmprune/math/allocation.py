@@ -99,6 +99,23 @@ def owl_nm_keep(ratios: Sequence[float], n: int, m: int, lam: float) -> list[int
     return [min(max(n + r, 1), m) for r in shifts]
 
 
+def capped_shares(shares: Sequence[float], caps: Sequence[float]) -> list[float]:
+    """``shares`` (e.g. block removal fractions) held to at most ``caps``, what a capped one loses
+    given in equal parts to those still below their cap, until none is over (or all are full): the
+    sum stays where ``sum(shares) <= sum(caps)``. A structured block must keep at least one MLP
+    channel and one KV group, which OWL's spread (up to 2 lambda above the mean) can exceed."""
+    out = [float(s) for s in shares]
+    for _ in range(len(out) + 1):  # each round fills at least one block, the last one only clips
+        excess = sum(max(s - c, 0.0) for s, c in zip(out, caps))
+        out = [min(s, c) for s, c in zip(out, caps)]
+        room = [i for i, (s, c) in enumerate(zip(out, caps)) if s < c]
+        if excess <= 0 or not room:
+            break
+        for i in room:
+            out[i] += excess / len(room)
+    return out
+
+
 # ---- depth -------------------------------------------------------------------------------------
 
 def depth_sparsities(blocks: int, sparsity: float, delta: float) -> list[float]:

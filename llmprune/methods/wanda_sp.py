@@ -3,7 +3,14 @@
 Wanda's structured variant, as An et al.'s FLAP code ships it (``prune_wanda_sp``,
 CASIA-IVA-Lab/FLAP). S_j = mean over output rows i of |W_ij| * ||x_j||_2 on the input of the layer
 that reads channel j; a head's score is the sum of its dimensions' S_j, a KV group's the sum of its
-query heads'. Its statistics come from the blocks already pruned, as in its code.
+query heads'. Its statistics come from the blocks already pruned, as in its code, which prunes the
+same fraction in every block.
+
+Per-block widths (ours; the official ``prune_wanda_sp`` has none): ``--width-allocation global``
+takes the per-block counts from FLAP's global search (``llmprune.methods.flap``) run on these
+scores from a dense pass (the official FLAP code's "WIFN" metric is this score; heads by the sum
+of S_j, not S_j^2), then picks the channels in the usual sequential pass; ``owl`` takes each
+block's fraction from OWL's outlier ratios. No bias compensation either way.
 """
 
 from __future__ import annotations

@@ -280,6 +280,22 @@ def get_blocks(model: nn.Module) -> nn.ModuleList:
     return model.get_submodule(path)
 
 
+FINAL_NORMS = ("norm", "final_layernorm", "ln_f", "norm_f", "final_norm")
+
+
+def final_norm(model: nn.Module) -> nn.Module | None:
+    """The norm applied after the last decoder block (a sibling of the blocks' ModuleList named
+    one of ``FINAL_NORMS``); None when the model has none there."""
+    get_blocks(model)  # finds and caches the blocks' path
+    path = _BLOCK_PATHS[model].rpartition(".")[0]
+    parent = model.get_submodule(path) if path else model
+    for name in FINAL_NORMS:
+        module = getattr(parent, name, None)
+        if isinstance(module, nn.Module) and not list(module.children()):
+            return module
+    return None
+
+
 # ---------------------------------------------------------------- experts
 
 def _is_fused(module: nn.Module) -> bool:

@@ -25,6 +25,8 @@ Kinds (:data:`KINDS`):
   ``benchmarks/kl_cost.py --json`` (``eval/results/kl_smollm2.json``).
 * ``hides DIR DATASET runs|correlations``: the "what perplexity hides" tables of a results folder
   (:mod:`llmprune.report.hides`).
+* ``edge DIR table|answer|parity``: the edge benchmark's tables of a results folder
+  (``benchmarks/edge.py``, :mod:`llmprune.report.edge`).
 
 ``python -m llmprune.report.readme FILE...`` rewrites the regions of each file in place
 (atomically); ``--check`` only says which files differ (exit 1). ``tests/test_readme_tables.py``
@@ -49,7 +51,7 @@ from llmprune.errors import LlmpruneError
 from llmprune.io import write_text_atomic
 from llmprune.methods import ALLOCATIONS, METHODS, RECONSTRUCTIONS, REFINERS
 from llmprune.registry import OPTION_REGISTRIES
-from llmprune.report import hides, load_results
+from llmprune.report import edge, hides, load_results
 from llmprune.report.tables import pivot, ppl_scopes, scope_title
 from llmprune.results import DENSE, MISSING, percent
 
@@ -405,10 +407,22 @@ def hides_table(args: list[str], root: Path) -> list[str]:
     return hides.run_lines(rows) if args[2] == "runs" else hides.correlation_lines(rows)
 
 
+def edge_table(args: list[str], root: Path) -> list[str]:
+    """``edge DIR table|answer|parity``: a part of :mod:`llmprune.report.edge`'s report of a results
+    folder."""
+    if len(args) != 2 or args[1] not in ("table", "answer", "parity"):
+        raise LlmpruneError("table edge takes DIR table|answer|parity, e.g. "
+                            "`edge eval/results/edge_smollm2 table`")
+    rows, records = edge.load_rows(root / args[0])
+    if args[1] == "parity":
+        return edge.parity_lines(records)
+    return edge.table_lines(rows) if args[1] == "table" else edge.answer_lines(rows)
+
+
 KINDS: dict[str, Callable[[list[str], Path], list[str]]] = {
     "methods": methods_table, "recipe": recipe_table, "parity": parity_table, "frontier": frontier_table,
     "demo": demo_line, "hides": hides_table, "kl": kl_lines,
-    "protocol": protocol_table,
+    "protocol": protocol_table, "edge": edge_table,
 }
 
 
