@@ -55,6 +55,11 @@ def _build(run, recipe, work: Path, data_dir, pruned_dirs: dict):
     if run.name == "dense":
         model, tok = llmprune.load_model(run.model, dtype=run.dtype)
         return model, tok, done
+    for folder in work.glob("*-pruned"):  # a checkpoint an earlier process left with the same pruning
+        record = folder / "llmprune.json"
+        if record.is_file() and _prune_key(run) == json.dumps(json.loads(record.read_text())["config"],
+                                                              sort_keys=True):
+            pruned_dirs.setdefault(key, folder)
     if key in pruned_dirs:  # the same pruning as an earlier run: start from its checkpoint
         model, tok = llmprune.load_model(str(pruned_dirs[key]), dtype=run.dtype)
         done["pruned_from"] = str(pruned_dirs[key])

@@ -367,7 +367,10 @@ def prune_loaded(model: Any, tokenizer: Any, config: PruneConfig, eval_config: E
                          dense_perplexity=dense_ppl, dense_zeroshot=dense_zs)
     dense_section = {"perplexity": {k: v.to_dict() for k, v in dense_ppl.items()},
                      "zeroshot": dense_zs.to_dict() if dense_zs is not None else None}
-    result.record = result_record(name=f"{config.method}-{record_pattern(config)}-{config.sparsity:g}",
+    # a depth method is named by the blocks it removed (its config's sparsity may not have set them)
+    run_name = (f"{config.method}-depth-{len(report.depth['removed_blocks'])}" if report.depth
+                else f"{config.method}-{record_pattern(config)}-{config.sparsity:g}")
+    result.record = result_record(name=run_name,
                                   model=name, config=config, eval_config=after.config,
                                   perplexity=after.perplexity,
                                   zeroshot=after.zeroshot, prune_report=report, dense=dense_section,

@@ -98,6 +98,22 @@ def make_family_model(model_type: str, layers: int = 2, vocab_size: int = 512, s
     return model
 
 
+def dense_means(model, windows, module_of):
+    """Per block, the mean of the input of ``module_of(block)`` over the calibration tokens."""
+    sums, handles = {}, []
+    for i, block in enumerate(model.model.layers):
+        def hook(_m, args, i=i):
+            x = args[0].reshape(-1, args[0].shape[-1]).double()
+            s, n = sums.get(i, (0, 0))
+            sums[i] = (s + x.sum(0), n + x.shape[0])
+        handles.append(module_of(block).register_forward_pre_hook(hook))
+    with torch.no_grad():
+        model(windows)
+    for h in handles:
+        h.remove()
+    return {i: (s / n).float() for i, (s, n) in sums.items()}
+
+
 @pytest.fixture(scope="session")
 def tiny_tokenizer():
     return make_tokenizer()

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import make_model, make_tokenizer
+from conftest import dense_means, make_model, make_tokenizer
 from llmprune.blocks import hook_count
 from llmprune.cli import main
 from llmprune.config import CalibConfig, PruneConfig
@@ -104,22 +104,6 @@ def _kept_rows(new: torch.Tensor, old: torch.Tensor) -> list[int]:
     return [int(torch.nonzero((old == row).all(dim=1)).flatten()[0]) for row in new]
 
 
-def _dense_means(model, windows, module_of):
-    """Per block, the mean of the input of ``module_of(block)`` over the calibration tokens."""
-    sums, handles = {}, []
-    for i, block in enumerate(model.model.layers):
-        def hook(_m, args, i=i):
-            x = args[0].reshape(-1, args[0].shape[-1]).double()
-            s, n = sums.get(i, (0, 0))
-            sums[i] = (s + x.sum(0), n + x.shape[0])
-        handles.append(module_of(block).register_forward_pre_hook(hook))
-    with torch.no_grad():
-        model(windows)
-    for h in handles:
-        h.remove()
-    return {i: (s / n).float() for i, (s, n) in sums.items()}
-
-
 @pytest.mark.parametrize("method", ["wanda-sp", "flap"])
 @pytest.mark.parametrize("structure, sparsity", [("mlp", 0.3), ("heads", 0.15), ("both", 0.35)])
 def test_shrunk_model_equals_zeroed_model_plus_biases(method, structure, sparsity):
@@ -130,8 +114,8 @@ def test_shrunk_model_equals_zeroed_model_plus_biases(method, structure, sparsit
     cfg = model.config
     assert report.structured["removed_fraction_achieved"] == pytest.approx(sparsity, abs=0.06)
     windows = _windows()
-    mlp_means = _dense_means(dense, windows, lambda b: b.mlp.down_proj)
-    attn_means = _dense_means(dense, windows, lambda b: b.self_attn.o_proj)
+    mlp_means = dense_means(dense, windows, lambda b: b.mlp.down_proj)
+    attn_means = dense_means(dense, windows, lambda b: b.self_attn.o_proj)
     zeroed = copy.deepcopy(dense)
     hd = cfg.head_dim
     for i, (small, big) in enumerate(zip(model.model.layers, zeroed.model.layers)):

@@ -57,14 +57,17 @@ def test_the_answer_names_what_dominates_and_what_meets_the_goal(folder):
     assert "perplexity): magic q4_0, depth-8 q4_0." in text  # depth-8: 30/25 = 1.2 <= 1.3, 1.6x on both
 
 
-def test_the_closest_row_is_named_when_the_goal_is_missed(tmp_path):
-    records = [_record("dense", 20.0, {"q4_0": _gguf(25.0, 90, 60, 1.0)}, 1),
+def test_the_nearest_pruned_rows_are_named_when_the_goal_is_missed(tmp_path):
+    dense = {"q4_0": _gguf(25.0, 90, 60, 1.0), "q8_0": _gguf(21.0, 140, 50, 0.9)}
+    records = [_record("dense", 20.0, dense, 1),
                _record("a", 30.0, {"q4_0": _gguf(30.0, 70, 80, 1.3)}, 2),
                _record("b", 30.0, {"q4_0": _gguf(40.0, 50, 150, 2.5)}, 3)]  # fast but 1.6x ppl
     for r in records:
         (tmp_path / f"{r['name']}.json").write_text(json.dumps(r))
     text = "\n".join(edge.answer_lines(edge.load_rows(tmp_path)[0]))
-    assert "not met; the fastest within 1.3× its perplexity is a q4_0: 1.30× / 1.30× decode at 1.20×" in text
+    assert ("not met; the lowest perplexity of a pruned model is a q4_0 (1.20× the perplexity, 1.30× the "
+            "decode speed), the fastest b q4_0 (1.60× the perplexity, 2.50× the decode speed).") in text
+    assert "worse on none: no pruned model;" in text  # a is worse in perplexity, b too
 
 
 def test_parity_and_readme_table(folder, tmp_path):
@@ -75,3 +78,12 @@ def test_parity_and_readme_table(folder, tmp_path):
     assert render(f"edge {folder.name} table", folder.parent).splitlines() == table
     with pytest.raises(LlmpruneError, match="no result files"):
         edge.load_rows(tmp_path / "empty")
+
+
+def test_the_table_of_one_gguf_type(folder):
+    lines = render(f"edge {folder.name} table q4_0", folder.parent).splitlines()
+    assert [line.split(" | ")[0] for line in lines[2:]] == ["| dense", "| magic", "| depth-8"]
+    with pytest.raises(LlmpruneError, match="no f32 rows"):
+        render(f"edge {folder.name} table f32", folder.parent)
+    with pytest.raises(LlmpruneError, match="takes DIR table"):
+        render(f"edge {folder.name} answer q4_0", folder.parent)

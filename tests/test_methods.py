@@ -23,12 +23,14 @@ def prune(method: str, weight, stats=None, **kw):
 # ---- registry -----------------------------------------------------------------------------------
 
 def test_registry_holds_the_methods_with_labels_papers_and_docs():
-    assert {"magnitude", "wanda", "sparsegpt", "ria", "wanda-sp", "flap", "wanda++"} <= set(METHODS.names())
+    assert {"magnitude", "wanda", "sparsegpt", "ria", "wanda-sp", "flap", "wanda++", "shortgpt",
+            "angular"} <= set(METHODS.names())
     assert get_method("WANDA").name == "wanda"
     for method in METHODS:
         assert method.label and method.paper and method.summary
-        module = __import__(method.select.__module__ if method.select else method.channel_score.__module__,
-                            fromlist=["_"])
+        # its per-layer function (mask or shrink methods) or its choice of blocks (depth methods)
+        function = method.select or method.channel_score or method.structured.choose
+        module = __import__(function.__module__, fromlist=["_"])
         assert module.__doc__ and len(module.__doc__) > 100  # the idea, the paper, the formula
 
 

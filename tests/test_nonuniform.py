@@ -13,7 +13,7 @@ import sys
 import pytest
 import torch
 
-from conftest import make_model, make_tokenizer, write_local_setup
+from conftest import dense_means, make_model, make_tokenizer, write_local_setup
 from llmprune.blocks import hook_count
 from llmprune.cli import main
 from llmprune.config import CalibConfig, PruneConfig
@@ -196,26 +196,11 @@ def test_owl_caps_a_block_at_what_it_can_lose():
 
 # ---- the shrunk model computes what the zeroed dense one does -----------------------------------
 
-def _dense_means(model, windows, module_of):
-    sums, handles = {}, []
-    for i, block in enumerate(model.model.layers):
-        def hook(_m, args, i=i):
-            x = args[0].reshape(-1, args[0].shape[-1]).double()
-            s, n = sums.get(i, (0, 0))
-            sums[i] = (s + x.sum(0), n + x.shape[0])
-        handles.append(module_of(block).register_forward_pre_hook(hook))
-    with torch.no_grad():
-        model(windows)
-    for h in handles:
-        h.remove()
-    return {i: (s / n).float() for i, (s, n) in sums.items()}
-
-
 def _zeroed_like(dense, model, flap: bool):
     """``dense`` with the channels and KV groups ``model`` lacks zeroed (+ FLAP's biases as hooks)."""
     zeroed = copy.deepcopy(dense)
-    mlp_means = _dense_means(dense, _windows(), lambda b: b.mlp.down_proj)
-    attn_means = _dense_means(dense, _windows(), lambda b: b.self_attn.o_proj)
+    mlp_means = dense_means(dense, _windows(), lambda b: b.mlp.down_proj)
+    attn_means = dense_means(dense, _windows(), lambda b: b.self_attn.o_proj)
     q = HEADS // KV
     for i, (small, big) in enumerate(zip(model.model.layers, zeroed.model.layers)):
         kept = _kept_rows(small.mlp.gate_proj.weight, big.mlp.gate_proj.weight)

@@ -77,8 +77,13 @@ def baseline(rows: list[dict]) -> dict:
     return found[0]
 
 
-def table_lines(rows: list[dict]) -> list[str]:
+def table_lines(rows: list[dict], gguf_type: str | None = None) -> list[str]:
+    """The table of every row (or of the rows of one GGUF type), with the ratios to dense-q4_0."""
     base = baseline(rows)
+    if gguf_type is not None:
+        rows = [r for r in rows if r["type"] == gguf_type]
+        if not rows:
+            raise LlmpruneError(f"edge: no {gguf_type} rows (the types are f16, q8_0, q4_0)")
     lines = ["| model | GGUF | WikiText-2 ppl | × dense-q4_0 | MB | × dense-q4_0 | decode tok/s (1 / 2 "
              "threads) | × dense-q4_0 (1 / 2) | prefill tok/s (2 threads) | × dense-q4_0 | peak RSS MiB |",
              "| :--- | :--- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
@@ -111,27 +116,32 @@ def _wins(row: dict, base: dict) -> tuple[int, int]:
     return sum(better), sum(worse)
 
 
+def _speed(row: dict) -> float:
+    """Decode speed against dense-q4_0, the lower of the 1- and 2-thread ratios."""
+    return min(row["decode_tokens_per_s_ratio_t1"], row["decode_tokens_per_s_ratio_t2"])
+
+
 def answer_lines(rows: list[dict]) -> list[str]:
-    """Which rows beat dense-q4_0 on two axes without losing the third, and which meet the goal."""
+    """Which pruned rows beat dense-q4_0 on two axes without losing the third, which meet the goal,
+    and, when none does, the pruned rows nearest to it on each side."""
     base = baseline(rows)
-    dominate = [r for r in rows if r is not base and _wins(r, base)[0] >= 2 and _wins(r, base)[1] == 0]
-    goal = [r for r in rows if r["ppl"] <= GOAL_PPL * base["ppl"]
-            and min(r["decode_tokens_per_s_ratio_t1"], r["decode_tokens_per_s_ratio_t2"]) >= GOAL_SPEED]
-    close = sorted((r for r in rows if r["ppl"] <= GOAL_PPL * base["ppl"] and r is not base),
-                   key=lambda r: -r["decode_tokens_per_s_ratio_t2"])
+    pruned = [r for r in rows if r["model"] != BASELINE[0]]
+    dominate = [r for r in pruned if _wins(r, base)[0] >= 2 and _wins(r, base)[1] == 0]
+    goal = [r for r in pruned if r["ppl"] <= GOAL_PPL * base["ppl"] and _speed(r) >= GOAL_SPEED]
     names = lambda found: ", ".join(f"{r['model']} {r['type']}" for r in found)  # noqa: E731
+    describe = lambda r: (f"{r['model']} {r['type']} ({r['ppl'] / base['ppl']:.2f}× the perplexity, "  # noqa: E731
+                          f"{_speed(r):.2f}× the decode speed)")
     lines = [f"Against dense-q4_0 (WikiText-2 ppl {base['ppl']:.2f}, {base['bytes'] / 1e6:.1f} MB, decode "
              f"{base['decode_tokens_per_s_t2']:.1f} tok/s on 2 threads):",
              f"- better on two of perplexity, decode speed (2 threads) and size, worse on none: "
-             f"{names(dominate) or 'none'};",
+             f"{names(dominate) or 'no pruned model'};",
              f"- the goal (≥ {GOAL_SPEED}× its decode tokens/s on 1 and 2 threads at ≤ {GOAL_PPL}× its "
              f"perplexity): {names(goal) or 'not met'}"]
-    if not goal and close:
-        best = close[0]
-        lines[-1] += (f"; the fastest within {GOAL_PPL}× its perplexity is {best['model']} {best['type']}: "
-                      f"{best['decode_tokens_per_s_ratio_t1']:.2f}× / "
-                      f"{best['decode_tokens_per_s_ratio_t2']:.2f}× decode at "
-                      f"{best['ppl'] / base['ppl']:.2f}× perplexity")
+    if not goal and pruned:
+        best_ppl = min(pruned, key=lambda r: r["ppl"])
+        fastest = max(pruned, key=_speed)
+        lines[-1] += (f"; the lowest perplexity of a pruned model is {describe(best_ppl)}, the fastest "
+                      f"{describe(fastest)}")
     lines[-1] += "."
     return lines
 

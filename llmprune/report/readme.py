@@ -25,7 +25,7 @@ Kinds (:data:`KINDS`):
   ``benchmarks/kl_cost.py --json`` (``eval/results/kl_smollm2.json``).
 * ``hides DIR DATASET runs|correlations``: the "what perplexity hides" tables of a results folder
   (:mod:`llmprune.report.hides`).
-* ``edge DIR table|answer|parity``: the edge benchmark's tables of a results folder
+* ``edge DIR table [TYPE]|answer|parity``: the edge benchmark's tables of a results folder
   (``benchmarks/edge.py``, :mod:`llmprune.report.edge`).
 
 ``python -m llmprune.report.readme FILE...`` rewrites the regions of each file in place
@@ -236,6 +236,7 @@ def short_paper(paper: str) -> str:
 def builtin(spec: Any) -> bool:
     """A spec of llmprune itself, not of an installed plugin (the table must not depend on them)."""
     functions = [getattr(spec, a, None) for a in ("select", "channel_score", "run")]
+    functions.append(getattr(getattr(spec, "structured", None), "choose", None))  # depth methods
     modules = [f.__module__ for f in functions if callable(f)]
     return bool(modules) and modules[0].startswith("llmprune.")
 
@@ -408,15 +409,18 @@ def hides_table(args: list[str], root: Path) -> list[str]:
 
 
 def edge_table(args: list[str], root: Path) -> list[str]:
-    """``edge DIR table|answer|parity``: a part of :mod:`llmprune.report.edge`'s report of a results
-    folder."""
-    if len(args) != 2 or args[1] not in ("table", "answer", "parity"):
-        raise LlmpruneError("table edge takes DIR table|answer|parity, e.g. "
-                            "`edge eval/results/edge_smollm2 table`")
+    """``edge DIR table [TYPE]|answer|parity``: a part of :mod:`llmprune.report.edge`'s report of a
+    results folder (``table q4_0``: the rows of one GGUF type, ratios still to dense-q4_0)."""
+    if len(args) not in (2, 3) or args[1] not in ("table", "answer", "parity") or (len(args) == 3
+                                                                                  and args[1] != "table"):
+        raise LlmpruneError("table edge takes DIR table [TYPE]|answer|parity, e.g. "
+                            "`edge eval/results/edge_smollm2 table q4_0`")
     rows, records = edge.load_rows(root / args[0])
     if args[1] == "parity":
         return edge.parity_lines(records)
-    return edge.table_lines(rows) if args[1] == "table" else edge.answer_lines(rows)
+    if args[1] == "answer":
+        return edge.answer_lines(rows)
+    return edge.table_lines(rows, args[2] if len(args) == 3 else None)
 
 
 KINDS: dict[str, Callable[[list[str], Path], list[str]]] = {
