@@ -32,6 +32,17 @@ class Selection:
     updates: bool = False  # True when ``weight`` is not just the masked dense weight
 
 
+def whole_structure_clashes(config, *extra: tuple[str, bool]) -> list[str]:
+    """The flags a method removing whole channels, heads or blocks cannot follow that ``config`` sets
+    (``extra``: more ``(flag, set)`` pairs of the method's own)."""
+    return [name for name, on in (
+        ("--pattern", config.pattern.structured), ("--true-sequential", config.true_sequential),
+        ("--include/--exclude", bool(config.include or config.exclude)),
+        ("--skip-attention/--skip-mlp", config.skip_attention or config.skip_mlp),
+        ("--allocation", config.allocation != "uniform"), ("--permute", config.permute),
+        ("--refine", config.refine is not None), ("--reconstruct", config.reconstruct), *extra) if on]
+
+
 def check_group(group: Any) -> None:
     if group is not None and group not in GROUPS:
         raise LlmpruneError(f"unknown comparison group {group!r}: use one of {', '.join(GROUPS)}")

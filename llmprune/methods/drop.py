@@ -13,6 +13,7 @@ from typing import Callable
 
 from llmprune.checks import check_number
 from llmprune.errors import LlmpruneError
+from llmprune.methods.base import whole_structure_clashes
 from llmprune.registry import option
 
 
@@ -53,13 +54,7 @@ def removed_count(config, blocks: int) -> int:
 
 
 def check(config) -> None:
-    clashes = [name for name, on in (
-        ("--pattern", config.pattern.structured), ("--true-sequential", config.true_sequential),
-        ("--include/--exclude", bool(config.include or config.exclude)),
-        ("--skip-attention/--skip-mlp", config.skip_attention or config.skip_mlp),
-        ("--allocation", config.allocation != "uniform"), ("--permute", config.permute),
-        ("--refine", config.refine is not None), ("--reconstruct", config.reconstruct),
-        ("--offload", config.offload is not None)) if on]
+    clashes = whole_structure_clashes(config, ("--offload", config.offload is not None))
     if clashes:
         raise LlmpruneError(f"{config.method} removes whole decoder blocks: {clashes[0]} does not apply "
                             "(choose how many with --remove-blocks N)")

@@ -15,6 +15,7 @@ from dataclasses import dataclass, fields
 
 from llmprune.checks import check_positive, choice
 from llmprune.errors import LlmpruneError
+from llmprune.methods.base import whole_structure_clashes
 from llmprune.methods.owl import OwlOptions
 from llmprune.registry import option
 
@@ -59,12 +60,7 @@ def check(config) -> None:
     if not 0.0 < config.sparsity < 1.0:
         raise LlmpruneError(f"structured sparsity {config.sparsity} is outside (0, 1): give the fraction of "
                             "each block's parameters to remove, such as 0.3")
-    clashes = [name for name, on in (
-        ("--pattern", config.pattern.structured), ("--true-sequential", config.true_sequential),
-        ("--include/--exclude", bool(config.include or config.exclude)),
-        ("--skip-attention/--skip-mlp", config.skip_attention or config.skip_mlp),
-        ("--allocation", config.allocation != "uniform"), ("--permute", config.permute),
-        ("--refine", config.refine is not None), ("--reconstruct", config.reconstruct)) if on]
+    clashes = whole_structure_clashes(config)
     if clashes:
         raise LlmpruneError(f"{config.method} removes whole channels and heads: {clashes[0]} does not apply "
                             "(use --structure mlp|heads|both to choose what is removed, --width-allocation "
