@@ -37,6 +37,7 @@ separates algorithm differences from float noise that the sequential propagation
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import sys
@@ -51,6 +52,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
+from official_admm import official_admm, official_admm_fixed_mask  # noqa: E402
+from official_alps import official_alps  # noqa: E402
+from official_blockopt import free_lunch_block  # noqa: E402
+from official_sparsellm import official_llama_mlp  # noqa: E402
 from reference_protocol import (  # noqa: E402
     add_protocol_args,
     layer0_inputs,
@@ -62,8 +67,10 @@ from reference_protocol import (  # noqa: E402
 )
 
 from llmprune.config import CalibConfig, PruneConfig  # noqa: E402
+from llmprune.data import eval_tokens  # noqa: E402
 from llmprune.engine import BlockPlan, prune  # noqa: E402
-from llmprune.engine.mask import block_config, calibrate_and_prune  # noqa: E402
+from llmprune.engine.inputs import PhaseTimer  # noqa: E402
+from llmprune.engine.mask import block_config, block_updates, calibrate_and_prune  # noqa: E402
 from llmprune.engine.plan import plan_layers  # noqa: E402
 from llmprune.math.allocation import BlockTargets  # noqa: E402
 from llmprune.methods import block_needs, get_method  # noqa: E402
@@ -72,12 +79,14 @@ from llmprune.methods import block_needs, get_method  # noqa: E402
 @dataclass
 class Spec:
     text: str
-    method: str  # wanda | sparsegpt | magnitude | ria
+    method: str  # wanda | sparsegpt | magnitude | ria | admm | alps | sparsellm
     sparsity: float
     n: int  # kept of M (our convention); 0 for unstructured
     m: int
     owl: bool = False
     dsnot: bool = False
+    reconstruct: str | None = None  # "admm": the ADMM update after the method's mask
+    block_step: str | None = None  # "lunch": the free-lunch block reconstruction after the masks
 
     @property
     def prune_n(self) -> int:  # the official codes count zeros
@@ -85,22 +94,35 @@ class Spec:
 
     def config(self, args) -> PruneConfig:
         pattern = f"{self.n}:{self.m}" if self.m else "unstructured"
+        owl = {"owl_m": args.owl_m, "owl_lambda": args.owl_lambda} if self.owl else {}
+        calib = CalibConfig(dataset=args.calib, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed)
         return PruneConfig(method=self.method, pattern=pattern, sparsity=None if self.m else self.sparsity,
-                           allocation="owl" if self.owl else "uniform", owl_m=args.owl_m,
-                           owl_lambda=args.owl_lambda, refine="dsnot" if self.dsnot else None,
-                           calib=CalibConfig(dataset=args.calib, nsamples=args.nsamples, seqlen=args.seqlen,
-                                             seed=args.seed))
+                           allocation="owl" if self.owl else "uniform",
+                           refine="dsnot" if self.dsnot else None, reconstruct=self.reconstruct,
+                           block_reconstruct=self.block_step, calib=calib, **owl)
+
+
+# a step before the method's name: (field of Spec, value)
+STEP_HEADS = {"owl": ("owl", True), "dsnot": ("dsnot", True), "admm": ("reconstruct", "admm"),
+              "lunch": ("block_step", "lunch")}
 
 
 def parse_spec(text: str) -> Spec:
-    """``[owl-|dsnot-]method:sparsity`` or ``[owl-|dsnot-]method:N:M`` (N kept of M)."""
+    """``[step-]method:sparsity`` or ``[step-]method:N:M`` (N kept of M); a step is owl, dsnot,
+    admm (the ADMM update after the method's mask) or lunch (the block reconstruction):
+    ``admm-wanda:0.5`` is Wanda's mask with the ADMM update, ``admm:0.5`` gradual ADMM."""
     head, *rest = text.split(":")
-    owl, dsnot = head.startswith("owl-"), head.startswith("dsnot-")
-    method = head.split("-", 1)[1] if owl or dsnot else head
+    steps = {}
+    step, _, method = head.partition("-")
+    if method and step in STEP_HEADS:
+        field_name, value = STEP_HEADS[step]
+        steps[field_name] = value
+    else:
+        method = head
     if len(rest) == 2:
         n, m = int(rest[0]), int(rest[1])
-        return Spec(text, method, 1 - n / m, n, m, owl, dsnot)
-    return Spec(text, method, float(rest[0]) if rest else 0.5, 0, 0, owl, dsnot)
+        return Spec(text, method, 1 - n / m, n, m, **steps)
+    return Spec(text, method, float(rest[0]) if rest else 0.5, 0, 0, **steps)
 
 
 class RefStats:
@@ -276,32 +298,107 @@ def reference_prune(model, windows, spec: Spec, args, on_block=None) -> dict:
         extra["outlier_ratio_percent"], density = ref_owl_density(model, inps, kw, spec.sparsity, args.owl_m,
                                                                   args.owl_lambda)
         extra["block_sparsity"] = [float(1 - d) for d in density]
+    dense_inps = inps.clone() if spec.block_step == "lunch" else None  # the free lunch's dense stream
     for i, block in enumerate(layers):
         dense = copy.deepcopy(block) if on_block else None
         block_inputs = inps.clone() if on_block else None
-        stats = {n: RefStats(m, hessian=spec.method == "sparsegpt") for n, m in linears(block).items()}
-        hooked_pass(block, inps, kw, stats)
+        hessian = spec.method in SOLVERS or spec.reconstruct == "admm"
+        stats = {n: RefStats(m, hessian=hessian) for n, m in linears(block).items()}
+        mlp_inputs = _mlp_inputs(block) if spec.method == "sparsellm" else None
+        with mlp_inputs or contextlib.nullcontext():
+            hooked_pass(block, inps, kw, stats)
         sparsity = spec.sparsity
         if density is not None:
             sparsity = 1 - density[i]
             if sparsity <= 0:
                 sparsity = 0.01
+        masks = {}
         for name, st in stats.items():
-            W = st.layer.weight.data
-            if spec.method == "sparsegpt":
-                ref_sparsegpt(st.layer, st.H, sparsity, spec.prune_n, spec.m)
-                continue
-            if spec.dsnot:
-                mask = ref_dsnot_mask(name, st, sparsity)
-            elif spec.method == "ria":
-                mask = ref_ria_mask(st, sparsity, spec.prune_n, spec.m)
-            else:
-                mask = ref_wanda_mask(_wanda_metric(st), sparsity, spec.prune_n, spec.m)
-            W[mask] = 0
+            masks[name] = _prune_layer(name, st, spec, sparsity)
+        if spec.method == "sparsellm":
+            _sparsellm_mlp(block, mlp_inputs.rows(), spec, sparsity, args.nsamples)
+        if spec.block_step == "lunch":
+            dense_inps = _free_lunch(block, masks, dense_inps, kw, args.lunch_batch)
         if on_block:
             on_block(i, dense, block_inputs, kw, block)
         inps = hooked_pass(block, inps, kw, {})
     return extra
+
+
+SOLVERS = ("sparsegpt", "admm", "alps", "sparsellm")  # the methods that read the Hessian
+
+
+def _prune_layer(name: str, st: RefStats, spec: Spec, sparsity: float) -> torch.Tensor | None:
+    """One Linear by the official procedure for ``spec``; its mask (True = pruned) where one is
+    chosen before an update (the free lunch retrains with it)."""
+    W = st.layer.weight.data
+    if spec.method == "sparsegpt" or (spec.method == "sparsellm" and not name.startswith("mlp.")):
+        ref_sparsegpt(st.layer, st.H, sparsity, spec.prune_n, spec.m)
+        return None
+    if spec.method == "sparsellm":  # the MLP: jointly, after the block's hooks (_sparsellm_mlp)
+        return None
+    if spec.method == "admm":  # lib/prune.py prune_admm: fasterprune(percdamp=0.1), 2:4 only
+        W.copy_(official_admm(W.float(), st.H, sparsity, spec.prune_n, spec.m)[0])
+        return None
+    if spec.method == "alps":  # llama.py: ALPS_admm(sp, nm_n, nm_m, rho=0.1)
+        W.copy_(official_alps(W.float(), sparsity, spec.n, spec.m, XtX=st.H)[0])
+        return None
+    if spec.dsnot:
+        mask = ref_dsnot_mask(name, st, sparsity)
+    elif spec.method == "ria":
+        mask = ref_ria_mask(st, sparsity, spec.prune_n, spec.m)
+    else:
+        mask = ref_wanda_mask(_wanda_metric(st), sparsity, spec.prune_n, spec.m)
+    if spec.reconstruct == "admm":  # the official update with the mask given (iterative_prune=0)
+        W.copy_(official_admm_fixed_mask(W.float(), st.H, mask))
+    else:
+        W[mask] = 0
+    return mask
+
+
+class _mlp_inputs:
+    """The MLP's inputs in the block's hooked pass (SparseLLM's X), one sample at a time."""
+
+    def __init__(self, block):
+        self.block, self.seen = block, []
+
+    def __enter__(self):
+        self.handle = self.block.mlp.register_forward_pre_hook(
+            lambda _m, a: self.seen.append(a[0].reshape(-1, a[0].shape[-1]).float()))
+        return self
+
+    def __exit__(self, *exc):
+        self.handle.remove()
+
+    def rows(self) -> torch.Tensor:
+        return torch.cat(self.seen)
+
+
+def _sparsellm_mlp(block, x_rows, spec: Spec, sparsity: float, nsamples: int) -> None:
+    """llama_sparsellm's MLP part on the dense pass's X (model_utils.py:435-635), 4 epochs."""
+    mlp = block.mlp
+    new, _ = official_llama_mlp(mlp.gate_proj.weight.data, mlp.up_proj.weight.data,
+                                mlp.down_proj.weight.data, x_rows, None, sparsity, spec.prune_n, spec.m,
+                                nsamples=nsamples)
+    for name in ("gate_proj", "up_proj", "down_proj"):
+        getattr(mlp, name).weight.data.copy_(new[name.split("_")[0]])
+
+
+def _free_lunch(block, masks: dict, dense_inps: torch.Tensor, kw: dict, batch: int) -> torch.Tensor:
+    """The free lunch on one block (prune_methods.py: attention then MLP, dense inputs and targets,
+    one epoch in batches of ``batch``); returns the dense stream's next inputs."""
+    batches = [dense_inps[j:j + batch] for j in range(0, dense_inps.shape[0], batch)]
+    with torch.enable_grad():
+        outs = free_lunch_block(block, masks, batches, kw, initial_lr=1e-5, n_iterations=len(batches))
+    for p in block.parameters():
+        p.requires_grad_(False)
+    return torch.cat(outs).detach()
+
+
+def _timer() -> PhaseTimer:
+    timer = PhaseTimer()
+    timer.new_block()
+    return timer
 
 
 def _agreement(a: torch.nn.Module, b: torch.nn.Module) -> list[float]:
@@ -315,7 +412,15 @@ def main() -> None:
                         default="owl-wanda:0.5,owl-wanda:0.7,ria:0.5,ria:2:4,dsnot-wanda:0.5,dsnot-wanda:0.7")
     parser.add_argument("--owl-m", type=float, default=5.0)
     parser.add_argument("--owl-lambda", type=float, default=0.08)
+    parser.add_argument("--also-eval", default="",
+                        help="more evaluation data sets (comma separated), reported under each row's 'also'")
+    parser.add_argument("--lunch-batch", type=int, default=2,
+                        help="the free lunch's calibration windows per step (official 2), one epoch")
     parser.add_argument("--no-ppl", action="store_true", help="block-level check and mask agreement only")
+    parser.add_argument("--no-block-check", action="store_true",
+                        help="skip the block-level check (for procedures whose masks are not deterministic "
+                             "under float rounding, ALPS and SparseLLM, it shows no more than the whole "
+                             "model)")
     parser.add_argument("--noise-floor", action="store_true",
                         help="instead: llmprune at several calibration batch sizes (--noise-batches; 1 is "
                              "the reference's), same algorithm, only the float summation order differs")
@@ -325,6 +430,8 @@ def main() -> None:
     add_protocol_args(parser, nsamples=8, max_windows=8)
     args = parser.parse_args()
     base, tokenizer, windows, tokens = load_protocol(args)
+    also = {name: eval_tokens(name, tokenizer, args.seqlen, args.data_dir)
+            for name in args.also_eval.split(",") if name}
     previous = {}
     if args.json and Path(args.json).is_file():  # resumable: keep the rows already measured
         previous = {r["method"]: r for r in json.loads(Path(args.json).read_text()).get("rows", [])}
@@ -353,8 +460,12 @@ def main() -> None:
             names = list(plans[i].layers)
             plan = BlockPlan({n: dense.get_submodule(n) for n in names}, plans[i].stages, plans[i].passes)
             if needs:
-                calibrate_and_prune(dense, i, plan, inputs, kw,
-                                    block_config(config, targets, i), method, needs)
+                before = copy.deepcopy(dense) if method.block is not None else None
+                reports = calibrate_and_prune(dense, i, plan, inputs, kw, block_config(config, targets, i),
+                                              method, needs)
+                if before is not None:  # SparseLLM's MLP: the engine's block pass on the same inputs
+                    block_updates(before, dense, i, plan, inputs, kw, block_config(config, targets, i),
+                                  method, reports, _timer(), inputs.device, {})
             agree = [((dense.get_submodule(n).weight == 0) == (ref_block.get_submodule(n).weight == 0))
                      .float().mean().item() for n in names]
             per_block.append({"block": i, "min": min(agree), "mean": sum(agree) / len(agree),
@@ -363,7 +474,8 @@ def main() -> None:
         ref = copy.deepcopy(base)
         t0 = time.perf_counter()
         extra = reference_prune(ref, windows, spec, args,
-                                on_block=check_block if spec.method != "magnitude" else None)
+                                on_block=check_block if spec.method != "magnitude" and not args.no_block_check
+                                else None)
         ref_seconds = time.perf_counter() - t0
         agree = _agreement(ref.model.layers, ours.model.layers)
         row = {"method": text, "mask_agreement_min": min(agree),
@@ -387,6 +499,10 @@ def main() -> None:
             row["reference_ppl"] = reference_ppl(ref, tokens, args.seqlen, args.max_windows)
             row["llmprune_ppl"] = reference_ppl(ours, tokens, args.seqlen, args.max_windows)
             row["rel_diff"] = (row["llmprune_ppl"] - row["reference_ppl"]) / row["reference_ppl"]
+            for name, stream in also.items():  # the same two models on the other data sets
+                a, b = (reference_ppl(x, stream, args.seqlen, args.max_windows) for x in (ref, ours))
+                row.setdefault("also", {})[name] = {"reference_ppl": a, "llmprune_ppl": b,
+                                                    "rel_diff": (b - a) / a}
         del ref, ours
         rows.append(row)
         ppl = "" if args.no_ppl else (f"reference {row['reference_ppl']:9.3f}  "

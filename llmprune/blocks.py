@@ -151,3 +151,58 @@ def hook_count(module: nn.Module) -> int:
     return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in module.modules())
 
 
+
+
+# ---------------------------------------------------------------------------------------------
+# the two halves of a pre-norm block, for the block reconstructions
+
+MLP_NORMS = ("post_attention_layernorm", "ln_2", "post_layernorm")  # LLaMA/Qwen/Mistral, GPT-2, ...
+
+
+class BlockHalves:
+    """A pre-norm decoder block as two functions of the residual stream: the attention half
+    X -> H = X + Attn(LN1 X) (the block run until its MLP norm's input, which is H) and the MLP
+    half H -> H + MLP(LN2 H). Found by name and then checked numerically on real inputs
+    (:meth:`split_exactly`): a family whose block is not this shape (parallel attention and MLP,
+    extra norms around the MLP) is reconstructed as one whole block instead."""
+
+    def __init__(self, block: nn.Module, kwargs: dict):
+        self.block, self.kwargs = block, kwargs
+        norms = [getattr(block, n) for n in MLP_NORMS if isinstance(getattr(block, n, None), nn.Module)]
+        self.norm = norms[0] if norms else None
+        self.mlp = getattr(block, "mlp", None)
+
+    def attention(self, x: torch.Tensor) -> torch.Tensor:
+        """H for the windows ``x`` (windows, seq, hidden): the input the MLP norm receives."""
+        seen: dict = {}
+
+        def stop(_module, args):
+            seen["h"] = args[0]
+            raise StopForward
+
+        handle = self.norm.register_forward_pre_hook(stop)
+        try:
+            self.block(x, **self.kwargs)
+        except StopForward:
+            pass
+        finally:
+            handle.remove()
+        return seen["h"]
+
+    def mlp_half(self, h: torch.Tensor) -> torch.Tensor:
+        return h + block_output(self.mlp(self.norm(h)))
+
+    def split_exactly(self, x: torch.Tensor) -> bool:
+        """Whether the two halves give the block's own output on ``x`` (one window suffices)."""
+        if self.norm is None or self.mlp is None:
+            return False
+        with torch.no_grad():
+            whole = block_output(self.block(x, **self.kwargs)).float()
+            halves = self.mlp_half(self.attention(x)).float()
+        scale = whole.abs().max().clamp_min(1e-6)
+        return bool(((whole - halves).abs().max() <= 1e-4 * scale).item())
+
+    def parameters(self, part: str) -> list[nn.Parameter]:
+        """The parameters the ``part`` ("attention" or "mlp") half computes with."""
+        mlp = {id(p) for p in list(self.mlp.parameters()) + list(self.norm.parameters())}
+        return [p for p in self.block.parameters() if (id(p) in mlp) == (part == "mlp")]

@@ -58,3 +58,11 @@ def check_number(value: Any, name: str, low: float | None = None, high: float | 
             f" >= {low:g}" if low is not None else (f" <= {high:g}" if high is not None else ""))
         raise LlmpruneError(f"{name} {value!r} must be a finite number{span}{hint}")
     return number
+
+
+def check_positive_number(value: Any, name: str, high: float, example: str) -> float:
+    """A finite number in (0, high]: a penalty or a learning rate (``example``: a good value)."""
+    number = check_number(value, name, 0.0, high, hint=f": a positive number such as {example}")
+    if number <= 0:
+        raise LlmpruneError(f"{name} {value!r} must be positive: use e.g. {example}")
+    return number

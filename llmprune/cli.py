@@ -57,7 +57,7 @@ try:  # what these import loads for seconds on a busy machine: Ctrl-C then is on
         write_json_atomic,
     )
     from llmprune.jobs import list_runs
-    from llmprune.methods import METHODS
+    from llmprune.methods import BLOCK_STEPS, METHODS, RECONSTRUCTIONS
     from llmprune.pipeline import (
         available,
         distance_line,
@@ -182,11 +182,16 @@ def _add_eval(p: argparse.ArgumentParser, dataset_flag: str, training: bool = Fa
 
 # PruneConfig's own fields that are flags of `llmprune prune`, named as the fields
 _CORE_FIELDS = ("method", "sparsity", "pattern", "true_sequential", "include", "exclude", "skip_attention",
-                "skip_mlp", "allocation", "permute", "refine", "reconstruct", "quantize", "offload",
-                "offload_dir", "activations")
+                "skip_mlp", "allocation", "permute", "refine", "reconstruct", "block_reconstruct", "quantize",
+                "offload", "offload_dir", "activations")
 _CORE_KW = {"method": {"metavar": "|".join(METHODS.names())}, "sparsity": {"type": float},
             "include": {"metavar": "GLOBS"}, "exclude": {"metavar": "GLOBS"},
             "quantize": {"type": str}, "refine": {"type": str},
+            # --reconstruct alone is the OBS sweep, as before there was a choice
+            "reconstruct": {"type": str, "nargs": "?", "const": "obs", "default_label": "none",
+                            "metavar": "|".join(RECONSTRUCTIONS.names())},
+            "block_reconstruct": {"type": str, "default_label": "none",
+                                  "metavar": "|".join(BLOCK_STEPS.names())},
             "offload": {"type": str, "metavar": "cpu|disk", "default_label": "none"},
             "offload_dir": {"type": str, "metavar": "DIR", "default_label": "none"},
             "activations": {"type": str, "metavar": "cpu", "default_label": "the compute device"}}

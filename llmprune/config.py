@@ -14,7 +14,7 @@ from typing import Any, Mapping
 
 from llmprune.checks import as_tuple, check_positive, check_sparsity, choice, none_or_choice
 from llmprune.errors import LlmpruneError
-from llmprune.methods import ALLOCATIONS, METHODS, RECONSTRUCTIONS, REFINERS, check_steps
+from llmprune.methods import ALLOCATIONS, BLOCK_STEPS, METHODS, RECONSTRUCTIONS, REFINERS, check_steps
 from llmprune.registry import field_default as spec_default
 from llmprune.registry import option, option_fields, owners
 
@@ -151,7 +151,11 @@ class PruneConfig:
     - ``allocation``: per-block sparsity: ``uniform``, ``owl`` or ``depth``.
     - ``permute``: RIA's channel permutation before an N:M mask.
     - ``refine``: a refiner after the method (``"dsnot"``); None: none.
-    - ``reconstruct``: re-solve the kept weights for the chosen mask (an OBS sweep).
+    - ``reconstruct``: re-solve each layer's kept weights for the chosen mask: ``"obs"`` (the OBS
+      sweep; ``True`` means it) or ``"admm"`` (Boža's ADMM update); None: none.
+    - ``block_reconstruct``: then update the kept weights of each whole block toward the dense
+      block's outputs: ``"lunch"`` (attention and MLP separately) or ``"ro"`` (Wanda++'s regional
+      optimisation); None: none.
     - ``quantize``: ``"int8"`` weight-only quantization after pruning; None: none.
     - ``offload`` / ``offload_dir``: keep the blocks in CPU memory (``"cpu"``) or on disk
       (``"disk"``, in ``offload_dir``) while pruning a model larger than the device.
@@ -187,8 +191,12 @@ class PruneConfig:
                            "N:M channel permutation before masking (RIA's heuristic channel reallocation)")
     refine: str | None = option(None,
                                 "refine the mask after the method: dsnot (training-free prune-and-grow)")
-    reconstruct: bool = option(False, "after the mask is chosen, update the kept weights to minimise "
-                                      "||WX - W'X||^2 (OBS sweep, mask fixed)")
+    reconstruct: str | bool | None = option(None, "after the mask is chosen, re-solve each layer's kept "
+                                                  "weights for ||WX - W'X||^2, mask fixed: obs (the OBS "
+                                                  "sweep; true or the flag alone) or admm (ADMM update)")
+    block_reconstruct: str | None = option(None, "then update each block's kept weights toward the dense "
+                                                 "block's outputs: lunch (attention and MLP separately) or "
+                                                 "ro (Wanda++ regional optimisation)")
     quantize: str | None = option(None, "weight-only quantization of the pruned layers after pruning: int8 "
                                         "(per output channel, symmetric; zeros stay zero)")
     # out-of-core pruning: placement only, the pruned weights are the same (PLACEMENT_FIELDS)
@@ -234,8 +242,10 @@ class PruneConfig:
         specs = [METHODS.get(self.method), ALLOCATIONS.get(self.allocation)]
         if self.refine is not None:
             specs.append(REFINERS.get(self.refine))
-        if self.reconstruct:
-            specs.append(RECONSTRUCTIONS.get("obs"))
+        if self.reconstruct is not None:
+            specs.append(RECONSTRUCTIONS.get(self.reconstruct))
+        if self.block_reconstruct is not None:
+            specs.append(BLOCK_STEPS.get(self.block_reconstruct))
         return specs
 
     def derived(self, **changes: Any) -> "PruneConfig":
@@ -283,6 +293,8 @@ class PruneConfig:
         if self.refine is not None:
             refine = str(self.refine).strip().lower()
             object.__setattr__(self, "refine", None if refine in ("", "none") else refine)
+        object.__setattr__(self, "reconstruct", _step_name(self.reconstruct, RECONSTRUCTIONS))
+        object.__setattr__(self, "block_reconstruct", _step_name(self.block_reconstruct, BLOCK_STEPS))
         quantize = (None if self.quantize is None or str(self.quantize).strip().lower() in ("", "none")
                     else self.quantize)
         object.__setattr__(self, "quantize",
@@ -310,6 +322,16 @@ class PruneConfig:
         return to_dict(self)
 
 
+def _step_name(value: Any, registry) -> str | None:
+    """A step's registered name from a flag or recipe value: False/None/"none" is no step; True (the
+    records before the choice existed, and the bare flag) is the registry's first spec (``obs``)."""
+    if value is None or value is False or str(value).strip().lower() in ("", "none", "false"):
+        return None
+    if value is True or str(value).strip().lower() == "true":
+        return registry.names()[0]
+    return registry.get(value).name
+
+
 def resolve_options(config: PruneConfig, given: Mapping[str, Any]) -> dict[str, Any]:
     """The values of every option of ``config``'s components (given, else the default), each
     validated by its options dataclass; a given option no component declares is refused
@@ -334,7 +356,9 @@ def resolve_options(config: PruneConfig, given: Mapping[str, Any]) -> dict[str, 
                                 f"{' and '.join(owners(name))}, not to method {config.method} with "
                                 f"allocation {config.allocation}"
                                 + (f", refine {config.refine}" if config.refine else "")
-                                + (", reconstruct" if config.reconstruct else "") + "; drop it")
+                                + (f", reconstruct {config.reconstruct}" if config.reconstruct else "")
+                                + (f", block_reconstruct {config.block_reconstruct}"
+                                   if config.block_reconstruct else "") + "; drop it")
     return values
 
 

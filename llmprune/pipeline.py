@@ -28,7 +28,7 @@ from llmprune import evaluation
 from llmprune.config import EvalConfig, ExportConfig, PruneConfig, from_dict
 from llmprune.errors import LlmpruneError, OutputError
 from llmprune.io import model_source, write_json_atomic
-from llmprune.methods import ALLOCATIONS, METHODS, RECONSTRUCTIONS, REFINERS, needs_for
+from llmprune.methods import ALLOCATIONS, BLOCK_STEPS, METHODS, RECONSTRUCTIONS, REFINERS, needs_for
 from llmprune.preflight import check_data_dir, check_export, check_inputs, check_shapes_early
 from llmprune.results import record_pattern, result_record
 
@@ -45,7 +45,7 @@ def available() -> str:
     (``llmprune --help`` and ``help(llmprune)`` show it; asked of the registry, never typed)."""
     parts = [f"Methods: {', '.join(METHODS.names())}"]
     for label, registry in (("refiners", REFINERS), ("reconstructions", RECONSTRUCTIONS),
-                            ("allocations", ALLOCATIONS)):
+                            ("block reconstructions", BLOCK_STEPS), ("allocations", ALLOCATIONS)):
         if len(registry):
             parts.append(f"{label}: {', '.join(registry.names())}")
     return "; ".join(parts)

@@ -66,13 +66,20 @@ class MethodSpec:
     default_metric: str | None = None  # None: the method does not rank by a scores metric
     needs_for: Callable | None = None  # needs_for(config) -> collector names, when they depend on options
     structured: Any = None  # shrink methods: the engine's StructuredSpec-like description
+    # block(dense_block, block, layers, hidden, kwargs, config, state) -> info: after every layer of a block
+    # has its mask, the method's own pass over the whole block (SparseLLM's MLP coupling)
+    block: Callable | None = None
+    # check_blocks(blocks) with the plan's per-block layers: what the model must have, refused before
+    # calibration (SparseLLM: a gated MLP)
+    check_blocks: Callable | None = None
     order: int = 100  # tables list methods by this, then by name
 
 
 @dataclass(frozen=True)
 class StepSpec:
     """A refiner (changes a method's mask), a reconstruction (re-solves the kept weights for a
-    fixed mask) or an allocation (per-block sparsity targets)."""
+    fixed mask, one layer at a time), a block reconstruction (the kept weights of a whole block
+    toward the dense block's outputs) or an allocation (per-block sparsity targets)."""
 
     name: str
     label: str
@@ -117,8 +124,8 @@ class FormatSpec:
 
 class Registry(Generic[T]):
     """Specs by name (lower case); registering a name twice is an error. ``flag`` is how a user
-    picks a spec on the command line (``--method wanda``); ``flag_is_switch``: the flag takes no
-    value (``--reconstruct`` turns on the one reconstruction)."""
+    picks a spec on the command line (``--method wanda``); ``flag_is_switch``: the flag alone picks
+    the first spec (``--reconstruct`` is ``--reconstruct obs``)."""
 
     def __init__(self, kind: str, flag: str = "", flag_is_switch: bool = False):
         self.kind = kind
@@ -160,11 +167,12 @@ class Registry(Generic[T]):
 METHODS: Registry[MethodSpec] = Registry("pruning method", "--method")
 REFINERS: Registry[StepSpec] = Registry("refinement", "--refine")
 RECONSTRUCTIONS: Registry[StepSpec] = Registry("reconstruction", "--reconstruct", flag_is_switch=True)
+BLOCK_STEPS: Registry[StepSpec] = Registry("block reconstruction", "--block-reconstruct")
 ALLOCATIONS: Registry[StepSpec] = Registry("allocation", "--allocation")
 COLLECTORS: Registry[CollectorSpec] = Registry("statistics collector")
 FORMATS: Registry[FormatSpec] = Registry("save format", "--save-format")
 # the registries whose specs carry options, in the order flags are listed
-OPTION_REGISTRIES = (METHODS, ALLOCATIONS, REFINERS, RECONSTRUCTIONS)
+OPTION_REGISTRIES = (METHODS, ALLOCATIONS, REFINERS, RECONSTRUCTIONS, BLOCK_STEPS)
 
 
 def _check_options(spec: Any, kind: str) -> None:

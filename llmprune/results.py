@@ -188,6 +188,9 @@ class Result:
     distance: dict[str, dict[str, Any]] = field(default_factory=dict)
     generation: dict[str, Any] | None = None
     task_ppl: dict[str, float] = field(default_factory=dict)
+    # the pruning time in forwards of the decoder stack on the calibration windows, both measured in
+    # the same run (``stack_forwards``); None without a propagation pass to measure it by
+    cost: float | None = None
 
     @property
     def dense(self) -> bool:
@@ -352,7 +355,24 @@ def parse_result(record: dict, file: str) -> Result:
         distance=_distances(record.get("perplexity")),
         generation=_plain(record["generation"]) if isinstance(record.get("generation"), dict) else None,
         task_ppl=_numbers(zeroshot.get("tasks"), "ppl"),
+        cost=stack_forwards(record.get("prune_seconds"), prune.get("phase_seconds")),
     )
+
+
+def stack_forwards(seconds: Any, phases: Any) -> float | None:
+    """``seconds`` of pruning in forwards of the decoder stack, measured in the same run: the
+    engine's propagation pass is that forward, block by block on the calibration windows (every
+    block but the last, which has no next block: its time is the mean of the others'). None
+    when the run had no propagation (no calibration, or a depth method's single pass)."""
+    total = _float(seconds)
+    times = phases.get("propagate") if isinstance(phases, dict) else None
+    if total is None or not isinstance(times, list):
+        return None
+    ran = [t for t in (_float(v) for v in times[:-1]) if t is not None and t > 0]
+    if not ran or len(ran) < len(times) - 1:
+        return None
+    stack = sum(ran) / len(ran) * len(times)  # (blocks,) the last block's turn at the others' mean
+    return total / stack if stack > 0 else None
 
 
 def _seed_group(record: dict, config: dict, evaluation: dict) -> str:
@@ -401,7 +421,7 @@ def _distances(perplexity: Any) -> dict[str, dict[str, Any]]:
 
 
 def _variant(config: dict) -> tuple[str, ...]:
-    """Allocation (when not uniform), permutation, refinement, reconstruction of a run's config."""
+    """Allocation (when not uniform), permutation, refinement, reconstructions of a run's config."""
     out = []
     if config.get("allocation") not in (None, "uniform"):
         out.append(str(config["allocation"])[:100])
@@ -409,8 +429,11 @@ def _variant(config: dict) -> tuple[str, ...]:
         out.append("permute")
     if config.get("refine"):
         out.append(str(config["refine"])[:100])
-    if config.get("reconstruct"):
-        out.append("reconstruct")
+    reconstruct = config.get("reconstruct")
+    if reconstruct:  # True (records before the choice) and "obs" are the OBS sweep
+        out.append("reconstruct" if reconstruct in (True, "obs") else str(reconstruct)[:100])
+    if config.get("block_reconstruct"):
+        out.append(str(config["block_reconstruct"])[:100])
     return tuple(out)
 
 

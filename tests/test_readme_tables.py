@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import re
+import statistics
 import subprocess
 import sys
 import textwrap
@@ -74,8 +75,9 @@ def _rows(name: str) -> dict[str, dict]:
 def test_methods_table_has_every_builtin_spec_and_only_those():
     lines = readme.methods_table([], ROOT)
     names = [line.split(" | ")[0].strip("| ") for line in lines[2:]]
-    expected = [f"`{r.flag} {s.name}`" if not r.flag_is_switch else f"`{r.flag}` ({s.name})"
-                for r in OPTION_REGISTRIES for s in r if readme.builtin(s)]
+    # a switch registry's bare flag picks its first spec (--reconstruct is --reconstruct obs)
+    expected = [f"`{r.flag}` ({s.name})" if r.flag_is_switch and s.name == r.names()[0]
+                else f"`{r.flag} {s.name}`" for r in OPTION_REGISTRIES for s in r if readme.builtin(s)]
     assert names == expected
     assert len(names) >= len(METHODS) - 1 and "`--refine dsnot`" in names and "`--reconstruct` (obs)" in names
     for name in ("wanda", "sparsegpt", "magnitude", "ria", "flap", "wanda-sp", "wanda++"):  # a spot check
@@ -102,12 +104,12 @@ def test_methods_agreement_is_read_from_the_parity_files():
                                  _rows("reference_frontier_2023.json"))
     pct = lambda rel: f"{rel * 100:+.2f}%"  # noqa: E731
     magnitude = _row(lines, "`--method magnitude`")[-1]
-    assert f"{pct(protocol['magnitude']['rel_diff'])} (`reference_protocol.json`)" in magnitude
+    assert f"{pct(protocol['magnitude']['rel_diff'])} (PTB, `reference_protocol.json`)" in magnitude
     wanda = _row(lines, "`--method wanda`")[-1]
-    assert f"{pct(protocol['wanda']['rel_diff'])} (`reference_protocol.json`)" in wanda
-    assert f"{pct(y2023['wanda:0.5']['rel_diff'])} (`reference_frontier_2023.json`)" in wanda
+    assert f"{pct(protocol['wanda']['rel_diff'])} (PTB, `reference_protocol.json`)" in wanda
+    assert f"{pct(y2023['wanda:0.5']['rel_diff'])} (PTB, `reference_frontier_2023.json`)" in wanda
     sparsegpt = _row(lines, "`--method sparsegpt`")[-1]
-    assert f"{pct(y2023['sparsegpt:0.5']['rel_diff'])} (`reference_frontier_2023.json`)" in sparsegpt
+    assert f"{pct(y2023['sparsegpt:0.5']['rel_diff'])} (PTB, `reference_frontier_2023.json`)" in sparsegpt
     assert f"{pct(frontier['ria:0.5']['rel_diff'])}" in _row(lines, "`--method ria`")[-1]
     owl, dsnot = _row(lines, "`--allocation owl`")[-1], _row(lines, "`--refine dsnot`")[-1]
     assert f"OWL-Wanda: {pct(frontier['owl-wanda:0.5']['rel_diff'])}" in owl
@@ -142,7 +144,8 @@ def test_parity_table_numbers_equal_the_json():
     wanda = next(r for r in rows if r["method"] == "wanda")
     cells = _row(protocol, "Wanda 50%")
     assert cells[1:6] == [f"{wanda['reference_ppl']:.2f}", f"{wanda['llmprune_ppl']:.2f}",
-                          f"{wanda['rel_diff'] * 100:+.2f}%", f"{wanda['mask_agreement'] * 100:.2f}%", "16"]
+                          f"{wanda['rel_diff'] * 100:+.2f}%", f"{wanda['mask_agreement'] * 100:.2f}%",
+                          "PTB, 16"]
     frontier = [line for line in lines if "`reference_frontier.json`" in line]
     owl = _rows("reference_frontier.json")["owl-wanda:0.7"]
     cells = _row(frontier, "OWL-Wanda 70%")
@@ -154,8 +157,8 @@ def test_parity_table_numbers_equal_the_json():
     assert len(only) == 2 + len(_json("reference_frontier_2023.json")["rows"])
 
 
-@pytest.mark.parametrize("folder,dataset", [("frontier_smollm2", "ptb"), ("wandapp_smollm2", "wikitext2"),
-                                            ("smollm2_cpu", "ptb")])
+@pytest.mark.parametrize("folder,dataset", [("frontier_2023_ptb", "ptb"), ("wandapp_smollm2", "wikitext2"),
+                                            ("smollm2_cpu", "ptb"), ("frontier_smollm2", "wikitext2")])
 def test_recipe_table_is_the_one_in_the_folders_summary(folder, dataset):
     table = readme.recipe_table([f"eval/results/{folder}", dataset], ROOT)
     summary = (RESULTS / folder / "summary.md").read_text(encoding="utf-8")
@@ -164,12 +167,20 @@ def test_recipe_table_is_the_one_in_the_folders_summary(folder, dataset):
 
 def test_recipe_and_frontier_cells_equal_the_result_files():
     lines = readme.render("frontier").splitlines()
-    assert lines == readme.recipe_table(["eval/results/frontier_smollm2", "ptb"], ROOT)
-    header = [c.strip() for c in lines[0].strip("|").split("|")]
-    for name, label, column in (("wanda-50.json", "Wanda", "50%"), ("owl-wanda-70.json", "OWL-Wanda", "70%"),
-                                ("sparsegpt-2_4.json", "SparseGPT", "2:4"), ("dense.json", "Dense", "60%")):
-        record = json.loads((RESULTS / "frontier_smollm2" / name).read_text(encoding="utf-8"))
-        assert _row(lines, label)[header.index(column)] == f"{record['perplexity']['ptb']['ppl']:.2f}"
+    assert lines == readme.recipe_table(["eval/results/frontier_smollm2", "wikitext2"], ROOT, cost=True)
+    table = lines[:lines.index("")]
+    header = [c.strip() for c in table[0].strip("|").split("|")]
+
+    def ppl(name):
+        record = json.loads((RESULTS / "frontier_smollm2" / f"{name}.json").read_text(encoding="utf-8"))
+        return record["perplexity"]["wikitext2"]["ppl"]
+
+    values = [ppl(f"sparsegpt-60-seed{seed}") for seed in (0, 1, 2)]  # a cell of three seeds
+    cell = f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
+    assert _row(table, "SparseGPT")[header.index("60%")].split(" (n=")[0] == cell  # (n=3) when cells differ
+    assert _row(table, "Dense")[header.index("60%")] == f"{ppl('dense'):.2f}"
+    cost = lines[lines.index(readme.COST_LINE) + 2:]
+    assert cost[0].startswith("| Method |") and _row(cost, "SparseGPT")[header.index("60%")].count("±") == 1
 
 
 def test_demo_line_from_its_json(tmp_path):
@@ -266,5 +277,5 @@ def test_the_command_rewrites_in_place_without_torch(tmp_path):
                           cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     assert "rewritten" in done.stdout
-    assert "`--method wanda`" in page.read_text() and "| OWL-Wanda |" in page.read_text()
+    assert "`--method wanda`" in page.read_text() and "| SparseGPT |" in page.read_text()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["page.md"]  # no temporary left beside it

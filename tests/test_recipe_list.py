@@ -74,7 +74,7 @@ def test_list_names_every_run_and_says_what_it_is(grid, capsys):
         in rows["wanda-2:4"]
     assert "org/tiny (float32, cpu); magnitude (Magnitude), 50% unstructured; no calibration" \
         in rows["magnitude-unstructured"]
-    assert "wanda (Wanda), 60% unstructured, allocation owl, reconstruct;" in rows["owl-wanda-60"]
+    assert "wanda (Wanda), 60% unstructured, allocation owl, reconstruct obs;" in rows["owl-wanda-60"]
     assert "zero-shot rte (first 3 documents each)" in rows["owl-wanda-60"]
     # the dense baselines say what they are and which runs share them
     assert "dense baseline: the unpruned org/tiny" in rows["dense-eval1"]

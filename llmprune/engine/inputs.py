@@ -61,18 +61,22 @@ def batches(hidden: torch.Tensor, batch_size: int):
 
 
 class PhaseTimer:
-    """Wall seconds per phase, one entry per block; synchronises CUDA so a phase gets its own time."""
+    """Wall seconds per phase, one entry per block; synchronises CUDA so a phase gets its own time.
+    A phase that only some configs have (``block_reconstruct``) appears when first timed."""
 
     def __init__(self, phases: tuple[str, ...] = ("stats", "prune", "propagate")):
         self.seconds: dict[str, list[float]] = {phase: [] for phase in phases}
+        self.blocks = 0
 
     def new_block(self) -> None:
+        self.blocks += 1
         for values in self.seconds.values():
             values.append(0.0)
 
     @contextlib.contextmanager
     def __call__(self, phase: str, device: torch.device | None = None):
         sync = torch.cuda.synchronize if device is not None and device.type == "cuda" else (lambda *_: None)
+        self.seconds.setdefault(phase, [0.0] * self.blocks)
         sync(device)
         start = time.perf_counter()
         try:

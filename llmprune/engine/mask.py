@@ -21,7 +21,14 @@ from llmprune.engine.report import LayerReport
 from llmprune.errors import LlmpruneError
 from llmprune.math.allocation import BlockTargets, outlier_ratio
 from llmprune.math.scores import score
-from llmprune.methods import ALLOCATIONS, METHODS, RECONSTRUCTIONS, REFINERS, effective_group_metric
+from llmprune.methods import (
+    ALLOCATIONS,
+    BLOCK_STEPS,
+    METHODS,
+    RECONSTRUCTIONS,
+    REFINERS,
+    effective_group_metric,
+)
 from llmprune.methods.base import Selection, finish
 from llmprune.offload import Resident
 from llmprune.registry import COLLECTORS
@@ -45,10 +52,11 @@ def prune_weight(method: MethodSpec, weight: torch.Tensor, stats: LayerStats | N
     if config.refine is not None:
         mask, sel.info["refine"] = REFINERS.get(config.refine).run(dense, sel, stats, config, layer)
     changed = mask is not sel.mask and not torch.equal(mask, sel.mask)
-    if sel.updates and not changed:
+    if sel.updates and not changed and config.reconstruct in (None, sel.own_update):
         new = sel.weight  # the method's own update for this very mask (SparseGPT)
-    elif config.reconstruct or sel.updates:
-        new, sel.info["reconstruct"] = RECONSTRUCTIONS.get("obs").run(dense, stats.hessian, mask, config)
+    elif config.reconstruct or sel.updates:  # a solver's update redone for a refined mask: by default OBS
+        spec = RECONSTRUCTIONS.get(config.reconstruct or "obs")
+        new, sel.info["reconstruct"] = spec.run(dense, stats.hessian, mask, config)
     else:
         new = dense.masked_fill(mask, 0.0)
     return finish(Selection(mask, new, sel.info))
@@ -60,7 +68,13 @@ def prune_layer(name: str, module: nn.Linear, stats: LayerStats | None, config: 
     routed = getattr(module, "routed", False) and stats is not None
     if routed and stats.tokens == 0:  # an expert no calibration token reached: nothing to weigh |W| by
         method, config, stats = METHODS.get("magnitude"), _magnitude_fallback(config), None
-    new_weight, info = prune_weight(method, weight.float(), stats, config, name)
+    try:
+        new_weight, info = prune_weight(method, weight.float(), stats, config, name)
+    except LlmpruneError as exc:  # a solver that diverged: say where
+        raise LlmpruneError(f"{name}: {exc}") from None
+    if not _all_finite(new_weight):
+        raise LlmpruneError(f"{name}: {method.name} produced non-finite weights (inf/NaN); nothing was "
+                            "saved: raise --percdamp, or try --dtype float32")
     weight.copy_(new_weight.to(weight.dtype))
     zeros = int((weight == 0).sum().item())
     info = dict(info or {})
@@ -69,6 +83,11 @@ def prune_layer(name: str, module: nn.Linear, stats: LayerStats | None, config: 
         if stats is None:
             info["fallback"] = "magnitude"
     return LayerReport(name=name, shape=tuple(weight.shape), zeros=zeros, numel=weight.numel(), info=info)
+
+
+def _all_finite(x: torch.Tensor) -> bool:
+    low, high = torch.aminmax(x)  # one reduction: min and max propagate NaN and keep +-inf
+    return bool(torch.isfinite(low) & torch.isfinite(high))
 
 
 def _magnitude_fallback(config: PruneConfig) -> PruneConfig:
@@ -145,7 +164,7 @@ def _method_and_step_needs(config: PruneConfig) -> set[str]:
     method = METHODS.get(config.method)
     needs = set(method.needs_for(config) if method.needs_for is not None else method.needs)
     if config.reconstruct:
-        needs |= set(RECONSTRUCTIONS.get("obs").needs)
+        needs |= set(RECONSTRUCTIONS.get(config.reconstruct).needs)
     return needs
 
 
@@ -162,6 +181,43 @@ def _block_statistics(block: nn.Module, plan: BlockPlan, groups, hidden: torch.T
         for layer, value in spec.factory(block, hidden, kwargs, layers, device).items():
             out.setdefault(layer, {})[name] = value
     return out
+
+
+def wants_dense_block(config: PruneConfig, method) -> bool:
+    """Whether a block's dense copy must be kept until its masks are chosen: a method's own block
+    pass (SparseLLM) or a block reconstruction re-runs the dense block for its targets."""
+    return method.block is not None or config.block_reconstruct is not None
+
+
+def block_updates(dense: nn.Module, block: nn.Module, index: int, plan: BlockPlan, hidden: torch.Tensor,
+                  kwargs: dict, config: PruneConfig, method, reports: list[LayerReport],
+                  timer: PhaseTimer, device: torch.device, state: dict) -> None:
+    """After every layer of block ``index`` has its mask: the method's own block pass, then the
+    block reconstruction the config asks for, both toward ``dense`` (the block before pruning) on
+    the same inputs. Pruned weights stay zero: each step keeps the masks it is given. The
+    reports' zero counts are taken again afterwards and each step's info is added to them.
+    ``state``: what a step carries from block to block (the dense model's activations for lunch)."""
+    steps = []
+    if method.block is not None:
+        steps.append(("block", "prune", method.block))
+    if config.block_reconstruct is not None:
+        spec = BLOCK_STEPS.get(config.block_reconstruct)
+        steps.append(("block_reconstruct", "block_reconstruct", spec.run))
+    infos = {}
+    for key, phase, run in steps:
+        with timer(phase, device):
+            try:
+                infos[key] = run(dense, block, plan.layers, hidden, kwargs, config, state)
+            except LlmpruneError as exc:  # a solver that diverged: say where
+                raise LlmpruneError(f"layers.{index}: {exc}") from None
+    for report in reports:
+        weight = plan.layers[report.name.split(".", 2)[2]].weight.data
+        if not _all_finite(weight):
+            raise LlmpruneError(f"{report.name}: {config.block_reconstruct or method.name} produced "
+                                "non-finite weights (inf/NaN); nothing was saved: lower its learning rate or "
+                                "iterations")
+        report.zeros = int((weight == 0).sum().item())
+        report.info = {**report.info, **infos}
 
 
 @torch.no_grad()

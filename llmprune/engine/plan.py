@@ -107,19 +107,23 @@ def plan(model: nn.Module, config: PruneConfig, device: str | torch.device | Non
         result = Plan(config, method, needs_for(config), block_needs(config),
                       blocks=plan_layers(model, config))
         _check_block_collectors(result)
+        if method.check_blocks is not None:
+            method.check_blocks(result.blocks)
     check_calibration_memory(model, config, device)
     return result
 
 
 def _check_block_collectors(result: Plan) -> None:
-    """A block-level collector differentiates the block's weights: they must be plain Linears."""
-    block = [n for n in sorted(result.block_needs) if COLLECTORS.get(n).kind == "block"]
+    """A block-level collector or step differentiates or retrains the block's weights: they must be
+    plain Linears."""
+    block = [n for n in sorted(result.block_needs) if COLLECTORS.get(n).kind in ("block", "block_inputs")]
     if not block:
         return
     for i, bp in enumerate(result.blocks):
         for name, layer in bp.layers.items():
             if not isinstance(layer, nn.Linear):
-                raise LlmpruneError(f"{result.method.name} needs {block[0]} (a backward pass through each "
-                                    "block), which llmprune computes for nn.Linear layers only; "
-                                    f"layers.{i}.{name} is a {type(layer).__name__}: exclude it (--exclude) "
-                                    "or use another method")
+                what = result.config.block_reconstruct or result.method.name
+                raise LlmpruneError(f"{what} needs {block[0]} (a pass through each block that moves or "
+                                    "differentiates its weights), which llmprune does for nn.Linear layers "
+                                    f"only; layers.{i}.{name} is a {type(layer).__name__}: exclude it "
+                                    "(--exclude) or use another method")

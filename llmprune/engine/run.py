@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import copy
 import os
 import time
 from typing import TYPE_CHECKING
@@ -26,7 +27,14 @@ from llmprune.config import PruneConfig
 from llmprune.data import check_available
 from llmprune.engine.drop import DropStrategy
 from llmprune.engine.inputs import PhaseTimer, calibration_inputs, propagate
-from llmprune.engine.mask import allocate, block_config, calibrate_and_prune, prune_layer
+from llmprune.engine.mask import (
+    allocate,
+    block_config,
+    block_updates,
+    calibrate_and_prune,
+    prune_layer,
+    wants_dense_block,
+)
 from llmprune.engine.plan import Plan, plan
 from llmprune.engine.report import LayerReport, PruneReport
 from llmprune.engine.shrink import ShrinkStrategy
@@ -47,6 +55,7 @@ class MaskStrategy:
         self.plan = the_plan
         self.config = the_plan.config
         self.targets = None
+        self.state: dict = {}  # what a block pass carries to the next block (block_updates)
 
     def prepare(self, blocks, inputs, place) -> None:
         self.targets = allocate(blocks, self.plan.blocks, inputs, self.config, place.compute, place)
@@ -60,8 +69,13 @@ class MaskStrategy:
                 for name, module in layers.items():
                     reports.append(prune_layer(f"layers.{i}.{name}", module, None, config, self.plan.method))
         else:
+            dense = copy.deepcopy(block) if wants_dense_block(config, self.plan.method) else None
             reports += calibrate_and_prune(block, i, self.plan.blocks[i], hidden, kwargs, config,
                                            self.plan.method, self.plan.block_needs, timer, device=dev)
+            if dense is not None:
+                block_updates(dense, block, i, self.plan.blocks[i], hidden, kwargs, config, self.plan.method,
+                              reports, timer, dev, self.state)
+                del dense
             if not last:
                 with timer("propagate", dev):
                     inputs.hidden = propagate(block, hidden, kwargs, self.config.calib.batch_size, device=dev)

@@ -17,9 +17,18 @@ from importlib import metadata
 
 from llmprune.errors import LlmpruneError
 from llmprune.methods.base import Selection, effective_group_metric
-from llmprune.registry import ALLOCATIONS, METHODS, PLUGIN_GROUP, RECONSTRUCTIONS, REFINERS, MethodSpec
+from llmprune.registry import (
+    ALLOCATIONS,
+    BLOCK_STEPS,
+    METHODS,
+    PLUGIN_GROUP,
+    RECONSTRUCTIONS,
+    REFINERS,
+    MethodSpec,
+)
 
-__all__ = ["ALLOCATIONS", "METHODS", "RECONSTRUCTIONS", "REFINERS", "Selection", "block_needs", "check_steps",
+__all__ = ["ALLOCATIONS", "BLOCK_STEPS", "METHODS", "RECONSTRUCTIONS", "REFINERS", "Selection", "block_needs",
+           "check_steps",
            "effective_group_metric", "get_method", "load_plugins", "needs_for"]
 
 # every module of this package registers its spec when imported: a new method is a new file, no edit here
@@ -91,12 +100,14 @@ def _method_needs(config) -> set[str]:
 
 def block_needs(config) -> frozenset[str]:
     """Statistics each block's calibration pass collects: the method's, the refiner's and the
-    reconstruction's (OWL's dense pass is separate)."""
+    reconstructions' (OWL's dense pass is separate)."""
     needs = _method_needs(config)
     if config.refine is not None:
         needs |= set(REFINERS.get(config.refine).needs)
-    if config.reconstruct:
-        needs |= set(RECONSTRUCTIONS.get("obs").needs)
+    if config.reconstruct is not None:
+        needs |= set(RECONSTRUCTIONS.get(config.reconstruct).needs)
+    if config.block_reconstruct is not None:
+        needs |= set(BLOCK_STEPS.get(config.block_reconstruct).needs)
     return frozenset(needs)
 
 

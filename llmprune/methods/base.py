@@ -30,6 +30,9 @@ class Selection:
     score: torch.Tensor | None = None  # (out, in) higher = keep: DSnoT's N:M in-group choice
     perm: torch.Tensor | None = None  # (in,) channel order in which the mask is N:M (permute)
     updates: bool = False  # True when ``weight`` is not just the masked dense weight
+    # the reconstruction ``weight`` already is for this mask ("obs": SparseGPT's sweep): asking for
+    # it again changes nothing, asking for another one re-solves the kept weights
+    own_update: str | None = None
 
 
 def whole_structure_clashes(config, *extra: tuple[str, bool]) -> list[str]:
@@ -40,7 +43,8 @@ def whole_structure_clashes(config, *extra: tuple[str, bool]) -> list[str]:
         ("--include/--exclude", bool(config.include or config.exclude)),
         ("--skip-attention/--skip-mlp", config.skip_attention or config.skip_mlp),
         ("--allocation", config.allocation != "uniform"), ("--permute", config.permute),
-        ("--refine", config.refine is not None), ("--reconstruct", config.reconstruct), *extra) if on]
+        ("--refine", config.refine is not None), ("--reconstruct", config.reconstruct is not None),
+        ("--block-reconstruct", config.block_reconstruct is not None), *extra) if on]
 
 
 def check_group(group: Any) -> None:

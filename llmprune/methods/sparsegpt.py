@@ -48,7 +48,7 @@ def select(weight, stats, config) -> Selection:
     s = None
     if config.refine is not None and config.pattern.structured:  # DSnoT's N:M in-group choice
         s = saliency(weight, stats.hessian, config.percdamp)
-    return Selection(mask, new_weight, info, score=s, updates=True)
+    return Selection(mask, new_weight, info, score=s, updates=True, own_update="obs")
 
 
 SPEC = METHODS.add(MethodSpec(

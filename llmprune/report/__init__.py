@@ -43,6 +43,8 @@ from llmprune.report.tables import (
 from llmprune.results import RESULT_SCHEMA, Result, embedded_dense, is_result, parse_result
 
 SUMMARY_MD = "summary.md"
+COST_LINE = ("Pruning cost of the runs above, in forwards of the decoder stack on the calibration windows "
+             "(each run's pruning time over its own propagation pass, measured in the same run):")
 SUMMARY_CSV = "summary.csv"
 
 
@@ -159,6 +161,9 @@ def write_report(results_dir: str | os.PathLike) -> dict[str, Path]:
         heading = scope_title(*scope)
         lines += [f"## {heading}", ""]
         lines += pivot(rows, lambda r, d=dataset: r.ppl.get(d)) + [""]
+        if any(r.cost is not None for r in rows):
+            lines += [COST_LINE, ""]
+            lines += pivot([r for r in rows if not r.dense], lambda r: r.cost, digits=1) + [""]
         for kind, plot in PLOTS:
             path = plot(rows, dataset, heading, folder / f"{kind}_{slugs[scope]}.png")
             if path is not None:

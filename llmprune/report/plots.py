@@ -221,6 +221,32 @@ def plot_block_sparsity(results: list[Result], dataset: str, title: str, path: P
 
 
 # (file-name prefix, plot function) in the order the report lists them
-PLOTS = (("ppl_vs_sparsity", plot_sparsity), ("ppl_by_pattern", plot_pattern),
+def plot_cost(results: list[Result], dataset: str, title: str, path: Path) -> Path | None:
+    """Perplexity against pruning cost (forwards of the decoder stack, log x), one marker shape per
+    sparsity setting, each point a method (the mean over its seeds, ±1 std both ways), labelled."""
+    pruned = [r for r in results if not r.dense and r.cost is not None]
+    key = lambda r: r.seed_group or r.file  # noqa: E731 (a seed group's merged result is a new object)
+    ppl = {key(r): stat for r, stat in _merged(pruned, dataset)}
+    points = [(r, ppl[key(r)], stat) for r, stat in merge_seeds(pruned, lambda r: r.cost)
+              if key(r) in ppl and stat.mean > 0]
+    if len(points) < 2:
+        return None
+    fig, ax = new_figure()
+    for marker, setting in zip("osD^v<>p*h", sorted({r.setting for r, _, _ in points})):
+        mine = [(r, p, c) for r, p, c in points if r.setting == setting]
+        ax.errorbar([c.mean for _, _, c in mine], [p.mean for _, p, _ in mine],
+                    xerr=[c.std or 0.0 for _, _, c in mine], yerr=[p.std or 0.0 for _, p, _ in mine],
+                    fmt=marker, capsize=2, label=mine[0][0].setting_label)
+        for r, p, c in mine:
+            ax.annotate(method_label(r), (c.mean, p.mean), fontsize=5, xytext=(2, 2),
+                        textcoords="offset points")
+    _dense_line(ax, [r for r in results if r.dense], dataset)
+    ax.set_xscale("log")
+    log_y(ax)
+    return finish_figure(fig, ax, path, "pruning cost (decoder-stack forwards, log scale)",
+                         f"{dataset} perplexity (log scale)", title, grid_which="both")
+
+
+PLOTS = (("ppl_vs_sparsity", plot_sparsity), ("ppl_by_pattern", plot_pattern), ("ppl_vs_cost", plot_cost),
          ("ppl_vs_nsamples", plot_nsamples), ("ppl_by_group_metric", plot_group_metric),
          ("sparsity_per_block", plot_block_sparsity))

@@ -16,7 +16,8 @@ Kinds (:data:`KINDS`):
   repository root), exactly as ``llmprune report`` writes it into that folder's ``summary.md``.
 * ``parity [FILE...]``: llmprune against the literal re-implementations of the official codes, one
   row per measured method and setting, from ``eval/results/reference_*.json`` (or the files named).
-* ``frontier``: the frontier table, ``recipe eval/results/frontier_smollm2 ptb``.
+* ``frontier``: the frontier table, ``recipe eval/results/frontier_smollm2 wikitext2`` and its costs.
+* ``frontier_goal``: every row of the frontier table against SparseGPT at 60%, 70% and 2:4.
 * ``demo [FILE]``: one sentence on ``make demo`` as measured by ``benchmarks/demo_memory.py --json``
   (``eval/results/demo_smollm2.json``): perplexity dense and pruned, time, peak memory.
 * ``protocol [FILE]``: the full WikiText-2 protocol on SmolLM2, llmprune's perplexity beside the
@@ -49,9 +50,10 @@ from typing import Any, Callable, Iterable
 
 from llmprune.errors import LlmpruneError
 from llmprune.io import write_text_atomic
-from llmprune.methods import ALLOCATIONS, METHODS, RECONSTRUCTIONS, REFINERS
+from llmprune.methods import ALLOCATIONS, BLOCK_STEPS, METHODS, RECONSTRUCTIONS, REFINERS
 from llmprune.registry import OPTION_REGISTRIES
-from llmprune.report import edge, hides, load_results
+from llmprune.report import COST_LINE, edge, hides, load_results
+from llmprune.report.frontier import goal_table
 from llmprune.report.tables import pivot, ppl_scopes, scope_title
 from llmprune.results import DENSE, MISSING, percent
 
@@ -59,6 +61,7 @@ ROOT = Path(__file__).resolve().parents[2]  # the checkout: eval/results lives b
 RESULTS = Path("eval") / "results"
 # the parity files: literal re-implementations of the official procedures against llmprune, in this
 # order (the Wanda/SparseGPT protocol first, then the newer methods' frontier)
+DATASET_NAMES = {"ptb": "PTB", "wikitext2": "WikiText-2", "c4": "C4"}
 PARITY_GLOBS = ("reference_protocol*.json", "reference_frontier*.json")
 FRONTIER_DIR = "eval/results/frontier_smollm2"
 DEMO_FILE = "demo_smollm2.json"  # benchmarks/demo_memory.py --json
@@ -85,7 +88,8 @@ class Measured:
     llmprune_ppl: float
     rel_diff: float
     mask_min: float | None  # the lowest per-layer agreement of the whole-model masks
-    windows: int | None  # PTB windows evaluated (None: the whole test set)
+    windows: int | None  # evaluation windows (None: the whole test set)
+    dataset: str  # the evaluation data set (the parity files before WikiText-2 used PTB)
     calib_batch: int | None
 
     @property
@@ -95,7 +99,7 @@ class Measured:
         if self.method is None:
             return self.key
         prefix = "".join(ALLOCATIONS.get(s).prefix for s in self.steps if s in ALLOCATIONS)
-        suffix = "".join((REFINERS.get(s) if s in REFINERS else RECONSTRUCTIONS.get(s)).suffix
+        suffix = "".join(next(r for r in _step_registries()[1:] if s in r).get(s).suffix
                          for s in self.steps if s not in ALLOCATIONS)
         return f"{prefix}{METHODS.get(self.method).label}{suffix} {self.setting}"
 
@@ -111,7 +115,7 @@ class Measured:
 
 
 def _step_registries():
-    return (ALLOCATIONS, REFINERS, RECONSTRUCTIONS)
+    return (ALLOCATIONS, REFINERS, RECONSTRUCTIONS, BLOCK_STEPS)
 
 
 def parse_key(key: str, default_sparsity: float | None) -> tuple[str | None, tuple[str, ...], float | None,
@@ -147,6 +151,7 @@ def _measured_row(file: str, args: dict, row: dict) -> Measured | None:
                     pattern=pattern, reference_ppl=float(row["reference_ppl"]),
                     llmprune_ppl=float(row["llmprune_ppl"]), rel_diff=float(row["rel_diff"]),
                     mask_min=None if mask is None else float(mask), windows=args.get("max_windows"),
+                    dataset=str(args.get("eval") or "ptb"),
                     calib_batch=row.get("llmprune_calib_batch"))
 
 
@@ -243,17 +248,23 @@ def builtin(spec: Any) -> bool:
 
 def _selector(registry, spec) -> str:
     flag = registry.flag
-    return f"`{flag}` ({spec.name})" if registry.flag_is_switch else f"`{flag} {spec.name}`"
+    alone = registry.flag_is_switch and spec.name == registry.names()[0]  # the bare flag picks it
+    return f"`{flag}` ({spec.name})" if alone else f"`{flag} {spec.name}`"
 
 
 def _agreement(registry, spec, rows: list[Measured]) -> str:
     if registry is METHODS:
         found = [r for r in rows if r.method == spec.name and not r.steps and r.unstructured_half]
-        cells = [f"{diff_percent(r.rel_diff)} (`{r.file}`)" for r in found]
+        cells = [f"{diff_percent(r.rel_diff)} ({_data(r)}, `{r.file}`)" for r in found]
     else:
         found = [r for r in rows if spec.name in r.steps and r.unstructured_half]
-        cells = [f"{r.label.rsplit(' ', 1)[0]}: {diff_percent(r.rel_diff)} (`{r.file}`)" for r in found]
+        cells = [f"{r.label.rsplit(' ', 1)[0]}: {diff_percent(r.rel_diff)} ({_data(r)}, `{r.file}`)"
+                 for r in found]
     return "; ".join(cells) if cells else "not measured"
+
+
+def _data(r: Measured) -> str:
+    return DATASET_NAMES.get(r.dataset, r.dataset)
 
 
 def methods_table(args: list[str], root: Path) -> list[str]:
@@ -268,12 +279,13 @@ def methods_table(args: list[str], root: Path) -> list[str]:
                 body.append([_selector(registry, spec), spec.summary, short_paper(spec.paper),
                              _code_link(spec.code), _agreement(registry, spec, rows)])
     header = ["name", "what it does", "paper", "official code",
-              "agreement with the official code (PTB perplexity difference at 50%, eval/results file)"]
+              "agreement with the official code (perplexity difference at 50%: data set, eval/results file)"]
     return _table(header, body, "lllll")
 
 
-def recipe_table(args: list[str], root: Path) -> list[str]:
-    """The perplexity table of a results folder, as ``llmprune report`` writes it in summary.md."""
+def recipe_table(args: list[str], root: Path, cost: bool = False) -> list[str]:
+    """The perplexity table of a results folder, as ``llmprune report`` writes it in summary.md
+    (``cost``: with the pruning-cost table that follows it there)."""
     if not 1 <= len(args) <= 2:
         raise LlmpruneError("table recipe takes DIR [DATASET], e.g. `recipe eval/results/smollm2_cpu ptb`")
     folder = root / args[0]
@@ -285,27 +297,37 @@ def recipe_table(args: list[str], root: Path) -> list[str]:
         raise LlmpruneError(f"table recipe {' '.join(args)}: {len(scopes)} perplexity tables match, "
                             f"name the dataset (the folder has: {titles})")
     (scope, rows), = scopes.items()
-    return pivot(rows, lambda r, d=scope[1]: r.ppl.get(d))
+    table = pivot(rows, lambda r, d=scope[1]: r.ppl.get(d))
+    if cost and any(r.cost is not None for r in rows):
+        table += ["", COST_LINE, ""] + pivot([r for r in rows if not r.dense], lambda r: r.cost, digits=1)
+    return table
 
 
 def parity_table(args: list[str], root: Path) -> list[str]:
     """llmprune against the literal reference procedures, row by row of the parity files."""
     body = []
     for r in measured(root, args):
-        windows = "all" if r.windows is None else str(r.windows)
+        windows = f"{_data(r)}, {'all' if r.windows is None else r.windows}"
         body.append([r.label, ppl(r.reference_ppl), ppl(r.llmprune_ppl), diff_percent(r.rel_diff),
                      agreement_percent(r.mask_min), windows,
                      MISSING if r.calib_batch is None else str(r.calib_batch), f"`{r.file}`"])
     header = ["method", "reference ppl", "llmprune ppl", "difference", "lowest per-layer mask agreement",
-              "PTB windows", "llmprune calibration batch", "eval/results file"]
+              "evaluation windows", "llmprune calibration batch", "eval/results file"]
     return _table(header, body, "lrrrrrrl")
 
 
 def frontier_table(args: list[str], root: Path) -> list[str]:
-    """The frontier recipe's PTB table (eval/results/frontier_smollm2)."""
+    """The frontier recipe's WikiText-2 table and its pruning costs (eval/results/frontier_smollm2)."""
     if args:
         raise LlmpruneError(f"table frontier takes no arguments, got {' '.join(args)!r}")
-    return recipe_table([FRONTIER_DIR, "ptb"], root)
+    return recipe_table([FRONTIER_DIR, "wikitext2"], root, cost=True)
+
+
+def frontier_goal_table(args: list[str], root: Path) -> list[str]:
+    """The frontier's goal, row by row against SparseGPT (``llmprune.report.frontier``)."""
+    if args:
+        raise LlmpruneError(f"table frontier_goal takes no arguments, got {' '.join(args)!r}")
+    return goal_table(load_results(root / FRONTIER_DIR))
 
 
 def _flag(args: list[str], flag: str) -> str | None:
@@ -425,6 +447,7 @@ def edge_table(args: list[str], root: Path) -> list[str]:
 
 KINDS: dict[str, Callable[[list[str], Path], list[str]]] = {
     "methods": methods_table, "recipe": recipe_table, "parity": parity_table, "frontier": frontier_table,
+    "frontier_goal": frontier_goal_table,
     "demo": demo_line, "hides": hides_table, "kl": kl_lines,
     "protocol": protocol_table, "edge": edge_table,
 }

@@ -17,7 +17,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 
-from llmprune.methods import ALLOCATIONS, METHODS, RECONSTRUCTIONS, REFINERS
+from llmprune.methods import ALLOCATIONS, BLOCK_STEPS, METHODS, RECONSTRUCTIONS, REFINERS
 from llmprune.recipes import slugify
 from llmprune.results import DENSE, MISSING, Result, percent, task_order
 
@@ -25,11 +25,13 @@ from llmprune.results import DENSE, MISSING, Result, percent, task_order
 # SparseGPT, Wanda, RIA), the rest alphabetically after them
 EXPLICIT_ORDER = 50
 # allocations are a prefix (OWL-Wanda), the other steps a suffix (Wanda+DSnoT), in run order
+# (the OBS reconstruction is "reconstruct" in a result's variant, as before there was a choice)
+_RECONSTRUCTIONS = {"reconstruct" if r.name == "obs" else r.name: r for r in RECONSTRUCTIONS}
 STEP_ORDER = ([a.name for a in ALLOCATIONS if a.name != "uniform"] + ["permute"] + [r.name for r in REFINERS]
-              + ["reconstruct"])
+              + list(_RECONSTRUCTIONS) + [b.name for b in BLOCK_STEPS])
 STEP_PREFIX = {a.name: a.prefix for a in ALLOCATIONS}
-STEP_SUFFIX = {"permute": "+permute", "reconstruct": RECONSTRUCTIONS.get("obs").suffix,
-               **{r.name: r.suffix for r in REFINERS}}
+STEP_SUFFIX = {"permute": "+permute", **{k: r.suffix for k, r in _RECONSTRUCTIONS.items()},
+               **{r.name: r.suffix for r in REFINERS}, **{b.name: b.suffix for b in BLOCK_STEPS}}
 # settings besides method and pattern/sparsity that an ablation may vary, in display order
 KNOBS = ("group", "metric", "nsamples", "seed", "calib")
 KNOB_TITLES = {"setting": "sparsity", "group": "group", "metric": "metric", "nsamples": "nsamples",
@@ -312,7 +314,7 @@ def summary_csv(results: list[Result]) -> str:
     header = (["name", "recipe", "model", "method", "sparsity", "pattern", "group", "metric", "nsamples",
                "seed", "calib_dataset", "eval_seqlen", "variant"]
               + [f"ppl_{d}" for d in datasets] + [f"acc_{t}" for t in tasks]
-              + ["mean_acc", "prune_seconds", "actual_sparsity", "file"])
+              + ["mean_acc", "prune_seconds", "cost_stack_forwards", "actual_sparsity", "file"])
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(header)
@@ -321,7 +323,8 @@ def summary_csv(results: list[Result]) -> str:
                          r.group or "", r.metric or "", _number(r.nsamples), _number(r.seed), r.calib or "",
                          _number(r.eval_seqlen), "+".join(r.variant)]
                         + [_number(r.ppl.get(d)) for d in datasets] + [_number(r.acc.get(t)) for t in tasks]
-                        + [_number(r.mean_acc), _number(r.prune_seconds), _number(r.actual_sparsity), r.file])
+                        + [_number(r.mean_acc), _number(r.prune_seconds), _number(r.cost),
+                           _number(r.actual_sparsity), r.file])
     return buffer.getvalue()
 
 
