@@ -21,6 +21,7 @@ from llmprune.engine.report import LayerReport
 from llmprune.errors import LlmpruneError
 from llmprune.math.allocation import BlockTargets, outlier_ratio
 from llmprune.math.scores import score
+from llmprune.math.solvers.sparsegpt import all_finite
 from llmprune.methods import (
     ALLOCATIONS,
     BLOCK_STEPS,
@@ -72,7 +73,7 @@ def prune_layer(name: str, module: nn.Linear, stats: LayerStats | None, config: 
         new_weight, info = prune_weight(method, weight.float(), stats, config, name)
     except LlmpruneError as exc:  # a solver that diverged: say where
         raise LlmpruneError(f"{name}: {exc}") from None
-    if not _all_finite(new_weight):
+    if not all_finite(new_weight):
         raise LlmpruneError(f"{name}: {method.name} produced non-finite weights (inf/NaN); nothing was "
                             "saved: raise --percdamp, or try --dtype float32")
     weight.copy_(new_weight.to(weight.dtype))
@@ -83,11 +84,6 @@ def prune_layer(name: str, module: nn.Linear, stats: LayerStats | None, config: 
         if stats is None:
             info["fallback"] = "magnitude"
     return LayerReport(name=name, shape=tuple(weight.shape), zeros=zeros, numel=weight.numel(), info=info)
-
-
-def _all_finite(x: torch.Tensor) -> bool:
-    low, high = torch.aminmax(x)  # one reduction: min and max propagate NaN and keep +-inf
-    return bool(torch.isfinite(low) & torch.isfinite(high))
 
 
 def _magnitude_fallback(config: PruneConfig) -> PruneConfig:
@@ -212,7 +208,7 @@ def block_updates(dense: nn.Module, block: nn.Module, index: int, plan: BlockPla
                 raise LlmpruneError(f"layers.{index}: {exc}") from None
     for report in reports:
         weight = plan.layers[report.name.split(".", 2)[2]].weight.data
-        if not _all_finite(weight):
+        if not all_finite(weight):
             raise LlmpruneError(f"{report.name}: {config.block_reconstruct or method.name} produced "
                                 "non-finite weights (inf/NaN); nothing was saved: lower its learning rate or "
                                 "iterations")

@@ -59,17 +59,13 @@ import torch
 
 from llmprune.errors import LlmpruneError
 from llmprune.math.masks import lowest_along_last, prune_count, unstructured_mask
+from llmprune.math.solvers.sparsegpt import all_finite
 
 ITERATIONS = 20  # lib/admm.py:26 iters=20
 PRUNE_ITERATIONS = 15  # lib/admm.py:26 iterative_prune=15
 RHO = 1.0  # lib/admm.py:73
 PERCDAMP = 0.1  # lib/prune.py:476 (also the fasterprune default, lib/admm.py:26)
 EPS = 1e-8  # lib/admm.py:29
-
-
-def _all_finite(x: torch.Tensor) -> bool:
-    low, high = torch.aminmax(x)
-    return bool(torch.isfinite(low) & torch.isfinite(high))
 
 
 class _Problem:
@@ -85,7 +81,7 @@ class _Problem:
             raise LlmpruneError(f"ADMM needs rho > 0 and percdamp >= 0, got rho {rho:g}, "
                                 f"percdamp {percdamp:g}")
         H = hessian.detach().to(device=weight.device, dtype=torch.float32)
-        if not _all_finite(H):
+        if not all_finite(H):
             raise LlmpruneError("ADMM Hessian has NaN/Inf entries: the calibration activations overflowed; "
                                 "calibrate in float32 or with fewer/shorter samples")
         self.hessian = H
@@ -113,7 +109,7 @@ class _Problem:
                prune_iterations: int = 0) -> tuple[torch.Tensor, dict]:
         """The last Z in the caller's units, and the info dict; raises if it is not finite."""
         Z = (W + U).masked_fill_(mask, 0.0)
-        if not (_all_finite(Z) and _all_finite(W)):
+        if not (all_finite(Z) and all_finite(W)):
             raise LlmpruneError(f"ADMM diverged (non-finite weights after {iterations} iterations): "
                                 "lower --admm-rho or raise --percdamp")
         residual = float((torch.linalg.norm(W - Z) / torch.linalg.norm(Z).clamp_min(1e-30)).item())

@@ -64,6 +64,7 @@ import torch
 
 from llmprune.errors import LlmpruneError
 from llmprune.math.masks import lowest_along_last, nm_mask, prune_count
+from llmprune.math.solvers.sparsegpt import all_finite
 
 # The official rho schedule (alps.py:176-199): thresholds on (changed support) / (kept weights).
 FAST_CHANGE, FAST_GROWTH = 0.1, 1.3
@@ -71,11 +72,6 @@ MEDIUM_CHANGE, MEDIUM_GROWTH = 0.005, 1.2
 SLOW_GROWTH, SHRINK = 1.1, 5.0
 SWITCH_CHANGE = 0.0003
 NORM_EPS = 1e-8
-
-
-def _all_finite(x: torch.Tensor) -> bool:
-    low, high = torch.aminmax(x)
-    return bool(torch.isfinite(low) & torch.isfinite(high))
 
 
 def _normalise(H: torch.Tensor, percdamp: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -141,7 +137,7 @@ def _admm(A: torch.Tensor, B0: torch.Tensor, C: torch.Tensor, prune: int, n: int
         V += rho * (B - D)
         if (it + 1) % update_iter:
             continue
-        if not _all_finite(B):
+        if not all_finite(B):
             raise LlmpruneError(f"ALPS ADMM diverged (non-finite weights after {it + 1} iterations): "
                                 "check the layer's weights and calibration for Inf/NaN or raise percdamp")
         change = int((mask != prev_mask).sum().item())
@@ -205,7 +201,7 @@ def alps_prune(weight: torch.Tensor, hessian: torch.Tensor, sparsity: float, n: 
         raise ValueError(f"hessian has shape {tuple(hessian.shape)}, expected ({cols}, {cols})")
     W = weight.detach().to(torch.float32, copy=True)  # (out, in)
     H = hessian.detach().to(device=W.device, dtype=torch.float32)  # (in, in)
-    if not _all_finite(H):
+    if not all_finite(H):
         raise LlmpruneError("ALPS Hessian has NaN/Inf entries: the calibration activations overflowed; "
                             "calibrate in float32 or with fewer/shorter samples")
     if m is not None:
@@ -229,7 +225,7 @@ def alps_prune(weight: torch.Tensor, hessian: torch.Tensor, sparsity: float, n: 
     B, info["cg_iterations"] = _cg(A, C, B, (~mask).float(), pcg_iters, pcg_rtol)
     info["error"] = _relative_error(A, B, B0, total)
     W = B / s
-    if not (_all_finite(W) and math.isfinite(info["error"])):
+    if not (all_finite(W) and math.isfinite(info["error"])):
         raise LlmpruneError(f"ALPS ADMM diverged (non-finite weights after {info['iterations']} "
                             "iterations): check the layer's weights and calibration for Inf/NaN or "
                             "raise percdamp")

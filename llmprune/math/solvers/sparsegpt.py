@@ -50,7 +50,7 @@ from llmprune.math.masks import lowest_along_last, prune_count
 MAX_RETRIES = 3  # percdamp 0.01 -> 0.1 -> 1 -> 10
 
 
-def _all_finite(x: torch.Tensor) -> bool:
+def all_finite(x: torch.Tensor) -> bool:
     """``torch.isfinite(x).all()`` in one reduction: min and max propagate NaN and keep +-inf."""
     low, high = torch.aminmax(x)
     return bool(torch.isfinite(low) & torch.isfinite(high))
@@ -62,11 +62,11 @@ def _inverse_cholesky(h: torch.Tensor, damp: float) -> torch.Tensor | None:
     Damps ``h`` in place (the caller owns it and restores the diagonal before a retry)."""
     h.diagonal().add_(damp)
     lower, info = torch.linalg.cholesky_ex(h)
-    if info.item() != 0 or not _all_finite(lower):
+    if info.item() != 0 or not all_finite(lower):
         return None
     hinv = torch.cholesky_inverse(lower)  # (in, in) = H^-1
     upper, info = torch.linalg.cholesky_ex(hinv, upper=True)
-    if info.item() != 0 or not _all_finite(upper):
+    if info.item() != 0 or not all_finite(upper):
         return None
     return upper
 
@@ -208,7 +208,7 @@ def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, sparsity: float
     device = weight.device
     W = weight.detach().to(torch.float32, copy=True)  # (out, in)
     H = hessian.detach().to(device=device, dtype=torch.float32, copy=True)  # (in, in)
-    if not _all_finite(H):
+    if not all_finite(H):
         raise LlmpruneError("SparseGPT Hessian has NaN/Inf entries: the calibration activations "
                             "overflowed; calibrate in float32 or with fewer/shorter samples")
 

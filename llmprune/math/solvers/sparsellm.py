@@ -65,7 +65,7 @@ import torch
 import torch.nn.functional as F
 
 from llmprune.errors import LlmpruneError
-from llmprune.math.solvers.sparsegpt import sparsegpt_prune
+from llmprune.math.solvers.sparsegpt import all_finite, sparsegpt_prune
 
 ITERATIONS = 4  # official ``opt_epochs`` for LLaMA
 ALPHA = BETA = GAMMA = 5.0  # official LLaMA penalties (OPT uses 0.1)
@@ -73,13 +73,8 @@ S_LR, S_STEPS = 0.01, 2  # official ``s_learning_rate``, ``s_update_epochs``
 _FIX = "use more calibration samples, fewer --sparsellm-iterations or a larger --percdamp"
 
 
-def _finite(x: torch.Tensor) -> bool:
-    low, high = torch.aminmax(x)
-    return bool(torch.isfinite(low) & torch.isfinite(high))
-
-
 def _check(what: str, tensors: list[torch.Tensor], step: int) -> None:
-    if not all(_finite(t) for t in tensors):
+    if not all(all_finite(t) for t in tensors):
         raise LlmpruneError(f"SparseLLM diverged (non-finite {what} after {step} iterations): {_FIX}")
 
 
